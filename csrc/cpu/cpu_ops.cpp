@@ -1,0 +1,331 @@
+// ATen glue for the CPU backend: validates arguments, splits work with
+// at::parallel_for and calls the torch-free kernels of the active ISA.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "core/nf4.h"
+#include "cpu/dispatch.h"
+#include "cpu/kernels.h"
+#include "op_checks.h"
+
+namespace lowrank {
+namespace cpu {
+namespace {
+
+Dtype to_kernel_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat:
+      return Dtype::Float32;
+    case at::kBFloat16:
+      return Dtype::BFloat16;
+    case at::kHalf:
+      return Dtype::Float16;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", type);
+  }
+}
+
+// Blocks per parallel task: about 64K elements, so small tensors stay on one thread.
+int64_t grain_in_blocks(int64_t blocksize) { return std::max<int64_t>(1, 65536 / blocksize); }
+
+std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& input, int64_t blocksize) {
+  constexpr const char* op = "nf4_quantize";
+  check_float_tensor(op, "input", input);
+  check_blocksize(op, blocksize);
+  TORCH_CHECK(input.numel() > 0, op, ": input must not be empty, got shape ", input.sizes());
+  at::Tensor contiguous = input.contiguous();
+  const int64_t numel = contiguous.numel();
+  const int64_t blocks = nf4::num_blocks(numel, blocksize);
+  at::Tensor packed = at::empty({nf4::packed_bytes(numel)}, input.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
+  const CpuKernels& kernels = active_kernels();
+  const Dtype dtype = to_kernel_dtype(contiguous.scalar_type());
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    bool ok = kernels.nf4_quantize(contiguous.const_data_ptr(), dtype, numel, blocksize, begin,
+                                   end, packed.mutable_data_ptr<uint8_t>(),
+                                   absmax.mutable_data_ptr<float>());
+    if (!ok) finite.store(false);
+  });
+  TORCH_CHECK_VALUE(finite.load(), op,
+                    ": input contains NaN or Inf; NF4 cannot represent non-finite weights "
+                    "(clean or clamp them before quantizing)");
+  return {packed, absmax};
+}
+
+int64_t checked_numel(const char* op, c10::SymIntArrayRef shape) {
+  int64_t numel = 1;
+  for (const c10::SymInt& size : shape) {
+    int64_t value = size.expect_int();
+    TORCH_CHECK(value >= 0, op, ": shape must not have negative sizes, got ", shape);
+    numel *= value;
+  }
+  TORCH_CHECK(numel > 0, op, ": shape must describe a non-empty tensor, got ", shape);
+  return numel;
+}
+
+at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax,
+                              c10::SymIntArrayRef shape, int64_t blocksize,
+                              at::ScalarType dtype) {
+  constexpr const char* op = "nf4_dequantize";
+  check_blocksize(op, blocksize);
+  TORCH_CHECK(is_supported_float(dtype), op,
+              ": dtype must be float32, bfloat16 or float16, got ", dtype);
+  check_dtype(op, "packed", packed, at::kByte);
+  check_dtype(op, "absmax", absmax, at::kFloat);
+  check_same_device(op, "absmax", absmax, packed, "packed");
+  const int64_t numel = checked_numel(op, shape);
+  const int64_t blocks = nf4::num_blocks(numel, blocksize);
+  check_numel(op, "packed", packed, nf4::packed_bytes(numel), "two 4-bit codes per byte of shape");
+  check_numel(op, "absmax", absmax, blocks, "one scale per block of shape");
+  at::Tensor packed_c = packed.contiguous();
+  at::Tensor absmax_c = absmax.contiguous();
+  at::Tensor out = at::empty(C10_AS_INTARRAYREF_SLOW(shape), packed.options().dtype(dtype));
+  const CpuKernels& kernels = active_kernels();
+  const Dtype out_dtype = to_kernel_dtype(dtype);
+  at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    kernels.nf4_dequantize(packed_c.const_data_ptr<uint8_t>(), absmax_c.const_data_ptr<float>(),
+                           numel, blocksize, begin, end, out.mutable_data_ptr(), out_dtype);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor& input,
+                                                               const at::Tensor& code,
+                                                               int64_t blocksize) {
+  constexpr const char* op = "quantize_blockwise_8bit";
+  check_dtype(op, "input", input, at::kFloat);
+  check_dtype(op, "code", code, at::kFloat);
+  check_numel(op, "code", code, 256, "an 8-bit code map");
+  TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+  TORCH_CHECK(input.numel() > 0, op, ": input must not be empty");
+  TORCH_CHECK(at::isfinite(input).all().item<bool>(), op, ": input contains NaN or Inf");
+  at::Tensor input_c = input.contiguous();
+  at::Tensor code_c = code.contiguous();
+  TORCH_CHECK((code_c.slice(0, 1) >= code_c.slice(0, 0, 255)).all().item<bool>(), op,
+              ": code must be sorted ascending");
+  const int64_t numel = input_c.numel();
+  const int64_t blocks = nf4::num_blocks(numel, blocksize);
+  at::Tensor codes = at::empty(input.sizes(), input.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / blocksize), [&](int64_t b, int64_t e) {
+    quantize_blockwise_8bit(input_c.const_data_ptr<float>(), code_c.const_data_ptr<float>(), numel,
+                            blocksize, b, e, codes.mutable_data_ptr<uint8_t>(),
+                            absmax.mutable_data_ptr<float>());
+  });
+  return {codes, absmax};
+}
+
+at::Tensor dequantize_blockwise_8bit_cpu(const at::Tensor& codes, const at::Tensor& absmax,
+                                         const at::Tensor& code, int64_t blocksize) {
+  constexpr const char* op = "dequantize_blockwise_8bit";
+  check_dtype(op, "codes", codes, at::kByte);
+  check_dtype(op, "absmax", absmax, at::kFloat);
+  check_dtype(op, "code", code, at::kFloat);
+  check_numel(op, "code", code, 256, "an 8-bit code map");
+  TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+  check_numel(op, "absmax", absmax, nf4::num_blocks(codes.numel(), blocksize),
+              "one scale per block of codes");
+  at::Tensor codes_c = codes.contiguous();
+  at::Tensor absmax_c = absmax.contiguous();
+  at::Tensor code_c = code.contiguous();
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  at::parallel_for(0, codes.numel(), 65536, [&](int64_t begin, int64_t end) {
+    dequantize_blockwise_8bit(codes_c.const_data_ptr<uint8_t>(), absmax_c.const_data_ptr<float>(),
+                              code_c.const_data_ptr<float>(), codes.numel(), blocksize, begin, end,
+                              out.mutable_data_ptr<float>());
+  });
+  return out;
+}
+
+// fp32 per-block scales of an NF4 weight (decodes double quantization).
+at::Tensor block_scales_fp32(const Nf4WeightArgs& weight) {
+  if (!weight.nested()) return weight.absmax.contiguous();
+  at::Tensor decoded = dequantize_blockwise_8bit_cpu(weight.absmax, *weight.nested_absmax,
+                                                     *weight.nested_code, nf4::kNestedBlocksize);
+  return decoded.add_(weight.offset);
+}
+
+// The dense [out_features, in_features] weight in `dtype`.
+at::Tensor dequantize_weight(const Nf4WeightArgs& weight, at::ScalarType dtype) {
+  std::vector<c10::SymInt> shape{c10::SymInt(weight.out_features), c10::SymInt(weight.in_features)};
+  return nf4_dequantize_cpu(weight.packed, block_scales_fp32(weight), shape, weight.blocksize,
+                            dtype);
+}
+
+at::Tensor flatten_rows(const at::Tensor& input) {
+  return input.reshape({-1, input.size(-1)});
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features) {
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = out_features;
+  return shape;
+}
+
+at::Tensor nf4_linear_cpu(const at::Tensor& input, const at::Tensor& packed,
+                          const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code, double offset,
+                          c10::SymInt out_features, c10::SymInt in_features, int64_t blocksize,
+                          const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "nf4_linear";
+  Nf4WeightArgs weight{packed, absmax, nested_absmax, nested_code, offset,
+                       out_features.expect_int(), in_features.expect_int(), blocksize};
+  check_linear_input(op, input, weight.in_features);
+  weight.validate(op, input);
+  check_bias(op, bias, input, weight.out_features);
+  at::Tensor rows = flatten_rows(input);
+  at::Tensor dense = dequantize_weight(weight, input.scalar_type());
+  at::Tensor out = bias.has_value() ? at::addmm(*bias, rows, dense.t()) : at::mm(rows, dense.t());
+  return out.view(output_shape(input, weight.out_features));
+}
+
+at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_output, const at::Tensor& packed,
+                                     const at::Tensor& absmax,
+                                     const std::optional<at::Tensor>& nested_absmax,
+                                     const std::optional<at::Tensor>& nested_code, double offset,
+                                     c10::SymInt out_features, c10::SymInt in_features,
+                                     int64_t blocksize) {
+  constexpr const char* op = "nf4_linear_grad_input";
+  Nf4WeightArgs weight{packed, absmax, nested_absmax, nested_code, offset,
+                       out_features.expect_int(), in_features.expect_int(), blocksize};
+  check_float_tensor(op, "grad_output", grad_output);
+  TORCH_CHECK(grad_output.dim() >= 1 && grad_output.size(-1) == weight.out_features, op,
+              ": grad_output's last dimension must be out_features=", weight.out_features,
+              ", got shape ", grad_output.sizes());
+  weight.validate(op, grad_output);
+  at::Tensor dense = dequantize_weight(weight, grad_output.scalar_type());
+  at::Tensor grad_input = at::mm(flatten_rows(grad_output), dense);
+  return grad_input.view(output_shape(grad_output, weight.in_features));
+}
+
+// Adds scaling * (lora_rows @ A.T) @ B.T to `out` rows in place.
+void add_lora_term(at::Tensor& out_rows, const at::Tensor& lora_rows, const at::Tensor& lora_A,
+                   const at::Tensor& lora_B, double scaling) {
+  at::Tensor down = at::mm(lora_rows, lora_A.t());
+  out_rows.addmm_(down, lora_B.t(), 1.0, scaling);
+}
+
+at::Tensor lora_linear_cpu(const at::Tensor& input, const std::optional<at::Tensor>& lora_input,
+                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
+  constexpr const char* op = "lora_linear";
+  check_float_tensor(op, "input", input);
+  check_dtype(op, "weight", weight, input.scalar_type());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
+  check_same_device(op, "weight", weight, input, "input");
+  const int64_t out_features = weight.size(0);
+  check_linear_input(op, input, weight.size(1));
+  check_bias(op, bias, input, out_features);
+  check_lora_input(op, lora_input, input);
+  check_lora_factors(op, input, lora_A, lora_B, out_features, weight.size(1));
+  at::Tensor rows = flatten_rows(input);
+  at::Tensor out = bias.has_value() ? at::addmm(*bias, rows, weight.t()) : at::mm(rows, weight.t());
+  add_lora_term(out, lora_input.has_value() ? flatten_rows(*lora_input) : rows, lora_A, lora_B,
+                scaling);
+  return out.view(output_shape(input, out_features));
+}
+
+// Shared by the dense and NF4 backward: everything but grad_output @ W.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_common(
+    const at::Tensor& grad_output, at::Tensor grad_input_rows, const at::Tensor& input,
+    const std::optional<at::Tensor>& lora_input, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, double scaling) {
+  at::Tensor grad_rows = flatten_rows(grad_output);
+  at::Tensor lora_rows = flatten_rows(lora_input.has_value() ? *lora_input : input);
+  at::Tensor down = at::mm(lora_rows, lora_A.t());                // [rows, r]
+  at::Tensor grad_B = at::mm(grad_rows.t(), down).mul_(scaling);   // [out, r]
+  at::Tensor grad_down = at::mm(grad_rows, lora_B).mul_(scaling);  // [rows, r]
+  at::Tensor grad_A = at::mm(grad_down.t(), lora_rows);            // [r, in]
+  at::Tensor grad_lora_input;
+  if (lora_input.has_value()) {
+    grad_lora_input = at::mm(grad_down, lora_A).view(input.sizes());
+  } else {
+    grad_input_rows.addmm_(grad_down, lora_A);
+    grad_lora_input = at::empty({0}, input.options());
+  }
+  return {grad_input_rows.view(input.sizes()), grad_lora_input, grad_A, grad_B};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const std::optional<at::Tensor>& lora_input, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
+  constexpr const char* op = "lora_linear_backward";
+  check_float_tensor(op, "input", input);
+  check_dtype(op, "grad_output", grad_output, input.scalar_type());
+  check_dtype(op, "weight", weight, input.scalar_type());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
+  check_linear_input(op, input, weight.size(1));
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(output_shape(input, weight.size(0))), op,
+              ": grad_output must have shape ", output_shape(input, weight.size(0)), ", got ",
+              grad_output.sizes());
+  check_lora_input(op, lora_input, input);
+  check_lora_factors(op, input, lora_A, lora_B, weight.size(0), weight.size(1));
+  at::Tensor grad_input_rows = at::mm(flatten_rows(grad_output), weight);
+  return lora_backward_common(grad_output, grad_input_rows, input, lora_input, lora_A, lora_B,
+                              scaling);
+}
+
+at::Tensor qlora_linear_cpu(const at::Tensor& input, const std::optional<at::Tensor>& lora_input,
+                            const at::Tensor& packed, const at::Tensor& absmax,
+                            const std::optional<at::Tensor>& nested_absmax,
+                            const std::optional<at::Tensor>& nested_code, double offset,
+                            c10::SymInt out_features, c10::SymInt in_features, int64_t blocksize,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, double scaling) {
+  constexpr const char* op = "qlora_linear";
+  Nf4WeightArgs weight{packed, absmax, nested_absmax, nested_code, offset,
+                       out_features.expect_int(), in_features.expect_int(), blocksize};
+  check_linear_input(op, input, weight.in_features);
+  weight.validate(op, input);
+  check_bias(op, bias, input, weight.out_features);
+  check_lora_input(op, lora_input, input);
+  check_lora_factors(op, input, lora_A, lora_B, weight.out_features, weight.in_features);
+  at::Tensor out = nf4_linear_cpu(input, packed, absmax, nested_absmax, nested_code, offset,
+                                  out_features, in_features, blocksize, bias);
+  at::Tensor out_rows = out.view({-1, weight.out_features});
+  add_lora_term(out_rows, flatten_rows(lora_input.has_value() ? *lora_input : input), lora_A,
+                lora_B, scaling);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qlora_linear_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const std::optional<at::Tensor>& lora_input, const at::Tensor& packed,
+    const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+    const std::optional<at::Tensor>& nested_code, double offset, c10::SymInt out_features,
+    c10::SymInt in_features, int64_t blocksize, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, double scaling) {
+  constexpr const char* op = "qlora_linear_backward";
+  Nf4WeightArgs weight{packed, absmax, nested_absmax, nested_code, offset,
+                       out_features.expect_int(), in_features.expect_int(), blocksize};
+  check_linear_input(op, input, weight.in_features);
+  check_dtype(op, "grad_output", grad_output, input.scalar_type());
+  check_lora_input(op, lora_input, input);
+  check_lora_factors(op, input, lora_A, lora_B, weight.out_features, weight.in_features);
+  at::Tensor grad_input = nf4_linear_grad_input_cpu(grad_output, packed, absmax, nested_absmax,
+                                                    nested_code, offset, out_features,
+                                                    in_features, blocksize);
+  return lora_backward_common(grad_output, flatten_rows(grad_input), input, lora_input, lora_A,
+                              lora_B, scaling);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
+  m.impl("nf4_quantize", &nf4_quantize_cpu);
+  m.impl("nf4_dequantize", &nf4_dequantize_cpu);
+  m.impl("quantize_blockwise_8bit", &quantize_blockwise_8bit_cpu);
+  m.impl("dequantize_blockwise_8bit", &dequantize_blockwise_8bit_cpu);
+  m.impl("nf4_linear", &nf4_linear_cpu);
+  m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_cpu);
+  m.impl("lora_linear", &lora_linear_cpu);
+  m.impl("lora_linear_backward", &lora_linear_backward_cpu);
+  m.impl("qlora_linear", &qlora_linear_cpu);
+  m.impl("qlora_linear_backward", &qlora_linear_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace lowrank

@@ -1,0 +1,164 @@
+// AVX2 + FMA + F16C NF4 kernels. Compiled with those flags for this file only
+// and reached only through the dispatcher after a runtime CPU check.
+#include <immintrin.h>
+
+#include "core/nf4.h"
+#include "cpu/kernels.h"
+#include "cpu/scalar_tail.h"
+
+namespace lowrank {
+namespace cpu {
+namespace {
+
+constexpr std::int64_t kLanes = 8;
+
+inline __m256 load8(const void* data, Dtype dtype, std::int64_t index) {
+  switch (dtype) {
+    case Dtype::Float32:
+      return _mm256_loadu_ps(static_cast<const float*>(data) + index);
+    case Dtype::BFloat16: {
+      __m128i half = _mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(static_cast<const std::uint16_t*>(data) + index));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+    }
+    case Dtype::Float16: {
+      __m128i half = _mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(static_cast<const std::uint16_t*>(data) + index));
+      return _mm256_cvtph_ps(half);
+    }
+  }
+  return _mm256_setzero_ps();
+}
+
+// fp32 -> bf16 with round-to-nearest-even; NaN becomes the canonical NaN.
+inline __m128i to_bf16(__m256 values) {
+  __m256i bits = _mm256_castps_si256(values);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  __m256 is_nan = _mm256_cmp_ps(values, values, _CMP_UNORD_Q);
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(is_nan));
+  __m256i packed = _mm256_packus_epi32(rounded, rounded);  // per 128-bit lane
+  packed = _mm256_permute4x64_epi64(packed, 0x08);          // lanes 0 and 2 to the bottom
+  return _mm256_castsi256_si128(packed);
+}
+
+inline void store8(void* data, Dtype dtype, std::int64_t index, __m256 values) {
+  switch (dtype) {
+    case Dtype::Float32:
+      _mm256_storeu_ps(static_cast<float*>(data) + index, values);
+      return;
+    case Dtype::BFloat16:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<std::uint16_t*>(data) + index),
+                       to_bf16(values));
+      return;
+    case Dtype::Float16:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<std::uint16_t*>(data) + index),
+                       _mm256_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT));
+      return;
+  }
+}
+
+// Number of midpoints strictly below each lane = its NF4 code.
+inline __m256i encode8(__m256 scaled) {
+  __m256i code = _mm256_setzero_si256();
+  for (int i = 0; i < 15; ++i) {
+    __m256 above = _mm256_cmp_ps(scaled, _mm256_set1_ps(nf4::kMidpoints[i]), _CMP_GT_OQ);
+    code = _mm256_sub_epi32(code, _mm256_castps_si256(above));
+  }
+  return code;
+}
+
+inline __m256 scale8(__m256 values, __m256 factor, bool full_block) {
+  __m256 scaled = full_block ? _mm256_mul_ps(values, factor) : _mm256_div_ps(values, factor);
+  return _mm256_min_ps(_mm256_max_ps(scaled, _mm256_set1_ps(-1.0f)), _mm256_set1_ps(1.0f));
+}
+
+// Packs 16 codes (two vectors of 8 int32) into 8 bytes, high nibble first.
+inline void pack16(__m256i first, __m256i second, std::uint8_t* out) {
+  __m256i words = _mm256_packs_epi32(first, second);
+  words = _mm256_permute4x64_epi64(words, 0xd8);
+  __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(words),
+                                   _mm256_extracti128_si256(words, 1));
+  __m128i pairs = _mm_maddubs_epi16(bytes, _mm_set1_epi16(0x0110));  // c[2i]*16 + c[2i+1]
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(pairs, pairs));
+}
+
+bool nf4_quantize_avx2(const void* input, Dtype dtype, std::int64_t numel,
+                       std::int64_t blocksize, std::int64_t block_begin, std::int64_t block_end,
+                       std::uint8_t* packed, float* absmax) {
+  const __m256i magnitude_mask = _mm256_set1_epi32(0x7fffffff);
+  bool finite = true;
+  for (std::int64_t block = block_begin; block < block_end; ++block) {
+    std::int64_t begin = block * blocksize;
+    std::int64_t end = begin + blocksize < numel ? begin + blocksize : numel;
+    bool full_block = end - begin == blocksize;
+    std::int64_t vector_end = begin + (end - begin) / (2 * kLanes) * (2 * kLanes);
+
+    __m256i max_bits = _mm256_setzero_si256();
+    for (std::int64_t i = begin; i < vector_end; i += kLanes) {
+      __m256i bits = _mm256_and_si256(_mm256_castps_si256(load8(input, dtype, i)), magnitude_mask);
+      max_bits = _mm256_max_epu32(max_bits, bits);
+    }
+    alignas(32) std::uint32_t lanes[kLanes];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), max_bits);
+    std::uint32_t block_bits = 0;
+    for (std::uint32_t lane : lanes) block_bits = lane > block_bits ? lane : block_bits;
+    for (std::int64_t i = vector_end; i < end; ++i) {
+      std::uint32_t bits = float_bits(tail::load_float(input, dtype, i)) & 0x7fffffffu;
+      block_bits = bits > block_bits ? bits : block_bits;
+    }
+    finite &= block_bits < 0x7f800000u;
+    float block_absmax = bits_float(block_bits);
+    absmax[block] = full_block || block_absmax >= nf4::kAbsmaxFloor ? block_absmax : nf4::kAbsmaxFloor;
+
+    float factor = tail::block_factor(block_absmax, full_block);
+    __m256 factor8 = _mm256_set1_ps(factor);
+    for (std::int64_t i = begin; i < vector_end; i += 2 * kLanes) {
+      __m256i first = encode8(scale8(load8(input, dtype, i), factor8, full_block));
+      __m256i second = encode8(scale8(load8(input, dtype, i + kLanes), factor8, full_block));
+      pack16(first, second, packed + i / 2);
+    }
+    tail::encode_range(input, dtype, vector_end, end, factor, full_block, packed);
+  }
+  return finite;
+}
+
+void nf4_dequantize_avx2(const std::uint8_t* packed, const float* absmax, std::int64_t numel,
+                         std::int64_t blocksize, std::int64_t block_begin, std::int64_t block_end,
+                         void* out, Dtype dtype) {
+  const __m256 codebook_low = _mm256_loadu_ps(nf4::kCodebook);
+  const __m256 codebook_high = _mm256_loadu_ps(nf4::kCodebook + 8);
+  const __m128i nibble = _mm_set1_epi8(0x0f);
+  for (std::int64_t block = block_begin; block < block_end; ++block) {
+    std::int64_t begin = block * blocksize;
+    std::int64_t end = begin + blocksize < numel ? begin + blocksize : numel;
+    std::int64_t vector_end = begin + (end - begin) / (2 * kLanes) * (2 * kLanes);
+    __m256 scale = _mm256_set1_ps(absmax[block]);
+    for (std::int64_t i = begin; i < vector_end; i += 2 * kLanes) {
+      __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i / 2));
+      __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+      __m128i low = _mm_and_si128(bytes, nibble);
+      __m128i codes = _mm_unpacklo_epi8(high, low);  // element order
+      for (int half = 0; half < 2; ++half) {
+        __m256i index = _mm256_cvtepu8_epi32(half ? _mm_srli_si128(codes, 8) : codes);
+        __m256 from_low = _mm256_permutevar8x32_ps(codebook_low, index);
+        __m256 from_high = _mm256_permutevar8x32_ps(codebook_high, index);
+        __m256 value = _mm256_blendv_ps(from_low, from_high,
+                                        _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+        store8(out, dtype, i + half * kLanes, _mm256_mul_ps(value, scale));
+      }
+    }
+    tail::dequantize_range(packed, absmax[block], vector_end, end, out, dtype);
+  }
+}
+
+}  // namespace
+
+const CpuKernels& avx2_kernels() {
+  static const CpuKernels table{Isa::Avx2, nf4_quantize_avx2, nf4_dequantize_avx2};
+  return table;
+}
+
+}  // namespace cpu
+}  // namespace lowrank

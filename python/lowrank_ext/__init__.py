@@ -1,0 +1,50 @@
+"""lowrank_ext: LoRA, AdaLoRA and QLoRA on fast NF4 and fused low-rank kernels.
+
+Import order matters: torch first (it loads libtorch), then the compiled
+module (which registers the ops), then the Python layers.
+"""
+
+import torch  # noqa: F401
+
+from . import _C, ops
+from .quant import NF4Weight, dynamic_map, nf4_codebook
+
+__version__ = _C.build_info()["version"]
+
+
+def build_info() -> dict:
+    """Version, torch version, compiled backends, CPU ISA in use and CUDA archs."""
+    info = dict(_C.build_info())
+    info["cpu_isa"] = _C.get_cpu_isa()
+    info["torch_runtime_version"] = torch.__version__
+    return info
+
+
+def get_cpu_isa() -> str:
+    """The CPU kernel set in use: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
+    return _C.get_cpu_isa()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Switch the CPU kernel set (``LOWRANK_CPU_ISA`` sets the initial one).
+
+    Raises ``ValueError`` for an unknown name or one this CPU cannot run.
+    """
+    _C.set_cpu_isa(name)
+
+
+def supported_cpu_isas() -> list[str]:
+    """The CPU kernel sets this machine can run, slowest first."""
+    return list(_C.supported_cpu_isas())
+
+
+__all__ = [
+    "NF4Weight",
+    "build_info",
+    "dynamic_map",
+    "get_cpu_isa",
+    "nf4_codebook",
+    "ops",
+    "set_cpu_isa",
+    "supported_cpu_isas",
+]

@@ -1,0 +1,356 @@
+"""Typed Python wrappers over ``torch.ops.lowrank_ext.*``.
+
+Every op here is a torch custom op (schema in ``csrc/registration.cpp``) with a
+fake kernel, so ``torch.compile(fullgraph=True)`` can trace it, and the
+differentiable ones have autograd registered with ``torch.library``. CPU and
+CUDA kernels register for the same names; the dispatcher picks the backend
+from the tensors' device.
+
+NF4 weight arguments always come as one group (see :class:`lowrank_ext.NF4Weight`):
+``packed`` (uint8, ``ceil(out*in/2)`` bytes, element 2i in the high nibble),
+``absmax`` (fp32 per block, or uint8 codes when double-quantized),
+``nested_absmax`` / ``nested_code`` (fp32, or both None), ``offset`` (float),
+``out_features``, ``in_features``, ``blocksize``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library that registers the ops)
+
+_ops = torch.ops.lowrank_ext
+
+__all__ = [
+    "nf4_quantize",
+    "nf4_dequantize",
+    "quantize_blockwise_8bit",
+    "dequantize_blockwise_8bit",
+    "nf4_linear",
+    "nf4_linear_grad_input",
+    "lora_linear",
+    "qlora_linear",
+]
+
+
+def _num_blocks(numel, blocksize: int):
+    return (numel + blocksize - 1) // blocksize
+
+
+# ----------------------------------------------------------------- wrappers --
+
+
+def nf4_quantize(input: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a float tensor to NF4, blockwise over the flattened tensor.
+
+    Args:
+        input: float32, bfloat16 or float16 tensor, any shape, not empty.
+            Non-contiguous input is copied. NaN or Inf raises ``ValueError``.
+        blocksize: power of two in [32, 4096].
+
+    Returns:
+        ``(packed, absmax)``: ``packed`` uint8 ``[ceil(numel/2)]`` (element 2i in
+        the high nibble, a padding nibble of code 7 for odd sizes) and
+        ``absmax`` float32 ``[ceil(numel/blocksize)]``. Bit-identical to
+        bitsandbytes' ``quantize_4bit(..., quant_type="nf4")``.
+    """
+    return _ops.nf4_quantize(input, blocksize)
+
+
+def nf4_dequantize(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: Sequence[int],
+    blocksize: int = 64,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of :func:`nf4_quantize`: ``codebook[code] * absmax`` in fp32, cast to ``dtype``.
+
+    Args:
+        packed: uint8 ``[ceil(prod(shape)/2)]``.
+        absmax: float32 ``[ceil(prod(shape)/blocksize)]`` (decode double-quantized
+            scales first, e.g. with :meth:`lowrank_ext.NF4Weight.block_absmax`).
+        shape: shape of the result (non-empty).
+        blocksize: the blocksize used to quantize.
+        dtype: float32, bfloat16 or float16.
+    """
+    return _ops.nf4_dequantize(packed, absmax, list(shape), blocksize, dtype)
+
+
+def quantize_blockwise_8bit(
+    input: torch.Tensor, code: torch.Tensor, blocksize: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization against a sorted 256-entry ``code`` map.
+
+    Used for double quantization of NF4 absmax values; bit-identical to
+    bitsandbytes' CPU ``quantize_blockwise``. ``input`` must be finite float32.
+    Returns ``(codes uint8 like input, absmax float32 [nblocks])``.
+    """
+    return _ops.quantize_blockwise_8bit(input, code, blocksize)
+
+
+def dequantize_blockwise_8bit(
+    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256
+) -> torch.Tensor:
+    """``code[codes] * absmax[block]`` in float32, shaped like ``codes``."""
+    return _ops.dequantize_blockwise_8bit(codes, absmax, code, blocksize)
+
+
+def nf4_linear(
+    input: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: float,
+    out_features: int,
+    in_features: int,
+    blocksize: int = 64,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``input @ dequant(W).T + bias`` without materializing the dense weight.
+
+    ``input`` is ``[..., in_features]`` (float32/bfloat16/float16); the result
+    is ``[..., out_features]`` in input's dtype, accumulated in fp32.
+    Differentiable with respect to ``input`` and ``bias`` (W is frozen).
+    """
+    return _ops.nf4_linear(
+        input, packed, absmax, nested_absmax, nested_code, float(offset),
+        out_features, in_features, blocksize, bias,
+    )
+
+
+def nf4_linear_grad_input(
+    grad_output: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: float,
+    out_features: int,
+    in_features: int,
+    blocksize: int = 64,
+) -> torch.Tensor:
+    """``grad_output @ dequant(W)``: ``[..., out_features]`` -> ``[..., in_features]``."""
+    return _ops.nf4_linear_grad_input(
+        grad_output, packed, absmax, nested_absmax, nested_code, float(offset),
+        out_features, in_features, blocksize,
+    )
+
+
+def lora_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    lora_input: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Fused ``input @ W.T + bias + scaling * (lora_input @ A.T) @ B.T``.
+
+    Args:
+        input: ``[..., in]``.
+        weight: ``[out, in]`` dense base weight (may require grad).
+        bias: ``[out]`` or None.
+        lora_A: ``[r, in]``; lora_B: ``[out, r]`` (r may be 0).
+        scaling: the adapter scale (alpha / r, or alpha / sqrt(r) for rsLoRA).
+        lora_input: the adapter branch's input (``dropout(input)``), or None to
+            use ``input`` itself (no dropout: no extra cost).
+    All tensors share input's dtype and device.
+    """
+    return _ops.lora_linear(input, lora_input, weight, bias, lora_A, lora_B, float(scaling))
+
+
+def qlora_linear(
+    input: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: float,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    lora_input: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`lora_linear` with a frozen NF4 base weight (see :func:`nf4_linear`)."""
+    return _ops.qlora_linear(
+        input, lora_input, packed, absmax, nested_absmax, nested_code, float(offset),
+        out_features, in_features, blocksize, bias, lora_A, lora_B, float(scaling),
+    )
+
+
+# ------------------------------------------------------------- fake kernels --
+
+
+@torch.library.register_fake("lowrank_ext::nf4_quantize")
+def _nf4_quantize_fake(input, blocksize):
+    numel = input.numel()
+    torch._check(numel > 0, lambda: "nf4_quantize: input must not be empty")
+    packed = input.new_empty(((numel + 1) // 2,), dtype=torch.uint8)
+    absmax = input.new_empty((_num_blocks(numel, blocksize),), dtype=torch.float32)
+    return packed, absmax
+
+
+@torch.library.register_fake("lowrank_ext::nf4_dequantize")
+def _nf4_dequantize_fake(packed, absmax, shape, blocksize, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("lowrank_ext::quantize_blockwise_8bit")
+def _quantize_blockwise_8bit_fake(input, code, blocksize):
+    codes = torch.empty_like(input, dtype=torch.uint8)
+    absmax = input.new_empty((_num_blocks(input.numel(), blocksize),), dtype=torch.float32)
+    return codes, absmax
+
+
+@torch.library.register_fake("lowrank_ext::dequantize_blockwise_8bit")
+def _dequantize_blockwise_8bit_fake(codes, absmax, code, blocksize):
+    return torch.empty_like(codes, dtype=torch.float32)
+
+
+def _linear_out_fake(input, out_features):
+    return input.new_empty((*input.shape[:-1], out_features))
+
+
+@torch.library.register_fake("lowrank_ext::nf4_linear")
+def _nf4_linear_fake(input, packed, absmax, nested_absmax, nested_code, offset,
+                     out_features, in_features, blocksize, bias):
+    return _linear_out_fake(input, out_features)
+
+
+@torch.library.register_fake("lowrank_ext::nf4_linear_grad_input")
+def _nf4_linear_grad_input_fake(grad_output, packed, absmax, nested_absmax, nested_code,
+                                offset, out_features, in_features, blocksize):
+    return _linear_out_fake(grad_output, in_features)
+
+
+@torch.library.register_fake("lowrank_ext::lora_linear")
+def _lora_linear_fake(input, lora_input, weight, bias, lora_A, lora_B, scaling):
+    return _linear_out_fake(input, weight.shape[0])
+
+
+def _lora_backward_fake(input, lora_input, lora_A, lora_B):
+    grad_lora_input = (
+        torch.empty_like(lora_input) if lora_input is not None else input.new_empty((0,))
+    )
+    return (torch.empty_like(input), grad_lora_input, torch.empty_like(lora_A),
+            torch.empty_like(lora_B))
+
+
+@torch.library.register_fake("lowrank_ext::lora_linear_backward")
+def _lora_linear_backward_fake(grad_output, input, lora_input, weight, lora_A, lora_B, scaling):
+    return _lora_backward_fake(input, lora_input, lora_A, lora_B)
+
+
+@torch.library.register_fake("lowrank_ext::qlora_linear")
+def _qlora_linear_fake(input, lora_input, packed, absmax, nested_absmax, nested_code, offset,
+                       out_features, in_features, blocksize, bias, lora_A, lora_B, scaling):
+    return _linear_out_fake(input, out_features)
+
+
+@torch.library.register_fake("lowrank_ext::qlora_linear_backward")
+def _qlora_linear_backward_fake(grad_output, input, lora_input, packed, absmax, nested_absmax,
+                                nested_code, offset, out_features, in_features, blocksize,
+                                lora_A, lora_B, scaling):
+    return _lora_backward_fake(input, lora_input, lora_A, lora_B)
+
+
+# ----------------------------------------------------------------- autograd --
+
+
+def _bias_grad(grad_output, bias):
+    if bias is None or not bias.requires_grad:
+        return None
+    return grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+
+
+def _nf4_linear_setup(ctx, inputs, output):
+    (input, packed, absmax, nested_absmax, nested_code, offset,
+     out_features, in_features, blocksize, bias) = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, bias)
+    ctx.weight_args = (offset, out_features, in_features, blocksize)
+
+
+def _nf4_linear_backward(ctx, grad_output):
+    packed, absmax, nested_absmax, nested_code, bias = ctx.saved_tensors
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = _ops.nf4_linear_grad_input(
+            grad_output, packed, absmax, nested_absmax, nested_code, *ctx.weight_args)
+    return (grad_input, None, None, None, None, None, None, None, None,
+            _bias_grad(grad_output, bias) if ctx.needs_input_grad[9] else None)
+
+
+torch.library.register_autograd(
+    "lowrank_ext::nf4_linear", _nf4_linear_backward, setup_context=_nf4_linear_setup)
+
+
+def _split_lora_grads(ctx, grads, lora_input_index):
+    grad_input, grad_lora_input, grad_A, grad_B = grads
+    if ctx.lora_input_given:
+        grad_lora_input = grad_lora_input if ctx.needs_input_grad[lora_input_index] else None
+    else:
+        grad_lora_input = None
+    return grad_input, grad_lora_input, grad_A, grad_B
+
+
+def _lora_linear_setup(ctx, inputs, output):
+    input, lora_input, weight, bias, lora_A, lora_B, scaling = inputs
+    ctx.save_for_backward(input, lora_input, weight, bias, lora_A, lora_B)
+    ctx.scaling = scaling
+    ctx.lora_input_given = lora_input is not None
+
+
+def _lora_linear_backward(ctx, grad_output):
+    input, lora_input, weight, bias, lora_A, lora_B = ctx.saved_tensors
+    grads = _ops.lora_linear_backward(grad_output, input, lora_input, weight, lora_A, lora_B,
+                                      ctx.scaling)
+    grad_input, grad_lora_input, grad_A, grad_B = _split_lora_grads(ctx, grads, 1)
+    grad_weight = None
+    if ctx.needs_input_grad[2]:
+        grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t() @ input.reshape(
+            -1, input.shape[-1])
+    return (grad_input if ctx.needs_input_grad[0] else None, grad_lora_input, grad_weight,
+            _bias_grad(grad_output, bias) if ctx.needs_input_grad[3] else None,
+            grad_A if ctx.needs_input_grad[4] else None,
+            grad_B if ctx.needs_input_grad[5] else None, None)
+
+
+torch.library.register_autograd(
+    "lowrank_ext::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup)
+
+
+def _qlora_linear_setup(ctx, inputs, output):
+    (input, lora_input, packed, absmax, nested_absmax, nested_code, offset, out_features,
+     in_features, blocksize, bias, lora_A, lora_B, scaling) = inputs
+    ctx.save_for_backward(input, lora_input, packed, absmax, nested_absmax, nested_code, bias,
+                          lora_A, lora_B)
+    ctx.weight_args = (offset, out_features, in_features, blocksize)
+    ctx.scaling = scaling
+    ctx.lora_input_given = lora_input is not None
+
+
+def _qlora_linear_backward(ctx, grad_output):
+    (input, lora_input, packed, absmax, nested_absmax, nested_code, bias, lora_A,
+     lora_B) = ctx.saved_tensors
+    grads = _ops.qlora_linear_backward(
+        grad_output, input, lora_input, packed, absmax, nested_absmax, nested_code,
+        *ctx.weight_args, lora_A, lora_B, ctx.scaling)
+    grad_input, grad_lora_input, grad_A, grad_B = _split_lora_grads(ctx, grads, 1)
+    return (grad_input if ctx.needs_input_grad[0] else None, grad_lora_input,
+            None, None, None, None, None, None, None, None,
+            _bias_grad(grad_output, bias) if ctx.needs_input_grad[10] else None,
+            grad_A if ctx.needs_input_grad[11] else None,
+            grad_B if ctx.needs_input_grad[12] else None, None)
+
+
+torch.library.register_autograd(
+    "lowrank_ext::qlora_linear", _qlora_linear_backward, setup_context=_qlora_linear_setup)
