@@ -109,8 +109,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor&
   const int64_t blocks = nf4::num_blocks(numel, blocksize);
   at::Tensor codes = at::empty(input.sizes(), input.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
+  std::vector<uint8_t> lookup(k8bitLookupSize);
+  build_8bit_lookup(code_c.const_data_ptr<float>(), lookup.data());
   at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / blocksize), [&](int64_t b, int64_t e) {
-    quantize_blockwise_8bit(input_c.const_data_ptr<float>(), code_c.const_data_ptr<float>(), numel,
+    quantize_blockwise_8bit(input_c.const_data_ptr<float>(), lookup.data(), numel,
                             blocksize, b, e, codes.mutable_data_ptr<uint8_t>(),
                             absmax.mutable_data_ptr<float>());
   });

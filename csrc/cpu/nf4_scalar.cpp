@@ -41,7 +41,19 @@ const CpuKernels& scalar_kernels() {
   return table;
 }
 
-void quantize_blockwise_8bit(const float* input, const float* code, std::int64_t numel,
+void build_8bit_lookup(const float* code, std::uint8_t* lookup) {
+  float midpoints[255];
+  for (int i = 0; i < 255; ++i) midpoints[i] = 0.5f * (code[i] + code[i + 1]);
+  int index = 0;
+  for (int bin = 0; bin < k8bitLookupSize; ++bin) {
+    // Bin centre in [-1, 1]; the code is the first whose upper midpoint is not below it.
+    float value = -1.0f + (2.0f * static_cast<float>(bin)) / static_cast<float>(k8bitLookupSize - 1);
+    while (index < 255 && midpoints[index] < value) ++index;
+    lookup[bin] = static_cast<std::uint8_t>(index);
+  }
+}
+
+void quantize_blockwise_8bit(const float* input, const std::uint8_t* lookup, std::int64_t numel,
                              std::int64_t blocksize, std::int64_t block_begin,
                              std::int64_t block_end, std::uint8_t* codes, float* absmax) {
   for (std::int64_t block = block_begin; block < block_end; ++block) {
@@ -50,30 +62,16 @@ void quantize_blockwise_8bit(const float* input, const float* code, std::int64_t
     float block_absmax = 0.0f;
     for (std::int64_t i = begin; i < end; ++i) block_absmax = std::fmax(block_absmax, std::fabs(input[i]));
     absmax[block] = block_absmax;
+    if (block_absmax == 0.0f) {
+      for (std::int64_t i = begin; i < end; ++i) codes[i] = 0;
+      continue;
+    }
+    const float inverse = 1.0f / block_absmax;
     for (std::int64_t i = begin; i < end; ++i) {
-      float normalized = input[i] / block_absmax;
-      // Largest index whose code value is <= normalized, with code[0] read as
-      // -1.0 (the map's first entry is slightly above -1). NaN (0/0 for an
-      // all-zero block) fails every comparison and lands on index 0.
-      int low = 0;
-      int high = 255;
-      if (!(normalized >= -1.0f)) {
-        high = 0;
-      }
-      while (low < high) {
-        int middle = (low + high + 1) / 2;
-        if (code[middle] <= normalized) {
-          low = middle;
-        } else {
-          high = middle - 1;
-        }
-      }
-      int index = low;
-      if (index < 255) {
-        float left = index == 0 ? -1.0f : code[index];
-        if (std::fabs(normalized - code[index + 1]) < std::fabs(normalized - left)) ++index;
-      }
-      codes[i] = static_cast<std::uint8_t>(index);
+      float normalized = nf4::clamp_unit(input[i] * inverse);
+      // Same operation order as the lookup's bins: ((v + 1) * 0.5) * 65535 + 0.5, truncated.
+      float position = (normalized + 1.0f) * 0.5f * static_cast<float>(k8bitLookupSize - 1) + 0.5f;
+      codes[i] = lookup[static_cast<std::uint16_t>(position)];
     }
   }
 }

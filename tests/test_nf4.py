@@ -1,0 +1,318 @@
+"""NF4 quantization ops: bit-exact with bitsandbytes on every ISA, torch integration, errors.
+
+Bit-exactness is the contract (DESIGN.md), so every comparison with
+bitsandbytes is `torch.equal`, not a tolerance.
+"""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import lowrank_ext
+from lowrank_ext import NF4Weight, ops
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.backends import utils as bnb_utils
+    from bitsandbytes.backends.default import ops as bnb_default_ops
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Odd element counts, partial last blocks, one element, exact multiples.
+SHAPES = [(1,), (7,), (33,), (64, 1), (3, 129), (300, 257), (4096,), (2, 3, 1111)]
+BLOCKSIZES = [32, 64, 128, 256, 1024, 4096]
+
+
+def random_weight(shape, dtype, generator, scale=1.0):
+    return (torch.randn(shape, generator=generator) * scale).to(dtype)
+
+
+def bnb_dequantize(packed, state, dtype=None):
+    """bitsandbytes' NF4 dequantization numerics (its torch reference implementation).
+
+    bitsandbytes 0.50.2's native CPU kernel mis-scales weights whose last
+    dimension is even but not a multiple of the blocksize (blocks straddling
+    rows), so the comparison uses the package's own backend-independent
+    formula: codebook[code] * absmax in fp32, then a cast.
+    """
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    code = bnb_utils._get_4bit_code("nf4", packed.device)
+    return bnb_default_ops._dequantize_4bit_compute(
+        packed.reshape(-1), absmax, code, state.blocksize, state.shape, dtype or state.dtype)
+
+
+def bnb_quantize(weight, blocksize, double_quant=False):
+    packed, state = bnb_functional.quantize_4bit(
+        weight, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
+    return packed, state
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_quantize_matches_bitsandbytes(cpu_isa, generator, dtype, shape, blocksize):
+    weight = random_weight(shape, dtype, generator)
+    packed, absmax = ops.nf4_quantize(weight, blocksize)
+    bnb_packed, state = bnb_quantize(weight, blocksize)
+    assert torch.equal(packed, bnb_packed.reshape(-1))
+    assert torch.equal(absmax, state.absmax)
+    for out_dtype in DTYPES:
+        ours = ops.nf4_dequantize(packed, absmax, shape, blocksize, out_dtype)
+        assert ours.shape == torch.Size(shape)
+        assert torch.equal(ours, bnb_dequantize(bnb_packed, state, out_dtype)), out_dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(300, 257), (64, 4096), (5, 7)])
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+def test_double_quant_matches_bitsandbytes(cpu_isa, generator, dtype, shape, blocksize):
+    weight = random_weight(shape, dtype, generator, scale=0.02)
+    ours = NF4Weight.from_float(weight, blocksize=blocksize, double_quant=True)
+    bnb_packed, state = bnb_quantize(weight, blocksize, double_quant=True)
+    assert torch.equal(ours.packed, bnb_packed.reshape(-1))
+    assert torch.equal(ours.absmax, state.absmax)
+    assert ours.offset == state.offset.item()
+    assert torch.equal(ours.nested_absmax, state.state2.absmax)
+    assert torch.equal(ours.nested_code, state.state2.code)
+    assert torch.equal(ours.dequantize(), bnb_dequantize(bnb_packed, state))
+
+
+def test_dynamic_map_matches_bitsandbytes():
+    assert torch.equal(lowrank_ext.dynamic_map(), bnb_functional.create_dynamic_map(signed=True))
+
+
+def test_codebook_matches_bitsandbytes():
+    assert torch.equal(lowrank_ext.nf4_codebook(), bnb_functional.get_4bit_type("nf4", device="cpu"))
+
+
+@pytest.mark.parametrize("blocksize", [64, 256, 1000, 4096])
+@pytest.mark.parametrize("numel", [1, 255, 256, 5000, 70001])
+def test_blockwise_8bit_matches_bitsandbytes(generator, blocksize, numel):
+    values = torch.randn(numel, generator=generator) * torch.rand(1, generator=generator).item()
+    code = lowrank_ext.dynamic_map()
+    codes, absmax = ops.quantize_blockwise_8bit(values, code, blocksize)
+    bnb_codes, bnb_absmax = torch.ops.bitsandbytes.quantize_blockwise(values, code, blocksize)
+    assert torch.equal(codes, bnb_codes)
+    assert torch.equal(absmax, bnb_absmax)
+    assert torch.equal(ops.dequantize_blockwise_8bit(codes, absmax, code, blocksize),
+                       torch.ops.bitsandbytes.dequantize_blockwise(
+                           bnb_codes, bnb_absmax, code, blocksize, torch.float32))
+
+
+def test_blockwise_8bit_zero_block_matches_bitsandbytes(generator):
+    values = torch.zeros(512)
+    values[256:] = torch.randn(256, generator=generator)
+    code = lowrank_ext.dynamic_map()
+    codes, absmax = ops.quantize_blockwise_8bit(values, code, 256)
+    bnb_codes, bnb_absmax = torch.ops.bitsandbytes.quantize_blockwise(values, code, 256)
+    assert torch.equal(codes, bnb_codes) and torch.equal(absmax, bnb_absmax)
+    assert torch.equal(ops.dequantize_blockwise_8bit(codes, absmax, code, 256)[:256], values[:256])
+
+
+def test_simd_paths_equal_scalar(generator):
+    weight = torch.randn(1023, 77, generator=generator)
+    results = {}
+    previous = lowrank_ext.get_cpu_isa()
+    try:
+        for isa in lowrank_ext.supported_cpu_isas():
+            lowrank_ext.set_cpu_isa(isa)
+            packed, absmax = ops.nf4_quantize(weight, 64)
+            results[isa] = (packed, absmax, ops.nf4_dequantize(packed, absmax, weight.shape, 64,
+                                                               torch.bfloat16))
+    finally:
+        lowrank_ext.set_cpu_isa(previous)
+    reference = results["scalar"]
+    for isa, outputs in results.items():
+        assert all(torch.equal(a, b) for a, b in zip(outputs, reference)), isa
+
+
+def test_all_zero_block_dequantizes_to_zero(cpu_isa):
+    weight = torch.zeros(3, 100)
+    weight[2, 50:] = 1.5  # one non-zero block among zero ones, partial last block zero too
+    weight[2, 99] = 0.0
+    packed, absmax = ops.nf4_quantize(weight, 32)
+    restored = ops.nf4_dequantize(packed, absmax, weight.shape, 32)
+    assert torch.equal(restored[:2], torch.zeros(2, 100))
+    assert torch.isfinite(restored).all()
+
+
+def test_non_contiguous_input_equals_contiguous(cpu_isa, generator):
+    weight = torch.randn(130, 70, generator=generator)
+    transposed = weight.t()
+    assert not transposed.is_contiguous()
+    for a, b in zip(ops.nf4_quantize(transposed, 64), ops.nf4_quantize(transposed.contiguous(), 64)):
+        assert torch.equal(a, b)
+
+
+def test_results_do_not_depend_on_thread_count(generator):
+    weight = torch.randn(2000, 300, generator=generator)
+    previous = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, previous):
+            torch.set_num_threads(threads)
+            outputs.append(ops.nf4_quantize(weight, 64))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+
+
+def test_roundtrip_error_is_bounded(cpu_isa, generator):
+    # Half the largest gap between NF4 levels bounds |w - deq(w)| / absmax.
+    largest_gap = lowrank_ext.nf4_codebook().diff().max().item()
+    weight = torch.randn(64, 64, generator=generator)
+    restored = NF4Weight.from_float(weight, double_quant=False).dequantize()
+    block_absmax = weight.reshape(-1, 64).abs().amax(1, keepdim=True)
+    relative = ((restored - weight).reshape(-1, 64).abs() / block_absmax).max()
+    assert relative <= largest_gap / 2 + 1e-6
+
+
+# ------------------------------------------------------------- serialization
+
+
+def test_bitsandbytes_linear4bit_state_dict_loads_into_nf4weight(generator):
+    linear = torch.nn.Linear(96, 40)
+    quantized = bnb.nn.Linear4bit(96, 40, quant_type="nf4", compress_statistics=True,
+                                  compute_dtype=torch.float32)
+    quantized.load_state_dict(linear.state_dict())
+    quantized = quantized.to("cpu")
+    state = quantized.state_dict()
+    weight = NF4Weight.from_state_dict(state, prefix="weight")
+    expected = bnb_dequantize(quantized.weight.data, quantized.weight.quant_state)
+    assert torch.equal(weight.dequantize(), expected)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nf4weight_state_dict_loads_into_bitsandbytes(generator, double_quant, dtype):
+    weight = random_weight((40, 96), dtype, generator)
+    ours = NF4Weight.from_float(weight, blocksize=64, double_quant=double_quant)
+    state = ours.state_dict(prefix="weight")
+    stats = {key[len("weight."):]: value for key, value in state.items() if key.startswith("weight.")}
+    params = bnb.nn.Params4bit.from_prequantized(state["weight"], stats, requires_grad=False,
+                                                 device="cpu")
+    theirs = bnb_dequantize(params.data, params.quant_state)
+    assert theirs.dtype == dtype
+    assert torch.equal(theirs, ours.dequantize())
+    reloaded = NF4Weight.from_state_dict(state)
+    assert torch.equal(reloaded.dequantize(), ours.dequantize())
+
+
+def test_state_dict_keys_and_json_fields(generator):
+    state = NF4Weight.from_float(torch.randn(8, 64, generator=generator)).state_dict("layer.weight")
+    assert sorted(state) == sorted([
+        "layer.weight", "layer.weight.absmax", "layer.weight.quant_map",
+        "layer.weight.nested_absmax", "layer.weight.nested_quant_map",
+        "layer.weight.quant_state.bitsandbytes__nf4"])
+    fields = json.loads(bytes(state["layer.weight.quant_state.bitsandbytes__nf4"].tolist()))
+    assert fields["quant_type"] == "nf4" and fields["shape"] == [8, 64]
+    assert fields["nested_blocksize"] == 256
+
+
+def test_from_state_dict_rejects_inconsistent_tensors(generator):
+    state = NF4Weight.from_float(torch.randn(8, 64, generator=generator)).state_dict()
+    truncated = dict(state, weight=state["weight"][:-1])
+    with pytest.raises(ValueError, match="packed data"):
+        NF4Weight.from_state_dict(truncated)
+    with pytest.raises(KeyError, match="absmax"):
+        NF4Weight.from_state_dict({k: v for k, v in state.items() if k != "weight.absmax"})
+    corrupt = dict(state)
+    corrupt["weight.quant_state.bitsandbytes__nf4"] = torch.tensor([0xFF, 0x00], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="JSON"):
+        NF4Weight.from_state_dict(corrupt)
+
+
+# --------------------------------------------------------- torch integration
+
+
+def opcheck_cases(generator):
+    weight = torch.randn(33, 65, generator=generator)
+    packed, absmax = ops.nf4_quantize(weight, 64)
+    code = lowrank_ext.dynamic_map()
+    values = torch.randn(600, generator=generator)
+    codes, nested = ops.quantize_blockwise_8bit(values, code, 256)
+    return [
+        (torch.ops.lowrank_ext.nf4_quantize, (weight, 64)),
+        (torch.ops.lowrank_ext.nf4_quantize, (weight.to(torch.bfloat16), 32)),
+        (torch.ops.lowrank_ext.nf4_dequantize, (packed, absmax, [33, 65], 64, torch.float32)),
+        (torch.ops.lowrank_ext.nf4_dequantize, (packed, absmax, [33, 65], 64, torch.float16)),
+        (torch.ops.lowrank_ext.quantize_blockwise_8bit, (values, code, 256)),
+        (torch.ops.lowrank_ext.dequantize_blockwise_8bit, (codes, nested, code, 256)),
+    ]
+
+
+def test_opcheck(generator):
+    for op, args in opcheck_cases(generator):
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_roundtrip_equals_eager(generator):
+    def roundtrip(weight):
+        packed, absmax = ops.nf4_quantize(weight, 64)
+        return ops.nf4_dequantize(packed, absmax, weight.shape, 64, weight.dtype)
+
+    weight = torch.randn(48, 80, generator=generator)
+    torch._dynamo.reset()
+    compiled = torch.compile(roundtrip, fullgraph=True)
+    assert torch.equal(compiled(weight), roundtrip(weight))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("blocksize", [0, 16, 48, 8192, -64])
+def test_bad_blocksize_is_rejected(blocksize):
+    with pytest.raises(RuntimeError, match="blocksize must be a power of two"):
+        ops.nf4_quantize(torch.randn(128), blocksize)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.float64, torch.bool])
+def test_non_float_input_is_rejected(dtype):
+    with pytest.raises(RuntimeError, match="input must be float32, bfloat16 or float16"):
+        ops.nf4_quantize(torch.ones(64, dtype=dtype), 64)
+
+
+def test_empty_input_is_rejected():
+    with pytest.raises(RuntimeError, match="input must not be empty"):
+        ops.nf4_quantize(torch.empty(0, 5), 64)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_rejected(cpu_isa, bad):
+    weight = torch.randn(10, 64)
+    weight[3, 5] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ops.nf4_quantize(weight, 64)
+
+
+def test_mismatched_sizes_are_rejected(generator):
+    packed, absmax = ops.nf4_quantize(torch.randn(10, 64, generator=generator), 64)
+    with pytest.raises(RuntimeError, match="packed must have"):
+        ops.nf4_dequantize(packed, absmax, [11, 64], 64)
+    with pytest.raises(RuntimeError, match="absmax must have"):
+        ops.nf4_dequantize(packed, absmax[:-1], [10, 64], 64)
+    with pytest.raises(RuntimeError, match="absmax must be Float"):
+        ops.nf4_dequantize(packed, absmax.double(), [10, 64], 64)
+    with pytest.raises(RuntimeError, match="packed must be Byte"):
+        ops.nf4_dequantize(packed.int(), absmax, [10, 64], 64)
+    with pytest.raises(RuntimeError, match="dtype must be float32"):
+        ops.nf4_dequantize(packed, absmax, [10, 64], 64, torch.int32)
+    with pytest.raises(RuntimeError, match="non-empty"):
+        ops.nf4_dequantize(packed, absmax, [0, 64], 64)
+
+
+def test_unknown_isa_is_rejected():
+    with pytest.raises(ValueError, match="unknown CPU ISA"):
+        lowrank_ext.set_cpu_isa("sse9")
+
+
+def test_build_info_names_backends_and_isa():
+    info = lowrank_ext.build_info()
+    assert "cpu" in info["backends"]
+    assert info["cpu_isa"] in lowrank_ext.supported_cpu_isas()
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
