@@ -1,0 +1,183 @@
+// Torch-free tests of the CPU kernels: every SIMD table against the scalar
+// reference on awkward sizes (partial blocks, odd counts, sizes that are not
+// multiples of the vector width), plus the fp16/bf16 conversions. Built with
+// sanitizers in CI. Prints "N passed, M failed" and exits non-zero on failure.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/float_convert.h"
+#include "core/nf4.h"
+#include "cpu/dispatch.h"
+#include "cpu/kernels.h"
+
+namespace {
+
+using lowrank::cpu::CpuKernels;
+using lowrank::cpu::Dtype;
+using lowrank::cpu::Isa;
+
+int g_passed = 0;
+int g_failed = 0;
+
+void expect(bool condition, const std::string& what) {
+  if (condition) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAILED: %s\n", what.c_str());
+  }
+}
+
+// Random values of a given dtype, stored as raw 16/32-bit patterns.
+std::vector<std::uint8_t> random_values(std::mt19937& rng, Dtype dtype, std::int64_t count,
+                                        float scale) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::size_t width = dtype == Dtype::Float32 ? 4 : 2;
+  std::vector<std::uint8_t> bytes(static_cast<std::size_t>(count) * width + 64);
+  for (std::int64_t i = 0; i < count; ++i) {
+    float value = normal(rng);
+    if (dtype == Dtype::Float32) {
+      std::memcpy(&bytes[i * 4], &value, 4);
+    } else {
+      std::uint16_t half = dtype == Dtype::BFloat16 ? lowrank::float_to_bf16(value)
+                                                    : lowrank::float_to_fp16(value);
+      std::memcpy(&bytes[i * 2], &half, 2);
+    }
+  }
+  return bytes;
+}
+
+const char* dtype_name(Dtype dtype) {
+  return dtype == Dtype::Float32 ? "fp32" : (dtype == Dtype::BFloat16 ? "bf16" : "fp16");
+}
+
+void test_nf4_against_scalar(const CpuKernels& kernels, std::mt19937& rng) {
+  const CpuKernels& reference = lowrank::cpu::scalar_kernels();
+  const std::int64_t sizes[] = {1, 2, 15, 31, 33, 64, 100, 257, 1000, 4097, 12345};
+  const std::int64_t blocksizes[] = {32, 64, 128, 4096};
+  const float scales[] = {1.0f, 1e-30f, 1e4f, 1e-40f};  // 1e-40: subnormal inputs
+  for (Dtype dtype : {Dtype::Float32, Dtype::BFloat16, Dtype::Float16}) {
+    for (std::int64_t numel : sizes) {
+      for (std::int64_t blocksize : blocksizes) {
+        for (float scale : scales) {
+          if (dtype == Dtype::Float16 && (scale > 1e3f || scale < 1e-3f)) continue;
+          auto input = random_values(rng, dtype, numel, scale);
+          std::int64_t blocks = lowrank::nf4::num_blocks(numel, blocksize);
+          std::int64_t bytes = lowrank::nf4::packed_bytes(numel);
+          std::vector<std::uint8_t> packed(bytes), expected_packed(bytes);
+          std::vector<float> absmax(blocks), expected_absmax(blocks);
+          bool finite = kernels.nf4_quantize(input.data(), dtype, numel, blocksize, 0, blocks,
+                                             packed.data(), absmax.data());
+          reference.nf4_quantize(input.data(), dtype, numel, blocksize, 0, blocks,
+                                 expected_packed.data(), expected_absmax.data());
+          std::string where = std::string(lowrank::cpu::isa_name(kernels.isa)) + " " +
+                              dtype_name(dtype) + " numel=" + std::to_string(numel) +
+                              " blocksize=" + std::to_string(blocksize) +
+                              " scale=" + std::to_string(scale);
+          expect(finite, "finite " + where);
+          expect(packed == expected_packed, "packed " + where);
+          expect(std::memcmp(absmax.data(), expected_absmax.data(), blocks * sizeof(float)) == 0,
+                 "absmax " + where);
+          for (Dtype out_dtype : {Dtype::Float32, Dtype::BFloat16, Dtype::Float16}) {
+            std::size_t width = out_dtype == Dtype::Float32 ? 4 : 2;
+            std::vector<std::uint8_t> out(numel * width), expected_out(numel * width);
+            kernels.nf4_dequantize(packed.data(), absmax.data(), numel, blocksize, 0, blocks,
+                                   out.data(), out_dtype);
+            reference.nf4_dequantize(packed.data(), absmax.data(), numel, blocksize, 0, blocks,
+                                     expected_out.data(), out_dtype);
+            expect(out == expected_out,
+                   std::string("dequantize to ") + dtype_name(out_dtype) + " " + where);
+          }
+        }
+      }
+    }
+  }
+}
+
+void test_non_finite_is_reported(const CpuKernels& kernels) {
+  for (float bad : {NAN, INFINITY, -INFINITY}) {
+    std::vector<float> input(200, 0.5f);
+    input[131] = bad;
+    std::vector<std::uint8_t> packed(100);
+    std::vector<float> absmax(4);
+    bool finite = kernels.nf4_quantize(input.data(), Dtype::Float32, 200, 64, 0, 4, packed.data(),
+                                       absmax.data());
+    expect(!finite, std::string("non-finite reported on ") + lowrank::cpu::isa_name(kernels.isa));
+  }
+}
+
+void test_conversions() {
+  // Every 16-bit pattern survives 16 -> 32 -> 16 bits (NaNs stay NaN).
+  int bf16_mismatches = 0;
+  int fp16_mismatches = 0;
+  for (std::uint32_t bits = 0; bits < 65536; ++bits) {
+    auto half = static_cast<std::uint16_t>(bits);
+    float bf = lowrank::bf16_to_float(half);
+    float fp = lowrank::fp16_to_float(half);
+    if (std::isnan(bf) ? !std::isnan(lowrank::bf16_to_float(lowrank::float_to_bf16(bf)))
+                       : lowrank::float_to_bf16(bf) != half)
+      ++bf16_mismatches;
+    if (std::isnan(fp) ? !std::isnan(lowrank::fp16_to_float(lowrank::float_to_fp16(fp)))
+                       : lowrank::float_to_fp16(fp) != half)
+      ++fp16_mismatches;
+  }
+  expect(bf16_mismatches == 0, "bf16 round trip of all patterns");
+  expect(fp16_mismatches == 0, "fp16 round trip of all patterns");
+  // Ties round to even; overflow goes to Inf; tiny values to signed zero.
+  expect(lowrank::float_to_bf16(lowrank::bits_float(0x3f808000u)) == 0x3f80, "bf16 tie to even");
+  expect(lowrank::float_to_bf16(lowrank::bits_float(0x3f818000u)) == 0x3f82, "bf16 tie up to even");
+  expect(lowrank::float_to_fp16(65520.0f) == 0x7c00, "fp16 overflow to inf");
+  expect(lowrank::float_to_fp16(65519.0f) == 0x7bff, "fp16 below overflow threshold");
+  expect(lowrank::float_to_fp16(std::ldexp(1.0f, -25)) == 0x0000, "fp16 half of min subnormal ties to 0");
+  expect(lowrank::float_to_fp16(std::ldexp(3.0f, -25)) == 0x0002, "fp16 1.5 min subnormal to 2");
+  expect(lowrank::float_to_fp16(-0.0f) == 0x8000, "fp16 negative zero");
+}
+
+void test_blockwise_8bit() {
+  // Codes round-trip through dequantization to within half the largest map gap.
+  std::vector<float> code(256);
+  for (int i = 0; i < 256; ++i) code[i] = -1.0f + 2.0f * static_cast<float>(i) / 255.0f;
+  std::vector<std::uint8_t> lookup(lowrank::cpu::k8bitLookupSize);
+  lowrank::cpu::build_8bit_lookup(code.data(), lookup.data());
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  const std::int64_t numel = 1000;
+  std::vector<float> input(numel);
+  for (float& value : input) value = normal(rng);
+  std::fill(input.begin(), input.begin() + 256, 0.0f);  // an all-zero block
+  std::vector<std::uint8_t> codes(numel);
+  std::vector<float> absmax(4), restored(numel);
+  lowrank::cpu::quantize_blockwise_8bit(input.data(), lookup.data(), numel, 256, 0, 4,
+                                        codes.data(), absmax.data());
+  lowrank::cpu::dequantize_blockwise_8bit(codes.data(), absmax.data(), code.data(), numel, 256, 0,
+                                          numel, restored.data());
+  float worst = 0.0f;
+  for (std::int64_t i = 256; i < numel; ++i)
+    worst = std::fmax(worst, std::fabs(restored[i] - input[i]) / absmax[i / 256]);
+  expect(absmax[0] == 0.0f && codes[0] == 0, "all-zero block gets code 0");
+  expect(worst <= 1.0f / 255.0f + 1e-6f, "8-bit round trip within half a step");
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(12345);
+  test_conversions();
+  test_blockwise_8bit();
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512}) {
+    if (!lowrank::cpu::isa_supported(isa)) {
+      std::printf("note: %s not supported on this CPU, not tested\n", lowrank::cpu::isa_name(isa));
+      continue;
+    }
+    const CpuKernels& kernels = lowrank::cpu::kernels_for(isa);
+    test_nf4_against_scalar(kernels, rng);
+    test_non_finite_is_reported(kernels);
+  }
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}
