@@ -48,3 +48,28 @@ __all__ = [
     "set_cpu_isa",
     "supported_cpu_isas",
 ]
+
+# --- LoRA / QLoRA layers and model wrappers (issue 4) -----------------------
+from . import nn, tuners  # noqa: E402
+from .tuners import (  # noqa: E402
+    LoRAConfig,
+    LoRAModule,
+    QLoRAConfig,
+    QLoRAModule,
+    load_adapter,
+    prepare_for_kbit_training,
+    save_adapter,
+)
+
+__all__ += [
+    "LoRAConfig",
+    "LoRAModule",
+    "QLoRAConfig",
+    "QLoRAModule",
+    "load_adapter",
+    "nn",
+    "prepare_for_kbit_training",
+    "save_adapter",
+    "tuners",
+]
+# --- end of issue 4 exports --------------------------------------------------

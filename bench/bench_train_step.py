@@ -1,0 +1,143 @@
+"""One LoRA / QLoRA training step (forward + backward + AdamW) against PEFT and bitsandbytes.
+
+A Llama-shaped model (transformers ``LlamaConfig``, random weights, bf16)
+with adapters r=16, alpha=32, dropout 0.05 on all seven linear projections.
+Prints the median step time of each setup and the ratios ours / PEFT
+(targets: <= 0.75 for LoRA and for QLoRA), plus the machine it ran on.
+
+    python bench/bench_train_step.py            # hidden 2048, 2 layers, batch 4x256
+    python bench/bench_train_step.py --quick    # a small shape for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTER = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=PROJECTIONS)
+
+
+def build_model(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.heads, vocab_size=1000,
+                         max_position_embeddings=max(512, args.length))
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(torch.bfloat16).train()
+
+
+def floor_setup(args):
+    model = build_model(args)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    # Something must train for backward to run: the final norm (a few KB).
+    model.model.norm.weight.requires_grad_(True)
+    return model
+
+
+def peft_lora(args):
+    import peft
+
+    return peft.get_peft_model(build_model(args), peft.LoraConfig(**ADAPTER))
+
+
+def ours_lora(args):
+    import lowrank_ext
+
+    return lowrank_ext.LoRAModule(build_model(args), **ADAPTER)
+
+
+def peft_qlora(args):
+    import bitsandbytes as bnb
+    import peft
+
+    model = build_model(args)
+    for name, module in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] not in PROJECTIONS:
+            continue
+        quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True,
+                                      quant_type="nf4")
+        quantized.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False,
+                                             quant_type="nf4",
+                                             compress_statistics=True)._quantize("cpu")
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        setattr(parent, name.rsplit(".", 1)[-1], quantized)
+    return peft.get_peft_model(model, peft.LoraConfig(**ADAPTER))
+
+
+def ours_qlora(args):
+    import lowrank_ext
+
+    return lowrank_ext.QLoRAModule(build_model(args), lowrank_ext.QLoRAConfig(
+        quantize_modules=None, double_quant=True, **ADAPTER))
+
+
+def time_step(model, args) -> float:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1000, (args.batch, args.length), generator=generator)
+    times = []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shape, for a smoke run")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per setup")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args()
+    if args.quick:
+        shape = dict(hidden=256, intermediate=704, layers=2, heads=4, batch=2, length=64)
+    else:
+        shape = dict(hidden=2048, intermediate=5632, layers=2, heads=16, batch=4, length=256)
+    vars(args).update(shape)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    setups = [("frozen base, no adapters (floor)", floor_setup), ("PEFT LoRA", peft_lora),
+              ("lowrank_ext LoRA", ours_lora), ("PEFT + bitsandbytes QLoRA", peft_qlora),
+              ("lowrank_ext QLoRA", ours_qlora)]
+    results = {}
+    for label, build in setups:
+        model = build(args)
+        results[label] = time_step(model, args)
+        del model
+
+    import lowrank_ext
+
+    info = lowrank_ext.build_info()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+          f"torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
+          f"lowrank_ext CPU ISA {info['cpu_isa']}")
+    print(f"shape: {shape}, bf16, r=16 alpha=32 dropout=0.05 on {len(PROJECTIONS)} projections, "
+          f"AdamW; median of {args.steps} steps after {args.warmup} warm-up")
+    floor = results[setups[0][0]]
+    print(f"{'setup':36s} {'step s':>9s} {'x floor':>8s}")
+    for label, _ in setups:
+        print(f"{label:36s} {results[label]:9.3f} {results[label] / floor:8.2f}")
+    lora = results["lowrank_ext LoRA"] / results["PEFT LoRA"]
+    qlora = results["lowrank_ext QLoRA"] / results["PEFT + bitsandbytes QLoRA"]
+    print(f"ours/PEFT LoRA  = {lora:.2f} (target <= 0.75)")
+    print(f"ours/PEFT QLoRA = {qlora:.2f} (target <= 0.75)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""LoRA layers: a frozen base layer plus ``scaling * B @ A`` per named adapter.
+
+Layouts follow PEFT so adapters move between the two libraries unchanged:
+``lora_A[name]`` is a layer mapping ``in -> r`` and ``lora_B[name]`` one
+mapping ``r -> out`` (for linear layers their weights are ``[r, in]`` and
+``[out, r]``); embeddings use raw ``lora_embedding_A[name]`` ``[r, num_embeddings]``
+and ``lora_embedding_B[name]`` ``[embedding_dim, r]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .adapter_layer import AdapterLayer
+
+Init = Union[bool, str]
+_INIT_CHOICES = (True, False, "default", "gaussian", "pissa")
+
+
+def is_transformers_conv1d(module: nn.Module) -> bool:
+    """True for Hugging Face's GPT-2 style ``Conv1D`` (a linear layer with weight ``[in, out]``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def validate_adapter_arguments(r, alpha, dropout) -> None:
+    """Raise ``ValueError`` unless ``r`` is a positive int, ``alpha`` > 0 and 0 <= ``dropout`` < 1."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r (the adapter rank) must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 \
+            or not math.isfinite(alpha):
+        raise ValueError(f"alpha (lora_alpha) must be a finite number > 0, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout (lora_dropout) must be in [0, 1), got {dropout!r}")
+
+
+def _adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    # Adapter factors are trained, so they are kept in fp32 whatever the base
+    # dtype (Adam on bf16 parameters loses small updates); forward casts them
+    # to the compute dtype, which is cheap at rank r.
+    return torch.float32 if weight_dtype.is_floating_point else weight_dtype
+
+
+class LoRALayer(AdapterLayer):
+    """LoRA bookkeeping shared by every LoRA layer kind.
+
+    Per adapter: ``r``, ``lora_alpha``, ``scaling`` (``alpha / r``, or
+    ``alpha / sqrt(r)`` with rsLoRA) and ``lora_dropout`` (probability applied
+    to the adapter branch's input only, in training).
+    """
+
+    adapter_dict_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        for parameter in base_layer.parameters():
+            parameter.requires_grad_(False)
+
+    def update_layer(self, adapter_name: str, r: int, alpha: float, dropout: float = 0.0,
+                     use_rslora: bool = False, init: Init = True) -> None:
+        """Add (or replace) adapter ``adapter_name`` and make it active.
+
+        Args:
+            r: rank, a positive int.
+            alpha: scale numerator, > 0.
+            dropout: probability in [0, 1) for the adapter branch's input.
+            use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+            init: ``True``/``"default"`` (A Kaiming-uniform with a=sqrt(5), B zero:
+                the adapter starts as the identity), ``"gaussian"`` (A ~ N(0, 1/r)),
+                ``"pissa"`` (principal singular directions of the base weight;
+                rewrites the base as ``W - scaling * B @ A``) or ``False``
+                (both factors random: the adapter changes the output at once).
+
+        Raises ``ValueError`` for out-of-range arguments or an init this layer kind lacks.
+        """
+        validate_adapter_arguments(r, alpha, dropout)
+        if init not in _INIT_CHOICES:
+            raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES}, got {init!r}")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before replacing it")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = float(alpha)
+        self.scaling[adapter_name] = float(alpha) / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout[adapter_name] = float(dropout)
+        self._create_factors(adapter_name, r)
+        self._initialize(adapter_name, init)
+        if adapter_name not in self.active_adapters:
+            self.set_adapter(self.active_adapters + [adapter_name])
+        else:
+            self.set_adapter(self.active_adapters)
+
+    def _create_factors(self, adapter_name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def _factor_tensors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as the parameters that hold them (layout depends on the layer kind)."""
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def _initialize(self, adapter_name: str, init: Init) -> None:
+        factor_A, factor_B = self._factor_tensors(adapter_name)
+        with torch.no_grad():
+            if init == "pissa":
+                self._initialize_pissa(adapter_name)
+            elif init is False:
+                # Both random (nn.Linear's default init), so the adapter is not a no-op.
+                nn.init.kaiming_uniform_(factor_A, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(factor_B, a=math.sqrt(5))
+            elif init == "gaussian":
+                nn.init.normal_(factor_A, std=1.0 / self.r[adapter_name])
+                nn.init.zeros_(factor_B)
+            else:
+                nn.init.kaiming_uniform_(factor_A, a=math.sqrt(5))
+                nn.init.zeros_(factor_B)
+
+    def _initialize_pissa(self, adapter_name: str) -> None:
+        raise ValueError(f"init 'pissa' is not available for {type(self).__name__}")
+
+    def _forget_adapter(self, adapter_name: str) -> None:
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout):
+            table.pop(adapter_name, None)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``scaling * B @ A`` in fp32, laid out like the base layer's weight."""
+        raise NotImplementedError
+
+    def _lora_input(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
+        # None tells the fused op to reuse x for the adapter branch (no copy).
+        p = self.lora_dropout[adapter_name]
+        if p > 0.0 and self.training:
+            return F.dropout(x, p=p, training=True)
+        return None
+
+    # Merging into a dense weight (Linear, Conv, Embedding); QLoRA overrides it.
+    def _dense_base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> float:
+        weight = self._dense_base_weight()
+        exact = weight.detach().float() + self.delta_weight(adapter_name)
+        if safe_merge and not torch.isfinite(exact).all():
+            raise ValueError(f"merging adapter {adapter_name!r} into {type(self).__name__} "
+                             "gives non-finite weights; the layer was left unchanged")
+        with torch.no_grad():
+            weight.copy_(exact)
+        return (weight.detach().float() - exact).abs().max().item()
+
+    def _unmerge_adapter(self, adapter_name: str) -> None:
+        weight = self._dense_base_weight()
+        with torch.no_grad():
+            weight.copy_(weight.float() - self.delta_weight(adapter_name))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}: r={self.r[name]}, alpha={self.lora_alpha[name]:g}"
+                         for name in self.adapter_names)
+
+
+class LoRALinear(LoRALayer):
+    """LoRA on ``nn.Linear`` or Hugging Face's ``Conv1D`` (``fan_in_fan_out``).
+
+    ``forward(x)``: ``x`` is ``[..., in_features]``; returns ``[..., out_features]``
+    = ``base(x) + sum_a scaling_a * dropout_a(x) @ A_a.T @ B_a.T`` over the
+    active, unmerged adapters, computed by the fused :func:`lowrank_ext.ops.lora_linear`
+    in the base weight's dtype (``x`` is cast to it and the result cast back).
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
+                 use_rslora: bool = False, init: Init = True, adapter_name: str = "default",
+                 fan_in_fan_out: Optional[bool] = None):
+        conv1d = is_transformers_conv1d(base_layer)
+        if not isinstance(base_layer, nn.Linear) and not conv1d:
+            raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got "
+                            f"{type(base_layer).__name__}")
+        super().__init__(base_layer)
+        # Conv1D stores its weight as [in, out], the transpose of nn.Linear's.
+        self.fan_in_fan_out = conv1d if fan_in_fan_out is None else bool(fan_in_fan_out)
+        if self.fan_in_fan_out and not conv1d:
+            raise ValueError("fan_in_fan_out=True needs a weight stored as [in, out] (Conv1D); "
+                             "this nn.Linear stores [out, in]")
+        in_out = tuple(base_layer.weight.shape)
+        self.out_features, self.in_features = in_out[::-1] if self.fan_in_fan_out else in_out
+        self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init)
+
+    def _create_factors(self, adapter_name, r):
+        weight = self.base_layer.weight
+        options = dict(device=weight.device, dtype=_adapter_dtype(weight.dtype))
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **options)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **options)
+
+    def _initialize_pissa(self, adapter_name):
+        factor_A, factor_B = self._factor_tensors(adapter_name)
+        weight = self._oriented_weight().detach().float()
+        r, scaling = self.r[adapter_name], self.scaling[adapter_name]
+        left, singular, right_t = torch.linalg.svd(weight, full_matrices=False)
+        root = (singular[:r] / scaling).sqrt()
+        factor_A.copy_(root[:, None] * right_t[:r])
+        factor_B.copy_(left[:, :r] * root[None, :])
+        residual = weight - scaling * factor_B @ factor_A
+        self._dense_base_weight().copy_(residual.T if self.fan_in_fan_out else residual)
+
+    def _oriented_weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (a view for Conv1D)."""
+        weight = self.base_layer.weight
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def delta_weight(self, adapter_name):
+        factor_A, factor_B = self._factor_tensors(adapter_name)
+        delta = (factor_B.detach().float() @ factor_A.detach().float()) * self.scaling[adapter_name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        active = self._unmerged_active()
+        if not active:
+            return self.base_layer(x)
+        weight = self._oriented_weight()
+        dtype = weight.dtype
+        inputs = x.to(dtype)
+        bias = self.base_layer.bias
+        bias = None if bias is None else bias.to(dtype)
+        first = active[0]
+        result = ops.lora_linear(
+            inputs, weight, bias, self.lora_A[first].weight.to(dtype),
+            self.lora_B[first].weight.to(dtype), self.scaling[first],
+            self._lora_input(inputs, first))
+        for name in active[1:]:
+            branch = self._lora_input(inputs, name)
+            branch = inputs if branch is None else branch
+            down = branch @ self.lora_A[name].weight.to(dtype).T
+            result = result + (down @ self.lora_B[name].weight.to(dtype).T) * self.scaling[name]
+        return result.to(x.dtype)
+
+
+class LoRAConv(LoRALayer):
+    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (``groups == 1``).
+
+    ``lora_A`` is a convolution ``in -> r`` with the base layer's kernel, stride,
+    padding and dilation; ``lora_B`` a 1x1 convolution ``r -> out``.
+    ``forward(x)`` = ``base(x) + scaling * B(A(dropout(x)))``, shaped like ``base(x)``.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
+                 use_rslora: bool = False, init: Init = True, adapter_name: str = "default"):
+        if not isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            raise TypeError(f"LoRAConv wraps nn.Conv1d/2d/3d, got {type(base_layer).__name__}")
+        if base_layer.groups != 1:
+            raise ValueError(f"LoRA on grouped convolutions is not supported "
+                             f"(groups={base_layer.groups})")
+        super().__init__(base_layer)
+        self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init)
+
+    def _create_factors(self, adapter_name, r):
+        base = self.base_layer
+        conv = type(base)
+        options = dict(device=base.weight.device, dtype=_adapter_dtype(base.weight.dtype))
+        self.lora_A[adapter_name] = conv(
+            base.in_channels, r, base.kernel_size, stride=base.stride, padding=base.padding,
+            dilation=base.dilation, padding_mode=base.padding_mode, bias=False, **options)
+        self.lora_B[adapter_name] = conv(r, base.out_channels, 1, bias=False, **options)
+
+    def delta_weight(self, adapter_name):
+        factor_A, factor_B = self._factor_tensors(adapter_name)
+        # B is 1x1, so the composed kernel is B's channel mix applied to A's kernel.
+        mix = factor_B.detach().float().flatten(1)
+        delta = torch.einsum("or,ri...->oi...", mix, factor_A.detach().float())
+        return delta * self.scaling[adapter_name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        for name in self._unmerged_active():
+            branch = self._lora_input(x, name)
+            branch = x if branch is None else branch
+            factor_A, factor_B = self.lora_A[name], self.lora_B[name]
+            branch = branch.to(factor_A.weight.dtype)
+            update = factor_B(factor_A(branch)) * self.scaling[name]
+            result = result + update.to(result.dtype)
+        return result
+
+
+class LoRAEmbedding(LoRALayer):
+    """LoRA on ``nn.Embedding``: ``base(ids) + scaling * embed(ids, A.T) @ B.T``.
+
+    ``lora_embedding_A[name]`` is ``[r, num_embeddings]``, ``lora_embedding_B[name]``
+    ``[embedding_dim, r]`` (raw parameters, as PEFT stores them). Dropout does
+    not apply to integer ids.
+    """
+
+    adapter_dict_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding, r: int = 8, alpha: float = 8,
+                 dropout: float = 0.0, use_rslora: bool = False, init: Init = True,
+                 adapter_name: str = "default"):
+        if not isinstance(base_layer, nn.Embedding):
+            raise TypeError(f"LoRAEmbedding wraps nn.Embedding, got {type(base_layer).__name__}")
+        super().__init__(base_layer)
+        del self.lora_A, self.lora_B
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init)
+
+    def _create_factors(self, adapter_name, r):
+        weight = self.base_layer.weight
+        options = dict(device=weight.device, dtype=_adapter_dtype(weight.dtype))
+        count, dim = weight.shape
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, count, **options))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(dim, r, **options))
+
+    def _factor_tensors(self, adapter_name):
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+
+    def _initialize(self, adapter_name, init):
+        factor_A, factor_B = self._factor_tensors(adapter_name)
+        if init is True or init == "default" or init == "gaussian":
+            # A zero and B normal: the adapter starts as the identity (PEFT's choice).
+            with torch.no_grad():
+                nn.init.zeros_(factor_A)
+                nn.init.normal_(factor_B)
+        else:
+            super()._initialize(adapter_name, init)
+
+    def delta_weight(self, adapter_name):
+        factor_A, factor_B = self._factor_tensors(adapter_name)
+        delta = factor_B.detach().float() @ factor_A.detach().float()
+        return delta.T * self.scaling[adapter_name]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(ids)
+        base = self.base_layer
+        for name in self._unmerged_active():
+            factor_A, factor_B = self._factor_tensors(name)
+            rows = F.embedding(ids, factor_A.T, base.padding_idx, base.max_norm, base.norm_type,
+                               base.scale_grad_by_freq, base.sparse)
+            update = (rows @ factor_B.T) * self.scaling[name]
+            result = result + update.to(result.dtype)
+        return result

@@ -1,0 +1,157 @@
+"""A frozen linear layer whose weight is stored in NF4 (4-bit NormalFloat)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..quant import NF4Weight
+from .lora import is_transformers_conv1d
+
+# Tensors of the quantized weight besides the packed codes (which are the
+# ``weight`` buffer itself), as (buffer name, NF4Weight field).
+_SCALE_BUFFERS = (("weight_absmax", "absmax"), ("weight_nested_absmax", "nested_absmax"),
+                  ("weight_nested_code", "nested_code"))
+
+
+class NF4Linear(nn.Module):
+    """``y = x @ dequant(W).T + bias`` with ``W`` held as NF4 buffers (never a parameter).
+
+    Buffers: ``weight`` (packed uint8 ``[ceil(out*in/2), 1]``, bitsandbytes'
+    layout), ``weight_absmax`` (fp32 block scales, or uint8 codes when double
+    quantized), ``weight_nested_absmax`` / ``weight_nested_code`` (double
+    quantization only). ``bias`` stays a (frozen) parameter.
+
+    ``state_dict`` uses bitsandbytes' ``Linear4bit`` keys (``weight``,
+    ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
+    ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``,
+    ``bias``), so state loads both ways. ``.to(dtype)`` / ``.half()`` leave
+    the quantized buffers' dtypes alone (they are codes, not values).
+
+    ``forward(x)``: ``x`` ``[..., in_features]`` float; computed in
+    ``compute_dtype`` (default: x's dtype) with fp32 accumulation and returned
+    in x's dtype. Gradients flow to ``x`` (and ``bias`` if it requires grad).
+    """
+
+    def __init__(self, weight: NF4Weight, bias: Optional[torch.Tensor] = None,
+                 compute_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-D weight, got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight", weight.packed.reshape(-1, 1))
+        for buffer_name, _ in _SCALE_BUFFERS:
+            self.register_buffer(buffer_name, None, persistent=False)
+        self._set_quantized(weight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=False)
+
+    def _set_quantized(self, weight: NF4Weight) -> None:
+        self.weight = weight.packed.reshape(-1, 1)
+        for buffer_name, field in _SCALE_BUFFERS:
+            setattr(self, buffer_name, getattr(weight, field))
+        self.blocksize = weight.blocksize
+        self.offset = weight.offset
+        self.weight_dtype = weight.dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: Optional[torch.dtype] = None) -> "NF4Linear":
+        """Quantize an ``nn.Linear`` (or transformers ``Conv1D``) weight to NF4.
+
+        The bias is copied unquantized. Raises ``TypeError`` for another layer
+        kind and ``ValueError`` for a non-finite weight or a bad blocksize.
+        """
+        if isinstance(linear, nn.Linear):
+            weight = linear.weight.detach()
+        elif is_transformers_conv1d(linear):
+            weight = linear.weight.detach().t()
+        else:
+            raise TypeError(f"NF4Linear.from_linear needs nn.Linear or Conv1D, got "
+                            f"{type(linear).__name__}")
+        quantized = NF4Weight.from_float(weight.contiguous(), blocksize, double_quant)
+        return cls(quantized, linear.bias, compute_dtype)
+
+    def quantized_weight(self) -> NF4Weight:
+        """The weight as an :class:`~lowrank_ext.NF4Weight` (sharing these buffers)."""
+        return NF4Weight(self.weight.reshape(-1), self.weight_absmax,
+                         torch.Size((self.out_features, self.in_features)), self.weight_dtype,
+                         self.blocksize, self.weight_nested_absmax, self.weight_nested_code,
+                         self.offset)
+
+    def set_quantized_weight(self, weight: NF4Weight) -> None:
+        """Replace the stored weight (same ``[out, in]`` shape; raises ``ValueError`` otherwise)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"NF4 weight of shape {tuple(weight.shape)} does not fit a layer "
+                             f"of shape {(self.out_features, self.in_features)}")
+        self._set_quantized(weight.to(self.weight.device))
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense ``[out, in]`` weight (default dtype: the original weight's)."""
+        return self.quantized_weight().dequantize(dtype)
+
+    def linear_args(self) -> tuple:
+        """The NF4 weight argument group of :func:`lowrank_ext.ops.nf4_linear`."""
+        return (self.weight, self.weight_absmax, self.weight_nested_absmax,
+                self.weight_nested_code, self.offset, self.out_features, self.in_features,
+                self.blocksize)
+
+    def compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the matmul runs in for input ``x``."""
+        return self.compute_dtype or x.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype_for(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return ops.nf4_linear(x.to(dtype), *self.linear_args(), bias).to(x.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes of the quantized weight (codes and scales), not counting the bias."""
+        return self.quantized_weight().nbytes()
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) / .half() cast floating-point buffers, but the fp32
+        # scales here are part of the quantized format. Module casts leave
+        # integer tensors' dtype alone, so the scales go through ``fn`` viewed
+        # as int32 (same size): they move device but keep their exact bits.
+        protected = {}
+        for name in ("weight_absmax", "weight_nested_absmax", "weight_nested_code"):
+            tensor = self._buffers.get(name)
+            if tensor is not None and tensor.dtype == torch.float32:
+                protected[name] = self._buffers.pop(name)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, tensor in protected.items():
+                self._buffers[name] = fn(tensor.view(torch.int32)).view(torch.float32)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, value in self.quantized_weight().state_dict(prefix + "weight").items():
+            if key != prefix + "weight":
+                destination[key] = value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if prefix + "weight" in state_dict:
+            try:
+                weight = NF4Weight.from_state_dict(state_dict, prefix + "weight")
+                self.set_quantized_weight(weight)
+            except (KeyError, ValueError) as error:
+                error_msgs.append(f"{prefix}weight: {error}")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        # torch reads dotted keys as submodule state; these belong to ``weight``.
+        quant_keys = {key for key in state_dict if key.startswith(prefix + "weight.")}
+        unexpected_keys[:] = [key for key in unexpected_keys if key not in quant_keys]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, blocksize={self.blocksize}, "
+                f"double_quant={self.weight_nested_absmax is not None}")

@@ -1,0 +1,166 @@
+"""QLoRA: trainable LoRA factors over a frozen NF4 base (Dettmers et al. 2023)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..quant import NF4Weight
+from .lora import Init, LoRALayer, _adapter_dtype, validate_adapter_arguments
+from .nf4_linear import NF4Linear
+
+
+class QLoRALinear(LoRALayer):
+    """LoRA on an :class:`NF4Linear` base, fused by :func:`lowrank_ext.ops.qlora_linear`.
+
+    ``forward(x)``: ``x`` ``[..., in_features]`` -> ``[..., out_features]``,
+    computed in the base's compute dtype (default x's dtype) and returned in x's.
+
+    Merging (:meth:`merge`) dequantizes the base, adds the adapters' delta in
+    fp32 and quantizes once; it returns the rounding error that introduced.
+    The original 4-bit data is kept while merged, so :meth:`unmerge` restores
+    it exactly. With ``keep_merged_weight=True`` a dense merged weight (in
+    ``merged_dtype``) is used instead and the 4-bit base is left untouched.
+    Unlike bitsandbytes on CPU, train/eval switches never repack the base.
+    """
+
+    def __init__(self, base_layer: NF4Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
+                 use_rslora: bool = False, init: Init = True, adapter_name: str = "default"):
+        if not isinstance(base_layer, NF4Linear):
+            raise TypeError(f"QLoRALinear wraps NF4Linear, got {type(base_layer).__name__}")
+        super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.register_buffer("merged_weight", None, persistent=False)
+        self._unmerged_base: Optional[NF4Weight] = None
+        self._keep_merged_weight = False
+        self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
+                    blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: Optional[torch.dtype] = None, use_rslora: bool = False,
+                    init: Init = True, adapter_name: str = "default") -> "QLoRALinear":
+        """Quantize ``linear`` (``nn.Linear`` or ``Conv1D``) to NF4 and add an adapter.
+
+        With ``init="pissa"`` the principal components are taken from the
+        dense weight and only the residual is quantized. Raises like
+        :meth:`NF4Linear.from_linear` and :meth:`LoRALayer.update_layer`.
+        """
+        validate_adapter_arguments(r, alpha, dropout)
+        if init != "pissa":
+            base = NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype)
+            return cls(base, r, alpha, dropout, use_rslora, init, adapter_name)
+        from .lora import LoRALinear
+
+        dense = LoRALinear(copy.deepcopy(linear), r, alpha, dropout, use_rslora, "pissa",
+                           adapter_name)
+        base = NF4Linear.from_linear(dense.base_layer, blocksize, double_quant, compute_dtype)
+        layer = cls(base, r, alpha, dropout, use_rslora, False, adapter_name)
+        with torch.no_grad():
+            layer.lora_A[adapter_name].weight.copy_(dense.lora_A[adapter_name].weight)
+            layer.lora_B[adapter_name].weight.copy_(dense.lora_B[adapter_name].weight)
+        return layer
+
+    def _create_factors(self, adapter_name, r):
+        device = self.base_layer.weight.device
+        dtype = _adapter_dtype(self.base_layer.weight_dtype)
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device,
+                                              dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device,
+                                              dtype=dtype)
+
+    def _initialize_pissa(self, adapter_name):
+        raise ValueError("init 'pissa' on an existing 4-bit base would quantize twice; use "
+                         "QLoRALinear.from_linear(linear, init='pissa') on the dense layer")
+
+    def delta_weight(self, adapter_name):
+        factor_A, factor_B = self._factor_tensors(adapter_name)
+        return (factor_B.detach().float() @ factor_A.detach().float()) * self.scaling[adapter_name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        active = self._unmerged_active()
+        base = self.base_layer
+        dtype = base.compute_dtype_for(x)
+        inputs = x.to(dtype)
+        bias = None if base.bias is None else base.bias.to(dtype)
+        if self.merged_weight is not None and not self.adapters_disabled:
+            result = F.linear(inputs, self.merged_weight.to(dtype), bias)
+            if not active:
+                return result.to(x.dtype)
+        elif not active:
+            return base(x)
+        else:
+            first = active.pop(0)
+            result = ops.qlora_linear(
+                inputs, *base.linear_args(), bias, self.lora_A[first].weight.to(dtype),
+                self.lora_B[first].weight.to(dtype), self.scaling[first],
+                self._lora_input(inputs, first))
+        for name in active:
+            branch = self._lora_input(inputs, name)
+            branch = inputs if branch is None else branch
+            down = branch @ self.lora_A[name].weight.to(dtype).T
+            result = result + (down @ self.lora_B[name].weight.to(dtype).T) * self.scaling[name]
+        return result.to(x.dtype)
+
+    # ------------------------------------------------------------------ merge
+
+    def merge(self, adapter_names=None, safe_merge: bool = False,
+              keep_merged_weight: Optional[bool] = None,
+              merged_dtype: torch.dtype = torch.float32) -> dict[str, float]:
+        """Fold adapters into the base; see the class docstring.
+
+        All requested adapters are added in fp32 and the result is quantized
+        once (not once per adapter).
+
+        Args:
+            adapter_names: default the active adapters; merged ones are skipped.
+            safe_merge: raise ``ValueError`` (layer unchanged) on non-finite results.
+            keep_merged_weight: keep a dense merged weight in ``merged_dtype``
+                instead of requantizing (no 4-bit rounding, more memory).
+                Default: as the last merge did (initially False). Switching
+                modes while merged raises ``ValueError``.
+
+        Returns ``{adapter name: max abs error introduced}`` (0 for a dense fp32 merge).
+        """
+        requested = self.active_adapters if adapter_names is None else adapter_names
+        names = [n for n in self._check_known(requested) if n not in self.merged_adapters]
+        keep = self._keep_merged_weight if keep_merged_weight is None else keep_merged_weight
+        if self.merged and keep != (self.merged_weight is not None):
+            raise ValueError("this layer is already merged the other way "
+                             "(keep_merged_weight differs); unmerge it first")
+        if not names:
+            return {}
+        base = self.base_layer
+        current = (self.merged_weight.float() if self.merged_weight is not None
+                   else base.dequantize(torch.float32))
+        exact = current + sum(self.delta_weight(name) for name in names)
+        if safe_merge and not torch.isfinite(exact).all():
+            raise ValueError(f"merging adapters {names} into a 4-bit base gives non-finite "
+                             "weights; the layer was left unchanged")
+        self._keep_merged_weight = keep
+        if keep:
+            self.merged_weight = exact.to(merged_dtype)
+            error = (self.merged_weight.float() - exact).abs().max().item()
+        else:
+            quantized = NF4Weight.from_float(exact, base.blocksize,
+                                             base.weight_nested_absmax is not None)
+            quantized.dtype = base.weight_dtype
+            if self._unmerged_base is None:
+                self._unmerged_base = base.quantized_weight()
+            base.set_quantized_weight(quantized)
+            error = (quantized.dequantize(torch.float32) - exact).abs().max().item()
+        self.merged_adapters.extend(names)
+        return {name: error for name in names}
+
+    def unmerge(self) -> None:
+        """Restore the base exactly as before the first merge (the saved 4-bit data)."""
+        self.merged_adapters.clear()
+        self.merged_weight = None
+        if self._unmerged_base is not None:
+            self.base_layer.set_quantized_weight(self._unmerged_base)
+            self._unmerged_base = None

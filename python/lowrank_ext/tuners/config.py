@@ -1,0 +1,190 @@
+"""Adapter configurations, with PEFT's field names so PEFT configs carry over."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+
+from ..nn.lora import validate_adapter_arguments
+
+TargetSpec = Optional[Union[list[str], str]]
+_BIAS_MODES = ("none", "all", "lora_only")
+_INIT_CHOICES = (True, False, "default", "gaussian", "pissa")
+# Keyword aliases accepted by the constructors (the layer-level names).
+_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"}
+# PEFT LoRA options that change the computation in ways this library does not
+# implement; an adapter using them cannot be loaded faithfully.
+_UNSUPPORTED_PEFT_OPTIONS = {
+    "use_dora": (False, None),
+    "lora_bias": (False, None),
+    "layers_to_transform": (None,),
+    "layers_pattern": (None,),
+    "layer_replication": (None,),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None,),
+    "exclude_modules": (None,),
+    "use_qalora": (False, None),
+    "alora_invocation_tokens": (None,),
+}
+
+
+@dataclass
+class LoRAConfig:
+    """Settings of one LoRA adapter (field names and defaults as PEFT's ``LoraConfig``).
+
+    Attributes:
+        r: rank (positive int). lora_alpha: scale numerator (> 0); scaling is
+            ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
+        lora_dropout: dropout probability in [0, 1) on the adapter input.
+        target_modules: a list of module names or name suffixes, a regex
+            (full match on the module path), or ``"all-linear"`` (every
+            Linear/Conv1D except the output head). None means ``"all-linear"``.
+        bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"``
+            (train the biases of adapted layers).
+        modules_to_save: modules (names or suffixes) trained in full and saved.
+        rank_pattern / alpha_pattern: ``{regex: value}`` overriding r / alpha
+            for modules whose path ends with a match.
+        init_lora_weights: True, False, ``"gaussian"`` or ``"pissa"``.
+        fan_in_fan_out: weights stored ``[in, out]``; detected for Conv1D anyway.
+        base_model_name_or_path, task_type: recorded in ``adapter_config.json``.
+
+    Raises ``ValueError`` naming the field for an out-of-range value.
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: TargetSpec = None
+    use_rslora: bool = False
+    bias: str = "none"
+    modules_to_save: Optional[list[str]] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init_lora_weights: Union[bool, str] = True
+    fan_in_fan_out: bool = False
+    base_model_name_or_path: Optional[str] = None
+    task_type: Optional[str] = None
+
+    def __post_init__(self):
+        validate_adapter_arguments(self.r, self.lora_alpha, self.lora_dropout)
+        if self.bias not in _BIAS_MODES:
+            raise ValueError(f"bias must be one of {_BIAS_MODES}, got {self.bias!r}")
+        if self.init_lora_weights not in _INIT_CHOICES:
+            raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES}, "
+                             f"got {self.init_lora_weights!r}")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
+            raise ValueError(f"target_modules must be a list of names, a regex string or "
+                             f"'all-linear', got {self.target_modules!r}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules is an empty list; name at least one module")
+        for pattern, rank in self.rank_pattern.items():
+            try:
+                validate_adapter_arguments(rank, 1, 0.0)
+            except ValueError:
+                raise ValueError(f"rank_pattern[{pattern!r}] must be a positive integer, "
+                                 f"got {rank!r}") from None
+        for pattern, alpha in self.alpha_pattern.items():
+            if not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):
+                raise ValueError(f"alpha_pattern[{pattern!r}] must be > 0, got {alpha!r}")
+
+    @classmethod
+    def from_kwargs(cls, config: Optional["LoRAConfig"] = None, **kwargs: Any):
+        """``config`` (or defaults) with ``kwargs`` applied; accepts ``alpha``, ``dropout``, ``init``.
+
+        Raises ``TypeError`` for an unknown keyword.
+        """
+        for alias, name in _ALIASES.items():
+            if alias in kwargs:
+                if name in kwargs:
+                    raise TypeError(f"pass either {alias!r} or {name!r}, not both")
+                kwargs[name] = kwargs.pop(alias)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no option(s) {unknown}")
+        if config is None:
+            return cls(**kwargs)
+        if not isinstance(config, cls):
+            raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+        return dataclasses.replace(config, **kwargs)
+
+    def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
+        """The (r, alpha) for one module, after ``rank_pattern`` / ``alpha_pattern``."""
+        rank = _pattern_value(self.rank_pattern, module_path, self.r)
+        alpha = _pattern_value(self.alpha_pattern, module_path, self.lora_alpha)
+        return rank, alpha
+
+    # ------------------------------------------------------------ PEFT format
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` content PEFT reads (only its own fields)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(LoRAConfig)}
+        values["peft_type"] = self.peft_type
+        values["inference_mode"] = True
+        if isinstance(values["init_lora_weights"], str) and values["init_lora_weights"] == "default":
+            values["init_lora_weights"] = True
+        return values
+
+    @classmethod
+    def from_peft_dict(cls, values: dict[str, Any]) -> "LoRAConfig":
+        """Parse an ``adapter_config.json`` dict; PEFT fields this library does not
+        use are ignored unless they change the computation, which raises ``ValueError``."""
+        peft_type = values.get("peft_type")
+        if peft_type != cls.peft_type:
+            raise ValueError(f"adapter_config.json has peft_type {peft_type!r}; "
+                             f"{cls.__name__} loads {cls.peft_type!r}")
+        for name, neutral in _UNSUPPORTED_PEFT_OPTIONS.items():
+            if values.get(name, neutral[0]) not in neutral:
+                raise ValueError(f"adapter_config.json sets {name}={values[name]!r}, "
+                                 "which lowrank_ext does not support")
+        names = {f.name for f in dataclasses.fields(LoRAConfig)}
+        kept = {k: v for k, v in values.items() if k in names}
+        return LoRAConfig(**kept)
+
+
+@dataclass
+class QLoRAConfig(LoRAConfig):
+    """:class:`LoRAConfig` plus how the frozen base is quantized to NF4.
+
+    Attributes:
+        blocksize: NF4 block size (power of two, 32..4096).
+        double_quant: quantize the block scales to 8 bits too.
+        compute_dtype: dtype the 4-bit matmuls run in (None: the input's).
+        quantize_modules: which Linear/Conv1D layers to store in 4 bits:
+            ``"all-linear"`` (default, as loading a model in 4-bit does; the
+            output head stays dense) or a target spec like ``target_modules``;
+            adapted linear layers are always quantized.
+    """
+
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: Optional[torch.dtype] = None
+    quantize_modules: TargetSpec = "all-linear"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.blocksize, int) or self.blocksize < 32 or self.blocksize > 4096 \
+                or self.blocksize & (self.blocksize - 1):
+            raise ValueError(f"blocksize must be a power of two in [32, 4096], "
+                             f"got {self.blocksize!r}")
+        if self.compute_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute_dtype must be None, float32, bfloat16 or float16, "
+                             f"got {self.compute_dtype!r}")
+
+
+def _pattern_value(patterns: dict, module_path: str, default):
+    # A pattern applies when the module path ends with a (regex) match that
+    # starts at a path component boundary; the first such pattern wins.
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_path):
+            return value
+    return default

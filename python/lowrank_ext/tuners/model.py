@@ -1,0 +1,499 @@
+"""Model wrappers that inject adapter layers into any torch model.
+
+:class:`AdapterModel` holds what every adapter type shares: injecting and
+removing layers (transactionally), selecting and disabling adapters,
+merging, trainable-parameter bookkeeping, the PEFT-keyed adapter state dict
+and attribute/call pass-through. :class:`LoRAModule` and :class:`QLoRAModule`
+add only how their layers are built; an AdaLoRA wrapper subclasses it the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..nn import (AdapterLayer, LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, NF4Linear,
+                  QLoRALinear, is_transformers_conv1d)
+from .config import LoRAConfig, QLoRAConfig
+from .modules_to_save import ModulesToSave
+from .targets import get_submodule_parent, match_targets
+
+# Prefix PEFT puts in front of module paths in saved adapter files
+# (PeftModel.base_model -> LoraModel.model -> the user's model).
+PEFT_KEY_PREFIX = "base_model.model."
+
+
+class AdapterModel(nn.Module):
+    """Base wrapper: ``self.model`` is the user's model, edited in place.
+
+    Calls and unknown attributes pass through to the wrapped model, so a
+    Hugging Face model keeps ``.config``, ``.generate`` and keyword calls.
+    Subclasses set ``config_class`` and implement :meth:`_create_layer` and
+    :meth:`_add_to_layer`.
+
+    Attributes:
+        model: the wrapped model.
+        peft_config: ``{adapter name: config}``.
+        active_adapter: the adapter in use (trainable).
+    """
+
+    config_class: type = LoRAConfig
+    layer_class: type = AdapterLayer
+
+    def __init__(self, model: nn.Module, config=None, adapter_name: str = "default",
+                 **kwargs: Any):
+        super().__init__()
+        if isinstance(model, AdapterModel):
+            raise TypeError("model is already wrapped; use .add_adapter() to add another adapter")
+        self._setup(model)
+        self.add_adapter(adapter_name, config, **kwargs)
+
+    def _setup(self, model: nn.Module) -> None:
+        self.model = model
+        self.peft_config: dict[str, Any] = {}
+        self.targeted_modules: dict[str, list[str]] = {}
+        self.active_adapter: Optional[str] = None
+
+    @classmethod
+    def _empty(cls, model: nn.Module) -> "AdapterModel":
+        """A wrapper with no adapter yet (used by :func:`load_adapter`)."""
+        wrapper = cls.__new__(cls)
+        nn.Module.__init__(wrapper)
+        wrapper._setup(model)
+        return wrapper
+
+    # ------------------------------------------------------------ pass-through
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any):
+        """Call the wrapped model (with its adapters) unchanged."""
+        return self.model(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (adapter layers included)."""
+        return self.model
+
+    # ----------------------------------------------------------------- layers
+
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        """(path, layer) of every adapter layer in the model."""
+        for path, module in self.model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield path, module
+
+    def _modules_to_save(self) -> Iterator[tuple[str, ModulesToSave]]:
+        for path, module in self.model.named_modules():
+            if isinstance(module, ModulesToSave):
+                yield path, module
+
+    def _create_layer(self, module: nn.Module, path: str, adapter_name: str,
+                      config) -> AdapterLayer:
+        raise NotImplementedError
+
+    def _add_to_layer(self, layer: AdapterLayer, path: str, adapter_name: str, config) -> None:
+        raise NotImplementedError
+
+    def _prepare_model(self, config, targets: list[str], replaced: list) -> None:
+        """Hook run before layers are created (QLoRA quantizes here)."""
+
+    def _replace(self, path: str, new: nn.Module, replaced: list) -> None:
+        parent, name = get_submodule_parent(self.model, path)
+        replaced.append((parent, name, getattr(parent, name)))
+        setattr(parent, name, new)
+
+    def add_adapter(self, adapter_name: str, config=None, **kwargs: Any) -> None:
+        """Inject a new adapter (built from ``config`` and keyword overrides) and activate it.
+
+        Transactional: if anything fails (unknown target names, bad values,
+        unsupported module kinds), the model is left as it was and the error
+        propagates (``ValueError`` / ``TypeError`` naming the problem).
+        """
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without '.', "
+                             f"got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists")
+        config = self.config_class.from_kwargs(config, **kwargs)
+        self._inject(adapter_name, config)
+        self.peft_config[adapter_name] = config
+        self.set_adapter(adapter_name)
+
+    def _inject(self, adapter_name: str, config) -> None:
+        targets = match_targets(self.model, config.target_modules)
+        save_paths = (match_targets(self.model, config.modules_to_save, "modules_to_save")
+                      if config.modules_to_save else [])
+        replaced: list = []
+        extended: list[AdapterLayer] = []
+        trainable = {parameter: parameter.requires_grad for parameter in self.model.parameters()}
+        try:
+            self._prepare_model(config, targets, replaced)
+            for path in targets:
+                module = self.model.get_submodule(path)
+                if isinstance(module, AdapterLayer):
+                    self._add_to_layer(module, path, adapter_name, config)
+                    extended.append(module)
+                else:
+                    self._replace(path, self._create_layer(module, path, adapter_name, config),
+                                  replaced)
+            for path in save_paths:
+                module = self.model.get_submodule(path)
+                if isinstance(module, ModulesToSave):
+                    module.add_adapter(adapter_name)
+                    extended.append(module)
+                else:
+                    self._replace(path, ModulesToSave(module, adapter_name), replaced)
+        except BaseException:
+            for layer in extended:
+                if adapter_name in getattr(layer, "adapter_names", ()) or isinstance(
+                        layer, ModulesToSave):
+                    layer.delete_adapter(adapter_name)
+            for parent, name, original in reversed(replaced):
+                setattr(parent, name, original)
+            for parameter, requires_grad in trainable.items():
+                parameter.requires_grad_(requires_grad)
+            raise
+        self.targeted_modules[adapter_name] = targets
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere; layers left without adapters are unwrapped.
+
+        Raises ``KeyError`` for an unknown name.
+        """
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"no adapter named {adapter_name!r}; have {list(self.peft_config)}")
+        for path, layer in list(self.adapter_layers()):
+            if adapter_name in layer.adapter_names:
+                layer.delete_adapter(adapter_name)
+                if not layer.adapter_names:
+                    parent, name = get_submodule_parent(self.model, path)
+                    setattr(parent, name, layer.base_layer)
+        for path, wrapper in list(self._modules_to_save()):
+            wrapper.delete_adapter(adapter_name)
+            if not len(wrapper.modules_to_save):
+                parent, name = get_submodule_parent(self.model, path)
+                setattr(parent, name, wrapper.original_module)
+        del self.peft_config[adapter_name]
+        del self.targeted_modules[adapter_name]
+        if self.active_adapter == adapter_name:
+            remaining = list(self.peft_config)
+            self.active_adapter = None
+            if remaining:
+                self.set_adapter(remaining[-1])
+
+    # -------------------------------------------------------------- selection
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Use ``adapter_name`` in every layer that has it; only its parameters train.
+
+        Raises ``KeyError`` for an unknown name.
+        """
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"no adapter named {adapter_name!r}; have {list(self.peft_config)}")
+        config = self.peft_config[adapter_name]
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        for _, layer in self.adapter_layers():
+            if adapter_name in layer.adapter_names:
+                layer.set_adapter(adapter_name)
+            else:
+                layer.set_adapter([])
+        for _, wrapper in self._modules_to_save():
+            wrapper.set_adapter(adapter_name)
+        if config.bias == "all":
+            for name, parameter in self.model.named_parameters():
+                if name.rsplit(".", 1)[-1] == "bias" and ".modules_to_save." not in name \
+                        and ".original_module." not in name:
+                    parameter.requires_grad_(True)
+        elif config.bias == "lora_only":
+            for _, layer in self.adapter_layers():
+                bias = getattr(layer.base_layer, "bias", None)
+                if adapter_name in layer.adapter_names and isinstance(bias, nn.Parameter):
+                    bias.requires_grad_(True)
+        self.active_adapter = adapter_name
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes as without adapters (merged ones are
+        unmerged meanwhile). Trained biases (``bias`` other than ``"none"``) stay."""
+        with contextlib.ExitStack() as stack:
+            for _, layer in self.adapter_layers():
+                stack.enter_context(layer.disable_adapter())
+            wrappers = [wrapper for _, wrapper in self._modules_to_save()]
+            for wrapper in wrappers:
+                wrapper.disabled = True
+            try:
+                yield
+            finally:
+                for wrapper in wrappers:
+                    wrapper.disabled = False
+
+    # ------------------------------------------------------------------ merge
+
+    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False,
+              **layer_options: Any) -> dict[str, dict[str, float]]:
+        """Fold adapters (default: the active one) into the base weights.
+
+        With ``safe_merge``, non-finite adapter weights raise ``ValueError``
+        before anything is merged; a merged weight that overflows raises too,
+        and the layers merged by this call are unmerged again.
+
+        Returns ``{module path: {adapter name: max abs rounding error}}``.
+        """
+        names = [self.active_adapter] if adapter_names is None else list(adapter_names)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise KeyError(f"no adapter named {unknown}; have {list(self.peft_config)}")
+        if safe_merge:
+            # Check every delta first, so a bad adapter is refused before any
+            # layer changes (unmerging restores weights only up to rounding).
+            for path, layer in self.adapter_layers():
+                for name in names:
+                    if name in layer.adapter_names and not torch.isfinite(
+                            layer.delta_weight(name)).all():
+                        raise ValueError(f"adapter {name!r} has non-finite weights in {path!r}; "
+                                         "nothing was merged")
+        report: dict[str, dict[str, float]] = {}
+        newly_merged: list[AdapterLayer] = []
+        try:
+            for path, layer in self.adapter_layers():
+                present = [name for name in names if name in layer.adapter_names]
+                if not present:
+                    continue
+                was_merged = layer.merged
+                report[path] = self._merge_layer(layer, present, safe_merge, layer_options)
+                if not was_merged:
+                    newly_merged.append(layer)
+        except ValueError:
+            for layer in newly_merged:
+                layer.unmerge()
+            raise
+        return report
+
+    def _merge_layer(self, layer: AdapterLayer, names: list[str], safe_merge: bool,
+                     layer_options: dict) -> dict[str, float]:
+        if layer_options:
+            raise TypeError(f"unknown merge options {sorted(layer_options)}")
+        return layer.merge(names, safe_merge)
+
+    def unmerge(self) -> None:
+        """Undo every merge, restoring the base weights."""
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False, **layer_options: Any) -> nn.Module:
+        """Merge the active adapter, remove every adapter layer and return the bare model.
+
+        Modules in ``modules_to_save`` are replaced by the active adapter's copy.
+        """
+        self.merge(safe_merge=safe_merge, **layer_options)
+        for path, layer in list(self.adapter_layers()):
+            parent, name = get_submodule_parent(self.model, path)
+            setattr(parent, name, layer.base_layer)
+        for path, wrapper in list(self._modules_to_save()):
+            parent, name = get_submodule_parent(self.model, path)
+            setattr(parent, name, wrapper.active_module())
+        return self.model
+
+    # ------------------------------------------------------------- parameters
+
+    def trainable_parameter_summary(self) -> tuple[int, int]:
+        """(trainable parameter count, all parameter count).
+
+        4-bit base weights count one parameter per stored value, as they did
+        before quantization.
+        """
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        total += sum(module.in_features * module.out_features
+                     for module in self.model.modules() if isinstance(module, NF4Linear))
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print trainable and total parameter counts and the trainable share."""
+        trainable, total = self.trainable_parameter_summary()
+        share = 100.0 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {share:.4f}")
+
+    # ---------------------------------------------------------- serialization
+
+    def adapter_state_dict(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """One adapter's tensors under PEFT's on-disk keys.
+
+        Keys are ``base_model.model.<module path>.<tensor>`` with the adapter
+        name left out: ``...q_proj.lora_A.weight``, ``...embed.lora_embedding_A``,
+        trained biases (``...base_layer.bias`` or ``...bias``) and
+        ``modules_to_save`` copies under the module's own path.
+        """
+        adapter_name = adapter_name or self.active_adapter
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"no adapter named {adapter_name!r}; have {list(self.peft_config)}")
+        config = self.peft_config[adapter_name]
+        state: dict[str, torch.Tensor] = {}
+        for path, layer in self.adapter_layers():
+            if adapter_name not in layer.adapter_names:
+                continue
+            for key, value in layer.adapter_state_dict(adapter_name).items():
+                state[f"{PEFT_KEY_PREFIX}{path}.{key}"] = value
+            bias = getattr(layer.base_layer, "bias", None)
+            if config.bias == "lora_only" and isinstance(bias, torch.Tensor):
+                state[f"{PEFT_KEY_PREFIX}{path}.base_layer.bias"] = bias.detach()
+        if config.bias == "all":
+            for name, parameter in self.model.named_parameters():
+                if name.rsplit(".", 1)[-1] == "bias" and ".modules_to_save." not in name \
+                        and ".original_module." not in name:
+                    state[f"{PEFT_KEY_PREFIX}{name}"] = parameter.detach()
+        for path, wrapper in self._modules_to_save():
+            if adapter_name in wrapper.modules_to_save:
+                for key, value in wrapper.modules_to_save[adapter_name].state_dict().items():
+                    state[f"{PEFT_KEY_PREFIX}{path}.{key}"] = value.detach()
+        return state
+
+    def load_adapter_state_dict(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+        """Copy PEFT-keyed tensors (as :meth:`adapter_state_dict` gives) into an adapter.
+
+        All keys and shapes are checked before anything is copied; a mismatch
+        raises ``ValueError`` listing the missing, unexpected or misshapen keys.
+        """
+        expected = self.adapter_state_dict(adapter_name)
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        misshapen = [f"{key}: file {tuple(state[key].shape)}, model "
+                     f"{tuple(expected[key].shape)}"
+                     for key in sorted(set(state) & set(expected))
+                     if tuple(state[key].shape) != tuple(expected[key].shape)]
+        if missing or unexpected or misshapen:
+            problems = []
+            if missing:
+                problems.append(f"missing {_first(missing)}")
+            if unexpected:
+                problems.append(f"unexpected {_first(unexpected)}")
+            if misshapen:
+                problems.append(f"shape mismatch {_first(misshapen)}")
+            raise ValueError(f"adapter {adapter_name!r} does not fit this model: "
+                             + "; ".join(problems))
+        with torch.no_grad():
+            for key, value in state.items():
+                expected[key].copy_(value.to(expected[key].dtype))
+
+    def save_adapter(self, directory: str, adapter_name: Optional[str] = None) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's format.
+
+        Each file is written to a temporary name and atomically renamed.
+        See :func:`lowrank_ext.tuners.save_adapter`.
+        """
+        from .serialization import save_adapter
+
+        save_adapter(self, directory, adapter_name)
+
+    def load_adapter(self, directory: str, adapter_name: str = "default",
+                     is_trainable: bool = False) -> None:
+        """Load a saved (ours or PEFT's) adapter as a new adapter of this model.
+
+        See :func:`lowrank_ext.tuners.load_adapter`; the model is unchanged on failure.
+        """
+        from .serialization import load_adapter
+
+        load_adapter(self, directory, adapter_name, is_trainable)
+
+
+def _first(items: list[str], count: int = 5) -> str:
+    shown = ", ".join(items[:count])
+    return shown + (f" (and {len(items) - count} more)" if len(items) > count else "")
+
+
+class LoRAModule(AdapterModel):
+    """LoRA on any torch model: ``LoRAModule(model, config=None, **overrides)``.
+
+    ``config`` is a :class:`LoRAConfig`; keyword overrides use its field
+    names (``r``, ``lora_alpha``/``alpha``, ``lora_dropout``/``dropout``,
+    ``target_modules``, ...). Targeted ``nn.Linear`` / ``Conv1D`` become
+    :class:`~lowrank_ext.nn.LoRALinear`, convolutions
+    :class:`~lowrank_ext.nn.LoRAConv`, embeddings
+    :class:`~lowrank_ext.nn.LoRAEmbedding`, and existing
+    :class:`~lowrank_ext.nn.NF4Linear` bases :class:`~lowrank_ext.nn.QLoRALinear`.
+    Only adapter parameters (and the biases / modules the config names) train.
+
+    Raises ``ValueError`` for unknown targets, out-of-range values or a
+    targeted module kind LoRA does not support; the model is then unchanged.
+    """
+
+    config_class = LoRAConfig
+    layer_class = LoRALayer
+
+    def _layer_options(self, path: str, adapter_name: str, config) -> dict[str, Any]:
+        rank, alpha = config.rank_and_alpha(path)
+        return dict(r=rank, alpha=alpha, dropout=config.lora_dropout,
+                    use_rslora=config.use_rslora, init=config.init_lora_weights,
+                    adapter_name=adapter_name)
+
+    def _create_layer(self, module, path, adapter_name, config):
+        options = self._layer_options(path, adapter_name, config)
+        if isinstance(module, NF4Linear):
+            return QLoRALinear(module, **options)
+        if isinstance(module, nn.Linear) or is_transformers_conv1d(module):
+            return LoRALinear(module, **options)
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return LoRAConv(module, **options)
+        if isinstance(module, nn.Embedding):
+            return LoRAEmbedding(module, **options)
+        raise ValueError(f"target module {path!r} is a {type(module).__name__}; LoRA supports "
+                         "nn.Linear, Conv1D, nn.Conv1d/2d/3d, nn.Embedding and NF4Linear")
+
+    def _add_to_layer(self, layer, path, adapter_name, config):
+        if not isinstance(layer, LoRALayer):
+            raise ValueError(f"module {path!r} already holds a {type(layer).__name__} adapter; "
+                             "LoRA cannot be added to it")
+        options = self._layer_options(path, adapter_name, config)
+        options.pop("adapter_name")
+        layer.update_layer(adapter_name, **options)
+
+
+class QLoRAModule(LoRAModule):
+    """QLoRA: quantize the model's linear layers to NF4, then add LoRA adapters.
+
+    ``config`` is a :class:`QLoRAConfig` (LoRA fields plus ``blocksize``,
+    ``double_quant``, ``compute_dtype``, ``quantize_modules``). Every layer
+    ``quantize_modules`` selects (default all Linear/Conv1D but the output
+    head) becomes a frozen :class:`~lowrank_ext.nn.NF4Linear`; targeted ones
+    are wrapped in :class:`~lowrank_ext.nn.QLoRALinear`.
+
+    ``merge(keep_merged_weight=False)`` requantizes (reporting the error);
+    ``keep_merged_weight=True`` keeps dense merged weights instead.
+    """
+
+    config_class = QLoRAConfig
+
+    def _prepare_model(self, config, targets, replaced):
+        quantize = set(targets)
+        if config.quantize_modules is not None:
+            quantize |= set(match_targets(self.model, config.quantize_modules,
+                                          "quantize_modules", require_all=False))
+        for path in sorted(quantize):
+            module = self.model.get_submodule(path)
+            if isinstance(module, nn.Linear) or is_transformers_conv1d(module):
+                self._replace(path, NF4Linear.from_linear(
+                    module, config.blocksize, config.double_quant, config.compute_dtype),
+                    replaced)
+
+    def _layer_options(self, path, adapter_name, config):
+        options = super()._layer_options(path, adapter_name, config)
+        if options["init"] == "pissa":
+            raise ValueError("init_lora_weights='pissa' is not available in QLoRAModule (the "
+                             "base is quantized first); use QLoRALinear.from_linear(init='pissa')")
+        return options
+
+    def _merge_layer(self, layer, names, safe_merge, layer_options):
+        if isinstance(layer, QLoRALinear):
+            return layer.merge(names, safe_merge, **layer_options)
+        return layer.merge(names, safe_merge)

@@ -1,0 +1,97 @@
+"""Which modules of a model an adapter config targets."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator, Optional, Union
+
+from torch import nn
+
+from ..nn import AdapterLayer, NF4Linear, is_transformers_conv1d
+
+TargetSpec = Optional[Union[list[str], str]]
+ALL_LINEAR = "all-linear"
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Linear layers an ``"all-linear"`` spec covers: nn.Linear, Conv1D, NF4Linear."""
+    return isinstance(module, (nn.Linear, NF4Linear)) or is_transformers_conv1d(module)
+
+
+def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) for every module an adapter could wrap.
+
+    An existing adapter layer is yielded (under its own path) but not its
+    insides, so a second adapter is added to it rather than nested.
+    """
+    skip_prefixes: list[str] = []
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(prefix) for prefix in skip_prefixes):
+            continue
+        if isinstance(module, AdapterLayer) or type(module).__name__ == "ModulesToSave":
+            skip_prefixes.append(path + ".")
+        yield path, module
+
+
+def output_head(model: nn.Module) -> Optional[nn.Module]:
+    """The model's output head (``get_output_embeddings()``) when it has one."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if getter is None:
+        return None
+    try:
+        return getter()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdapterLayer) else module
+
+
+def match_targets(model: nn.Module, spec: TargetSpec, field_name: str = "target_modules",
+                  require_all: bool = True) -> list[str]:
+    """Paths of the modules ``spec`` selects, in model order.
+
+    ``spec`` is a list (entries match a path exactly or as a ``.``-separated
+    suffix), a regex string (full match on the path), or ``"all-linear"``
+    (None means the same).
+
+    Raises ``ValueError`` naming ``field_name`` when nothing matches, or (with
+    ``require_all``) when a list entry matches nothing.
+    """
+    head = output_head(model)
+    candidates = list(candidate_modules(model))
+    if spec is None or spec == ALL_LINEAR:
+        found = [path for path, module in candidates
+                 if is_linear_like(_base_of(module)) and _base_of(module) is not head
+                 and module is not head]
+        if not found:
+            raise ValueError(f"{field_name}='all-linear' found no Linear/Conv1D layer "
+                             "in the model (besides its output head)")
+        return found
+    if isinstance(spec, str):
+        found = [path for path, _ in candidates if re.fullmatch(spec, path)]
+        if not found:
+            raise ValueError(f"{field_name} regex {spec!r} matches no module of the model")
+        return found
+    found = []
+    used = set()
+    for path, _ in candidates:
+        for name in spec:
+            if path == name or path.endswith("." + name):
+                found.append(path)
+                used.add(name)
+                break
+    unknown = [name for name in spec if name not in used]
+    if (require_all and unknown) or not found:
+        available = sorted({path.rsplit(".", 1)[-1] for path, module in candidates
+                            if is_linear_like(_base_of(module))})
+        raise ValueError(f"{field_name} entries {unknown or list(spec)} match no module of "
+                         f"the model; linear layer names it has: {available}")
+    return found
+
+
+def get_submodule_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of the module at ``path``."""
+    parent_path, _, name = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), name
