@@ -53,8 +53,10 @@ cudaError_t nf4_dequantize(const std::uint8_t* packed, const BlockScales& scales
                            cudaStream_t stream);
 
 // 8-bit blockwise quantization against a sorted 256-entry `code` map, the
-// rule of cpu::quantize_blockwise_8bit. `input` must be finite (checked by
-// the caller). `blocksize` may be any positive value.
+// rule of cpu::quantize_blockwise_8bit / cpu::build_8bit_lookup (scale by
+// 1/absmax, 65536 bins, nearest code of the bin centre; an all-zero block gets
+// code 0). `input` must be finite (checked by the caller). `blocksize` may be
+// any positive value.
 cudaError_t quantize_blockwise_8bit(const float* input, const float* code, std::int64_t numel,
                                     std::int64_t blocksize, std::uint8_t* codes, float* absmax,
                                     cudaStream_t stream);

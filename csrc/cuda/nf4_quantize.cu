@@ -2,7 +2,7 @@
 // quantization. Bit-identical to csrc/cpu/nf4_scalar.cpp + cpu/scalar_tail.h:
 // same absmax (max over magnitude bit patterns), same scaling rule (full
 // blocks multiply by 1/absmax, the partial last block divides), same
-// midpoint encoding, same binary search for the 8-bit map.
+// midpoint encoding, same 65536-bin rule for the 8-bit map.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -125,14 +125,23 @@ __global__ void nf4_dequantize_kernel(const std::uint8_t* __restrict__ packed, B
   }
 }
 
-// One warp per 8-bit block; the 256-entry map sits in shared memory.
+// Bins of the 8-bit quantizer (cpu::build_8bit_lookup): a value in [-1, 1]
+// falls into one of 65536 equal bins, and a bin's code is the number of map
+// midpoints strictly below the bin centre.
+constexpr int k8bitBins = 65536;
+
+// One warp per 8-bit block. Instead of the CPU's 64 KiB bin table, each
+// element's bin centre is searched among the 255 midpoints in shared memory:
+// the same code, without a per-call table build.
 __global__ void quantize_blockwise_8bit_kernel(const float* __restrict__ input,
                                                const float* __restrict__ code, std::int64_t numel,
                                                std::int64_t blocksize, std::int64_t blocks,
                                                std::uint8_t* __restrict__ codes,
                                                float* __restrict__ absmax) {
-  __shared__ float map[256];
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = code[i];
+  __shared__ float midpoints[255];
+  for (int i = threadIdx.x; i < 255; i += blockDim.x) {
+    midpoints[i] = __fmul_rn(0.5f, __fadd_rn(code[i], code[i + 1]));
+  }
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
   const std::int64_t warp = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) /
@@ -149,28 +158,33 @@ __global__ void quantize_blockwise_8bit_kernel(const float* __restrict__ input,
       block_absmax = fmaxf(block_absmax, __shfl_xor_sync(kFullMask, block_absmax, offset));
     }
     if (lane == 0) absmax[block] = block_absmax;
+    // An all-zero block gets code 0 (the CPU rule); inverse is unused then.
+    const float inverse = block_absmax == 0.0f ? 0.0f : __fdiv_rn(1.0f, block_absmax);
     for (std::int64_t i = begin + lane; i < end; i += kWarpSize) {
-      const float normalized = __fdiv_rn(input[i], block_absmax);
-      // Largest index whose map value is <= normalized, map[0] read as -1.0;
-      // NaN (an all-zero block) fails every comparison and lands on 0.
+      if (block_absmax == 0.0f) {
+        codes[i] = 0;
+        continue;
+      }
+      const float normalized = clamp_unit(__fmul_rn(input[i], inverse));
+      // ((v + 1) * 0.5) * 65535 + 0.5, each step rounded, then truncated.
+      const float position = __fadd_rn(
+          __fmul_rn(__fmul_rn(__fadd_rn(normalized, 1.0f), 0.5f), static_cast<float>(k8bitBins - 1)),
+          0.5f);
+      const unsigned int bin = __float2uint_rz(position);
+      const float centre = __fadd_rn(
+          -1.0f, __fdiv_rn(__fmul_rn(2.0f, static_cast<float>(bin)), static_cast<float>(k8bitBins - 1)));
+      // Count of midpoints < centre (midpoints ascend): a lower-bound search.
       int low = 0;
-      int high = normalized >= -1.0f ? 255 : 0;
+      int high = 255;
       while (low < high) {
-        const int middle = (low + high + 1) / 2;
-        if (map[middle] <= normalized) {
-          low = middle;
+        const int middle = (low + high) / 2;
+        if (midpoints[middle] < centre) {
+          low = middle + 1;
         } else {
-          high = middle - 1;
+          high = middle;
         }
       }
-      int index = low;
-      if (index < 255) {
-        const float left = index == 0 ? -1.0f : map[index];
-        if (fabsf(__fsub_rn(normalized, map[index + 1])) < fabsf(__fsub_rn(normalized, left))) {
-          ++index;
-        }
-      }
-      codes[i] = static_cast<std::uint8_t>(index);
+      codes[i] = static_cast<std::uint8_t>(low);
     }
   }
 }
