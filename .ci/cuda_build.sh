@@ -19,7 +19,7 @@ command -v nvcc >/dev/null || { echo "cuda_build: nvcc not found on PATH" >&2; e
 
 echo "== cuda_build: venv $venv with $torch_requirement"
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
-python="$venv/bin/python"
+python="$(cd "$venv" && pwd)/bin/python"
 "$python" -m pip install --quiet "$torch_requirement" numpy safetensors tqdm pybind11 \
   "scikit-build-core>=0.10" ninja "cmake>=3.26" pytest hypothesis "bitsandbytes>=0.50,<0.51"
 "$python" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda); sys.exit(0 if torch.version.cuda else 1)" \
@@ -28,7 +28,7 @@ echo "   ($((SECONDS - start)) s)"
 
 echo "== cuda_build: pip install --no-build-isolation . (LOWRANK_CUDA=ON, archs $archs)"
 build_start=$SECONDS
-PATH="$venv/bin:$PATH" "$python" -m pip install --quiet --no-build-isolation --no-deps . \
+PATH="$(dirname "$python"):$PATH" "$python" -m pip install --quiet --no-build-isolation --no-deps . \
   -C cmake.define.LOWRANK_CUDA=ON -C "cmake.define.LOWRANK_CUDA_ARCHS=$archs" \
   -C build-dir=build/ci-cuda
 echo "   ($((SECONDS - build_start)) s)"

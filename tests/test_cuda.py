@@ -11,9 +11,11 @@ for equality with a reference (bit-exact ops) or finiteness and a bound. Each
 check runs under two different poison patterns.
 
 Tolerances of the matmul ops (against an fp64 product of the same
-dequantized weight): |out - ref| <= 2 * (u + K * 2^-24) * (|x| @ |W|.T) + u * |ref|
+dequantized weight): |out - ref| <= 3 * (u + K * 2^-24) * (|x| @ |W|.T) + u * |ref|
 with u the unit roundoff of the output dtype (2^-8 bf16, 2^-11 fp16, 2^-24
-fp32): one output rounding plus fp32 accumulation over K terms, doubled.
+fp32): one output rounding plus fp32 accumulation over K terms, tripled
+because cuBLAS (the dequantize path) may reduce split-K partial sums in the
+16-bit type by default.
 """
 
 import pytest
@@ -132,7 +134,7 @@ def matmul_bound(input, dense, dtype):
     unit = UNIT_ROUNDOFF[dtype]
     reduction = input.shape[-1]
     magnitude = input.abs().double() @ dense.abs().double().T
-    return 2 * (unit + reduction * 2.0**-24) * magnitude
+    return 3 * (unit + reduction * 2.0**-24) * magnitude
 
 
 def assert_close_to_reference(actual, reference, bound, dtype):
