@@ -25,9 +25,9 @@ def main() -> int:
     weight = torch.randn(96, 160, generator=generator)
     packed, absmax = ops.nf4_quantize(weight, 64)
     restored = ops.nf4_dequantize(packed, absmax, weight.shape, 64, torch.float32)
-    # Half the widest NF4 gap (1 - 0.7229...) is 0.1385, plus rounding slack.
+    # Half the widest NF4 gap (-1 to -0.6962) is 0.1519, plus rounding slack.
     block_absmax = absmax.repeat_interleave(64)[: weight.numel()].view_as(weight)
-    assert ((restored - weight).abs() <= 0.14 * block_absmax).all(), "round trip error too large"
+    assert ((restored - weight).abs() <= 0.153 * block_absmax).all(), "round trip error too large"
 
     nf4 = NF4Weight.from_float(weight, 64, double_quant=True)
     input = torch.randn(7, 160, generator=generator)
