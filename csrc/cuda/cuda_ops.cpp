@@ -1,0 +1,440 @@
+// ATen glue for the CUDA backend: validates arguments (op_checks.h, the same
+// messages as the CPU backend), sets the device guard, and launches the
+// torch-free kernels of csrc/cuda on the current stream.
+//
+// Which kernel serves nf4_linear (rows = input rows after flattening):
+//   rows <= 16                    NF4 GEMV (nf4_gemv.cu), any dtype;
+//   bf16/fp16, rows <= 256, sm80+ fused tensor-core GEMM (nf4_gemm.cu);
+//   otherwise                     NF4 -> dense dequantize (nested scales decoded
+//                                 in the same kernel) + cuBLAS through at::mm.
+// LOWRANK_CUDA_GEMM=fused|dequantize overrides the choice for rows > 16, so
+// tests and benchmarks can hold each path to the same reference.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "core/nf4.h"
+#include "cuda/kernels.h"
+#include "op_checks.h"
+
+namespace lowrank {
+namespace cuda {
+namespace {
+
+// Largest row count the fused tensor-core GEMM takes by default: above it,
+// dequantize + cuBLAS amortizes the one dense weight write over enough rows
+// to win (cuBLAS' Hopper kernels outrun a WMMA kernel).
+constexpr int64_t kFusedGemmMaxRows = 256;
+
+Dtype to_kernel_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat:
+      return Dtype::Float32;
+    case at::kBFloat16:
+      return Dtype::BFloat16;
+    case at::kHalf:
+      return Dtype::Float16;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", type);
+  }
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void check_launch(const char* op, cudaError_t status) {
+  TORCH_CHECK(status == cudaSuccess, op, ": CUDA kernel launch failed: ",
+              cudaGetErrorString(status));
+}
+
+int64_t checked_numel(const char* op, c10::SymIntArrayRef shape) {
+  int64_t numel = 1;
+  for (const c10::SymInt& size : shape) {
+    int64_t value = size.expect_int();
+    TORCH_CHECK(value >= 0, op, ": shape must not have negative sizes, got ", shape);
+    numel *= value;
+  }
+  TORCH_CHECK(numel > 0, op, ": shape must describe a non-empty tensor, got ", shape);
+  return numel;
+}
+
+std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& input, int64_t blocksize) {
+  constexpr const char* op = "nf4_quantize";
+  check_float_tensor(op, "input", input);
+  check_blocksize(op, blocksize);
+  TORCH_CHECK(input.numel() > 0, op, ": input must not be empty, got shape ", input.sizes());
+  c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor contiguous = input.contiguous();
+  const int64_t numel = contiguous.numel();
+  at::Tensor packed = at::empty({nf4::packed_bytes(numel)}, input.options().dtype(at::kByte));
+  at::Tensor absmax =
+      at::empty({nf4::num_blocks(numel, blocksize)}, input.options().dtype(at::kFloat));
+  at::Tensor nonfinite = at::zeros({1}, input.options().dtype(at::kInt));
+  check_launch(op, nf4_quantize(contiguous.const_data_ptr(), to_kernel_dtype(input.scalar_type()),
+                                numel, blocksize, packed.mutable_data_ptr<uint8_t>(),
+                                absmax.mutable_data_ptr<float>(),
+                                nonfinite.mutable_data_ptr<int>(), current_stream()));
+  // The CPU op raises on non-finite input too; this costs one sync.
+  TORCH_CHECK_VALUE(nonfinite.item<int>() == 0, op,
+                    ": input contains NaN or Inf; NF4 cannot represent non-finite weights "
+                    "(clean or clamp them before quantizing)");
+  return {packed, absmax};
+}
+
+at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                               c10::SymIntArrayRef shape, int64_t blocksize,
+                               at::ScalarType dtype) {
+  constexpr const char* op = "nf4_dequantize";
+  check_blocksize(op, blocksize);
+  TORCH_CHECK(is_supported_float(dtype), op,
+              ": dtype must be float32, bfloat16 or float16, got ", dtype);
+  check_dtype(op, "packed", packed, at::kByte);
+  check_dtype(op, "absmax", absmax, at::kFloat);
+  check_same_device(op, "absmax", absmax, packed, "packed");
+  const int64_t numel = checked_numel(op, shape);
+  check_numel(op, "packed", packed, nf4::packed_bytes(numel), "two 4-bit codes per byte of shape");
+  check_numel(op, "absmax", absmax, nf4::num_blocks(numel, blocksize),
+              "one scale per block of shape");
+  c10::cuda::CUDAGuard guard(packed.device());
+  at::Tensor packed_c = packed.contiguous();
+  at::Tensor absmax_c = absmax.contiguous();
+  at::Tensor out = at::empty(C10_AS_INTARRAYREF_SLOW(shape), packed.options().dtype(dtype));
+  BlockScales scales;
+  scales.absmax = absmax_c.const_data_ptr<float>();
+  check_launch(op, nf4_dequantize(packed_c.const_data_ptr<uint8_t>(), scales, numel, blocksize,
+                                  out.mutable_data_ptr(), to_kernel_dtype(dtype),
+                                  current_stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor& input,
+                                                                const at::Tensor& code,
+                                                                int64_t blocksize) {
+  constexpr const char* op = "quantize_blockwise_8bit";
+  check_dtype(op, "input", input, at::kFloat);
+  check_dtype(op, "code", code, at::kFloat);
+  check_numel(op, "code", code, 256, "an 8-bit code map");
+  check_same_device(op, "code", code, input, "input");
+  TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+  TORCH_CHECK(input.numel() > 0, op, ": input must not be empty");
+  c10::cuda::CUDAGuard guard(input.device());
+  TORCH_CHECK(at::isfinite(input).all().item<bool>(), op, ": input contains NaN or Inf");
+  at::Tensor input_c = input.contiguous();
+  at::Tensor code_c = code.contiguous();
+  TORCH_CHECK((code_c.slice(0, 1) >= code_c.slice(0, 0, 255)).all().item<bool>(), op,
+              ": code must be sorted ascending");
+  const int64_t numel = input_c.numel();
+  at::Tensor codes = at::empty(input.sizes(), input.options().dtype(at::kByte));
+  at::Tensor absmax =
+      at::empty({nf4::num_blocks(numel, blocksize)}, input.options().dtype(at::kFloat));
+  check_launch(op, quantize_blockwise_8bit(input_c.const_data_ptr<float>(),
+                                           code_c.const_data_ptr<float>(), numel, blocksize,
+                                           codes.mutable_data_ptr<uint8_t>(),
+                                           absmax.mutable_data_ptr<float>(), current_stream()));
+  return {codes, absmax};
+}
+
+at::Tensor dequantize_blockwise_8bit_cuda(const at::Tensor& codes, const at::Tensor& absmax,
+                                          const at::Tensor& code, int64_t blocksize) {
+  constexpr const char* op = "dequantize_blockwise_8bit";
+  check_dtype(op, "codes", codes, at::kByte);
+  check_dtype(op, "absmax", absmax, at::kFloat);
+  check_dtype(op, "code", code, at::kFloat);
+  check_numel(op, "code", code, 256, "an 8-bit code map");
+  check_same_device(op, "absmax", absmax, codes, "codes");
+  check_same_device(op, "code", code, codes, "codes");
+  TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+  check_numel(op, "absmax", absmax, nf4::num_blocks(codes.numel(), blocksize),
+              "one scale per block of codes");
+  c10::cuda::CUDAGuard guard(codes.device());
+  at::Tensor codes_c = codes.contiguous();
+  at::Tensor absmax_c = absmax.contiguous();
+  at::Tensor code_c = code.contiguous();
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  check_launch(op, dequantize_blockwise_8bit(
+                       codes_c.const_data_ptr<uint8_t>(), absmax_c.const_data_ptr<float>(),
+                       code_c.const_data_ptr<float>(), codes_c.numel(), blocksize,
+                       out.mutable_data_ptr<float>(), current_stream()));
+  return out;
+}
+
+// A validated NF4 weight with contiguous device buffers; `matrix` points into
+// them, so it stays valid while this object lives.
+struct DeviceWeight {
+  at::Tensor packed;
+  at::Tensor absmax;
+  at::Tensor nested_absmax;
+  at::Tensor nested_code;
+  Nf4Matrix matrix;
+
+  explicit DeviceWeight(const Nf4WeightArgs& args)
+      : packed(args.packed.contiguous()), absmax(args.absmax.contiguous()) {
+    matrix.packed = packed.const_data_ptr<uint8_t>();
+    matrix.out_features = args.out_features;
+    matrix.in_features = args.in_features;
+    matrix.blocksize = args.blocksize;
+    if (args.nested()) {
+      nested_absmax = args.nested_absmax->contiguous();
+      nested_code = args.nested_code->contiguous();
+      matrix.scales.nested_codes = absmax.const_data_ptr<uint8_t>();
+      matrix.scales.nested_absmax = nested_absmax.const_data_ptr<float>();
+      matrix.scales.nested_code = nested_code.const_data_ptr<float>();
+      matrix.scales.offset = static_cast<float>(args.offset);
+    } else {
+      matrix.scales.absmax = absmax.const_data_ptr<float>();
+    }
+  }
+
+  // The dense [out_features, in_features] weight in `dtype`, one kernel.
+  at::Tensor dequantize(const char* op, at::ScalarType dtype) const {
+    at::Tensor dense =
+        at::empty({matrix.out_features, matrix.in_features}, packed.options().dtype(dtype));
+    check_launch(op, nf4_dequantize(matrix.packed, matrix.scales, dense.numel(), matrix.blocksize,
+                                    dense.mutable_data_ptr(), to_kernel_dtype(dtype),
+                                    current_stream()));
+    return dense;
+  }
+};
+
+enum class GemmPath { Auto, Fused, Dequantize };
+
+GemmPath requested_gemm_path() {
+  const char* value = std::getenv("LOWRANK_CUDA_GEMM");
+  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "auto") == 0) {
+    return GemmPath::Auto;
+  }
+  if (std::strcmp(value, "fused") == 0) return GemmPath::Fused;
+  if (std::strcmp(value, "dequantize") == 0) return GemmPath::Dequantize;
+  TORCH_CHECK(false, "LOWRANK_CUDA_GEMM must be auto, fused or dequantize, got '", value, "'");
+}
+
+bool use_fused_gemm(const at::Tensor& input, int64_t rows) {
+  if (input.scalar_type() == at::kFloat) return false;
+  if (!tensor_core_gemm_supported(input.get_device())) return false;
+  switch (requested_gemm_path()) {
+    case GemmPath::Fused:
+      return true;
+    case GemmPath::Dequantize:
+      return false;
+    case GemmPath::Auto:
+      break;
+  }
+  return rows <= kFusedGemmMaxRows;
+}
+
+at::Tensor flatten_rows(const at::Tensor& input) {
+  return input.reshape({-1, input.size(-1)});
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features) {
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = out_features;
+  return shape;
+}
+
+at::Tensor nf4_linear_cuda(const at::Tensor& input, const at::Tensor& packed,
+                           const at::Tensor& absmax,
+                           const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_code, double offset,
+                           c10::SymInt out_features, c10::SymInt in_features, int64_t blocksize,
+                           const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "nf4_linear";
+  Nf4WeightArgs args{packed, absmax, nested_absmax, nested_code, offset,
+                     out_features.expect_int(), in_features.expect_int(), blocksize};
+  check_linear_input(op, input, args.in_features);
+  args.validate(op, input);
+  check_bias(op, bias, input, args.out_features);
+  c10::cuda::CUDAGuard guard(input.device());
+  DeviceWeight weight(args);
+  at::Tensor rows = flatten_rows(input).contiguous();
+  const int64_t row_count = rows.size(0);
+  at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const void* bias_pointer = bias.has_value() ? bias_c.const_data_ptr() : nullptr;
+  at::Tensor out;
+  if (row_count == 0) {
+    out = at::empty({0, args.out_features}, input.options());
+  } else if (row_count <= kGemvMaxRows) {
+    out = at::empty({row_count, args.out_features}, input.options());
+    check_launch(op, nf4_gemv(rows.const_data_ptr(), row_count, weight.matrix, bias_pointer,
+                              out.mutable_data_ptr(), to_kernel_dtype(input.scalar_type()),
+                              current_stream()));
+  } else if (use_fused_gemm(input, row_count)) {
+    out = at::empty({row_count, args.out_features}, input.options());
+    check_launch(op, nf4_gemm_tensor_core(rows.const_data_ptr(), row_count, weight.matrix,
+                                          bias_pointer, out.mutable_data_ptr(),
+                                          to_kernel_dtype(input.scalar_type()), current_stream()));
+  } else {
+    at::Tensor dense = weight.dequantize(op, input.scalar_type());
+    out = bias.has_value() ? at::addmm(bias_c, rows, dense.t()) : at::mm(rows, dense.t());
+  }
+  return out.view(output_shape(input, args.out_features));
+}
+
+// grad_output @ dequant(W): one dequantize kernel (nested scales decoded in
+// it) and cuBLAS. Backward runs at training batch sizes, where this is what
+// the dense-weight GEMM costs plus one weight write.
+at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_output, const at::Tensor& packed,
+                                      const at::Tensor& absmax,
+                                      const std::optional<at::Tensor>& nested_absmax,
+                                      const std::optional<at::Tensor>& nested_code, double offset,
+                                      c10::SymInt out_features, c10::SymInt in_features,
+                                      int64_t blocksize) {
+  constexpr const char* op = "nf4_linear_grad_input";
+  Nf4WeightArgs args{packed, absmax, nested_absmax, nested_code, offset,
+                     out_features.expect_int(), in_features.expect_int(), blocksize};
+  check_float_tensor(op, "grad_output", grad_output);
+  TORCH_CHECK(grad_output.dim() >= 1 && grad_output.size(-1) == args.out_features, op,
+              ": grad_output's last dimension must be out_features=", args.out_features,
+              ", got shape ", grad_output.sizes());
+  args.validate(op, grad_output);
+  c10::cuda::CUDAGuard guard(grad_output.device());
+  DeviceWeight weight(args);
+  at::Tensor dense = weight.dequantize(op, grad_output.scalar_type());
+  at::Tensor grad_input = at::mm(flatten_rows(grad_output), dense);
+  return grad_input.view(output_shape(grad_output, args.in_features));
+}
+
+// Adds scaling * (lora_rows @ A.T) @ B.T to `out_rows` in place.
+void add_lora_term(at::Tensor& out_rows, const at::Tensor& lora_rows, const at::Tensor& lora_A,
+                   const at::Tensor& lora_B, double scaling) {
+  at::Tensor down = at::mm(lora_rows, lora_A.t());
+  out_rows.addmm_(down, lora_B.t(), 1.0, scaling);
+}
+
+at::Tensor lora_linear_cuda(const at::Tensor& input, const std::optional<at::Tensor>& lora_input,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
+  constexpr const char* op = "lora_linear";
+  check_float_tensor(op, "input", input);
+  check_dtype(op, "weight", weight, input.scalar_type());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
+  check_same_device(op, "weight", weight, input, "input");
+  const int64_t out_features = weight.size(0);
+  check_linear_input(op, input, weight.size(1));
+  check_bias(op, bias, input, out_features);
+  check_lora_input(op, lora_input, input);
+  check_lora_factors(op, input, lora_A, lora_B, out_features, weight.size(1));
+  c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor rows = flatten_rows(input);
+  at::Tensor out = bias.has_value() ? at::addmm(*bias, rows, weight.t()) : at::mm(rows, weight.t());
+  add_lora_term(out, lora_input.has_value() ? flatten_rows(*lora_input) : rows, lora_A, lora_B,
+                scaling);
+  return out.view(output_shape(input, out_features));
+}
+
+// Everything of the LoRA backward but grad_output @ W (shared by dense and NF4).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_common(
+    const at::Tensor& grad_output, at::Tensor grad_input_rows, const at::Tensor& input,
+    const std::optional<at::Tensor>& lora_input, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, double scaling) {
+  at::Tensor grad_rows = flatten_rows(grad_output);
+  at::Tensor lora_rows = flatten_rows(lora_input.has_value() ? *lora_input : input);
+  at::Tensor down = at::mm(lora_rows, lora_A.t());                // [rows, r]
+  at::Tensor grad_B = at::mm(grad_rows.t(), down).mul_(scaling);   // [out, r]
+  at::Tensor grad_down = at::mm(grad_rows, lora_B).mul_(scaling);  // [rows, r]
+  at::Tensor grad_A = at::mm(grad_down.t(), lora_rows);            // [r, in]
+  at::Tensor grad_lora_input;
+  if (lora_input.has_value()) {
+    grad_lora_input = at::mm(grad_down, lora_A).view(input.sizes());
+  } else {
+    grad_input_rows.addmm_(grad_down, lora_A);
+    grad_lora_input = at::empty({0}, input.options());
+  }
+  return {grad_input_rows.view(input.sizes()), grad_lora_input, grad_A, grad_B};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const std::optional<at::Tensor>& lora_input, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
+  constexpr const char* op = "lora_linear_backward";
+  check_float_tensor(op, "input", input);
+  check_dtype(op, "grad_output", grad_output, input.scalar_type());
+  check_dtype(op, "weight", weight, input.scalar_type());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
+  check_same_device(op, "weight", weight, input, "input");
+  check_same_device(op, "grad_output", grad_output, input, "input");
+  check_linear_input(op, input, weight.size(1));
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(output_shape(input, weight.size(0))), op,
+              ": grad_output must have shape ", output_shape(input, weight.size(0)), ", got ",
+              grad_output.sizes());
+  check_lora_input(op, lora_input, input);
+  check_lora_factors(op, input, lora_A, lora_B, weight.size(0), weight.size(1));
+  c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor grad_input_rows = at::mm(flatten_rows(grad_output), weight);
+  return lora_backward_common(grad_output, grad_input_rows, input, lora_input, lora_A, lora_B,
+                              scaling);
+}
+
+at::Tensor qlora_linear_cuda(const at::Tensor& input, const std::optional<at::Tensor>& lora_input,
+                             const at::Tensor& packed, const at::Tensor& absmax,
+                             const std::optional<at::Tensor>& nested_absmax,
+                             const std::optional<at::Tensor>& nested_code, double offset,
+                             c10::SymInt out_features, c10::SymInt in_features,
+                             int64_t blocksize, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& lora_A, const at::Tensor& lora_B,
+                             double scaling) {
+  constexpr const char* op = "qlora_linear";
+  Nf4WeightArgs args{packed, absmax, nested_absmax, nested_code, offset,
+                     out_features.expect_int(), in_features.expect_int(), blocksize};
+  check_linear_input(op, input, args.in_features);
+  args.validate(op, input);
+  check_bias(op, bias, input, args.out_features);
+  check_lora_input(op, lora_input, input);
+  check_lora_factors(op, input, lora_A, lora_B, args.out_features, args.in_features);
+  c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = nf4_linear_cuda(input, packed, absmax, nested_absmax, nested_code, offset,
+                                   out_features, in_features, blocksize, bias);
+  at::Tensor out_rows = out.view({-1, args.out_features});
+  add_lora_term(out_rows, flatten_rows(lora_input.has_value() ? *lora_input : input), lora_A,
+                lora_B, scaling);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qlora_linear_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const std::optional<at::Tensor>& lora_input, const at::Tensor& packed,
+    const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+    const std::optional<at::Tensor>& nested_code, double offset, c10::SymInt out_features,
+    c10::SymInt in_features, int64_t blocksize, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, double scaling) {
+  constexpr const char* op = "qlora_linear_backward";
+  Nf4WeightArgs args{packed, absmax, nested_absmax, nested_code, offset,
+                     out_features.expect_int(), in_features.expect_int(), blocksize};
+  check_linear_input(op, input, args.in_features);
+  check_dtype(op, "grad_output", grad_output, input.scalar_type());
+  check_same_device(op, "grad_output", grad_output, input, "input");
+  check_lora_input(op, lora_input, input);
+  check_lora_factors(op, input, lora_A, lora_B, args.out_features, args.in_features);
+  c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor grad_input = nf4_linear_grad_input_cuda(grad_output, packed, absmax, nested_absmax,
+                                                     nested_code, offset, out_features,
+                                                     in_features, blocksize);
+  return lora_backward_common(grad_output, flatten_rows(grad_input), input, lora_input, lora_A,
+                              lora_B, scaling);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank_ext, CUDA, m) {
+  m.impl("nf4_quantize", &nf4_quantize_cuda);
+  m.impl("nf4_dequantize", &nf4_dequantize_cuda);
+  m.impl("quantize_blockwise_8bit", &quantize_blockwise_8bit_cuda);
+  m.impl("dequantize_blockwise_8bit", &dequantize_blockwise_8bit_cuda);
+  m.impl("nf4_linear", &nf4_linear_cuda);
+  m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_cuda);
+  m.impl("lora_linear", &lora_linear_cuda);
+  m.impl("lora_linear_backward", &lora_linear_backward_cuda);
+  m.impl("qlora_linear", &qlora_linear_cuda);
+  m.impl("qlora_linear_backward", &qlora_linear_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace lowrank
