@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 import warnings
 
 import torch
@@ -50,6 +52,19 @@ def peft_model(weight: torch.Tensor, num_adapters: int, rank: int):
     return model, names
 
 
+def interleaved_medians(functions: dict, repeats: int) -> dict:
+    """Median seconds of each callable, timed round-robin so that load drifting
+    during the run (other processes on the machine) hits every column alike."""
+    samples = {name: [] for name in functions}
+    for round_index in range(repeats + 2):  # two warm-up rounds
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            if round_index >= 2:
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096, help="the layer is size x size")
@@ -69,7 +84,6 @@ def main() -> None:
               f"{'adapter term':>18} | {'PEFT mixed batch':>18}")
     print(header)
     print("-" * len(header))
-    time_of = lambda f: machine.median_seconds(f, repeats=args.repeats)  # noqa: E731
     generator = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         weight = (torch.randn(args.size, args.size, generator=generator) / args.size ** 0.5).to(dtype)
@@ -94,15 +108,18 @@ def main() -> None:
                 expected = model(x, adapter_names=adapter_names)
                 tolerance = 1e-4 if dtype == torch.float32 else 3e-2
                 torch.testing.assert_close(ours(), expected, rtol=tolerance, atol=tolerance)
-                base_time = time_of(lambda: F.linear(x, weight))
-                ours_time = time_of(ours)
-                term_time = time_of(lambda: ops.multi_lora_linear(
-                    x, base_output, lora_A, lora_B, ranks, scalings, indices))
-                peft_time = time_of(lambda: model(x, adapter_names=adapter_names))
+                times = interleaved_medians({
+                    "base": lambda: F.linear(x, weight),
+                    "ours": ours,
+                    "term": lambda: ops.multi_lora_linear(
+                        x, base_output, lora_A, lora_B, ranks, scalings, indices),
+                    "peft": lambda: model(x, adapter_names=adapter_names),
+                }, args.repeats)
+            base_time = times["base"]
             cell = lambda seconds: f"{seconds * 1e3:8.2f} ({seconds / base_time:5.2f}x)"  # noqa: E731
             print(f"{str(dtype).removeprefix('torch.'):6} {num_adapters:8d} | "
-                  f"{base_time * 1e3:10.2f} ms | {cell(ours_time):>18} | {cell(term_time):>18} | "
-                  f"{cell(peft_time):>18}")
+                  f"{base_time * 1e3:10.2f} ms | {cell(times['ours']):>18} | "
+                  f"{cell(times['term']):>18} | {cell(times['peft']):>18}")
             del model
 
 

@@ -159,13 +159,13 @@ void expand_avx2(const MultiLoraBatch& batch, const float* hidden, std::int64_t 
   const std::int64_t max_rank = batch.max_rank;
   std::vector<float> columns(static_cast<std::size_t>((max_rank + kLanes - 1) / kLanes * kLanes *
                                                       kLanes));
-  for (std::int64_t o = out_begin; o < out_end; o += kLanes) {
-    const std::int64_t width = std::min(kLanes, out_end - o);
-    for (std::int64_t adapter = 0; adapter < batch.num_adapters; ++adapter) {
-      const std::int64_t rank = batch.ranks[adapter];
-      const std::int64_t group_begin = batch.group_offsets[adapter];
-      const std::int64_t group_end = batch.group_offsets[adapter + 1];
-      if (rank == 0 || group_begin == group_end) continue;
+  for (std::int64_t adapter = 0; adapter < batch.num_adapters; ++adapter) {
+    const std::int64_t rank = batch.ranks[adapter];
+    const std::int64_t group_begin = batch.group_offsets[adapter];
+    const std::int64_t group_end = batch.group_offsets[adapter + 1];
+    if (rank == 0 || group_begin == group_end) continue;
+    for (std::int64_t o = out_begin; o < out_end; o += kLanes) {
+      const std::int64_t width = std::min(kLanes, out_end - o);
       const std::int64_t b_offset = (adapter * batch.out_features + o) * max_rank;
       for (std::int64_t k = 0; k < rank; k += kLanes) {
         __m256 tile[8];

@@ -141,20 +141,22 @@ inline void transpose16(__m512 rows[16]) {
 // B is [out, max_rank]: a rank's values for 16 consecutive outputs are strided.
 // Each 16x16 tile of B is transposed in registers into `columns`
 // ([rank][16] fp32), then every row of the adapter costs `rank` FMAs per 16
-// outputs with B read from memory once.
+// outputs with B read from memory once. Adapters are the outer loop: each
+// adapter's slice of B is then one sequential stream (rows of different
+// adapters are disjoint, so no output is revisited).
 void expand_avx512(const MultiLoraBatch& batch, const float* hidden, std::int64_t out_begin,
                    std::int64_t out_end, void* out) {
   const std::int64_t max_rank = batch.max_rank;
   std::vector<float> columns(static_cast<std::size_t>((max_rank + kLanes - 1) / kLanes * kLanes *
                                                       kLanes));
-  for (std::int64_t o = out_begin; o < out_end; o += kLanes) {
-    const std::int64_t width = std::min(kLanes, out_end - o);
-    const __mmask16 out_mask = first_lanes(width);
-    for (std::int64_t adapter = 0; adapter < batch.num_adapters; ++adapter) {
-      const std::int64_t rank = batch.ranks[adapter];
-      const std::int64_t group_begin = batch.group_offsets[adapter];
-      const std::int64_t group_end = batch.group_offsets[adapter + 1];
-      if (rank == 0 || group_begin == group_end) continue;
+  for (std::int64_t adapter = 0; adapter < batch.num_adapters; ++adapter) {
+    const std::int64_t rank = batch.ranks[adapter];
+    const std::int64_t group_begin = batch.group_offsets[adapter];
+    const std::int64_t group_end = batch.group_offsets[adapter + 1];
+    if (rank == 0 || group_begin == group_end) continue;
+    for (std::int64_t o = out_begin; o < out_end; o += kLanes) {
+      const std::int64_t width = std::min(kLanes, out_end - o);
+      const __mmask16 out_mask = first_lanes(width);
       const std::int64_t b_offset = (adapter * batch.out_features + o) * max_rank;
       for (std::int64_t k = 0; k < rank; k += kLanes) {
         const __mmask16 rank_mask = first_lanes(rank - k);
