@@ -57,4 +57,21 @@ TORCH_LIBRARY(lowrank_ext, m) {
       "Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
       "float offset, SymInt out_features, SymInt in_features, int blocksize, "
       "Tensor lora_A, Tensor lora_B, float scaling) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Mixed-adapter batch (Punica SGMV / S-LoRA style): returns base_output plus,
+  // for every row i whose adapter a = adapter_indices[i] is not -1,
+  // scalings[a] * (x_i @ lora_A[a, :r].T) @ lora_B[a, :, :r].T with r = ranks[a].
+  // lora_A [num_adapters, max_rank, in], lora_B [num_adapters, out, max_rank]
+  // (zero-padded past each rank), ranks int64, scalings fp32, adapter_indices
+  // int64 shaped like a prefix of input's leading dimensions.
+  m.def(
+      "multi_lora_linear(Tensor input, Tensor base_output, Tensor lora_A, Tensor lora_B, "
+      "Tensor ranks, Tensor scalings, Tensor adapter_indices) -> Tensor");
+  // Returns (grad_input, grad_lora_A, grad_lora_B) of the adapter term only
+  // (base_output's gradient is grad_output itself); zero past each rank and
+  // for adapters no row uses.
+  m.def(
+      "multi_lora_linear_backward(Tensor grad_output, Tensor input, Tensor lora_A, "
+      "Tensor lora_B, Tensor ranks, Tensor scalings, Tensor adapter_indices) "
+      "-> (Tensor, Tensor, Tensor)");
 }

@@ -32,6 +32,8 @@ __all__ = [
     "nf4_linear_grad_input",
     "lora_linear",
     "qlora_linear",
+    "multi_lora_linear",
+    "stack_lora_factors",
 ]
 
 
@@ -187,6 +189,93 @@ def qlora_linear(
     )
 
 
+def multi_lora_linear(
+    input: torch.Tensor,
+    base_output: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    ranks: torch.Tensor | Sequence[int],
+    scalings: torch.Tensor | Sequence[float],
+    adapter_indices: torch.Tensor | Sequence[int],
+) -> torch.Tensor:
+    """Adds a different LoRA adapter to each row of one batch (mixed-adapter batch).
+
+    Returns a new tensor ``out = base_output + delta`` where, for every row
+    ``i`` with adapter ``a = adapter_indices[i] != -1`` and ``r = ranks[a]``::
+
+        delta[i] = scalings[a] * (input[i] @ lora_A[a, :r].T) @ lora_B[a, :, :r].T
+
+    and ``delta[i] = 0`` for rows with index ``-1`` (PEFT's ``"__base__"``) or
+    rank 0. This is the batched multi-adapter LoRA of Punica (SGMV) with
+    S-LoRA's per-adapter ranks, so AdaLoRA adapters of different ranks share a
+    batch: the CPU kernel sorts the rows by adapter, then per adapter computes
+    the rank-``r`` "shrink" ``input @ A.T`` for all its rows and "expands" with
+    ``B``, so every adapter's factors are read once per call, whatever the number
+    of rows or adapters. Sums are in fp32; the result is rounded once.
+
+    Args:
+        input: ``[..., in]``, float32, bfloat16 or float16.
+        base_output: ``[..., out]`` (input's leading shape and dtype), typically
+            the frozen base layer's output ``F.linear(input, W, bias)``.
+        lora_A: ``[num_adapters, max_rank, in]``, adapter ``a``'s A in rows
+            ``:ranks[a]`` (rows past the rank are ignored; zero-pad them).
+        lora_B: ``[num_adapters, out, max_rank]``, adapter ``a``'s B in columns
+            ``:ranks[a]`` (columns past the rank are ignored).
+        ranks: int64 ``[num_adapters]``, each in ``[0, max_rank]``.
+        scalings: float32 ``[num_adapters]`` (``alpha / r``, or ``alpha / sqrt(r)``
+            for rsLoRA).
+        adapter_indices: int64 in ``[-1, num_adapters)``, shaped like a prefix of
+            input's leading dimensions: ``[batch]`` for a ``[batch, seq, in]``
+            input gives every token of a sequence that sequence's adapter.
+    Sequences for ``ranks``, ``scalings`` and ``adapter_indices`` are converted
+    to tensors on input's device.
+
+    Differentiable with respect to ``input``, ``base_output``, ``lora_A`` and
+    ``lora_B`` (so mixed-adapter batches also train); the gradient of an
+    adapter's A and B is zero past its rank and for adapters no row uses.
+    Mutates nothing. Raises ``RuntimeError`` naming the argument for mismatched
+    shapes, dtypes or devices, ranks outside ``[0, max_rank]`` and indices
+    outside ``[-1, num_adapters)``.
+    """
+    device = input.device
+    if not isinstance(ranks, torch.Tensor):
+        ranks = torch.as_tensor(ranks, dtype=torch.int64, device=device)
+    if not isinstance(scalings, torch.Tensor):
+        scalings = torch.as_tensor(scalings, dtype=torch.float32, device=device)
+    if not isinstance(adapter_indices, torch.Tensor):
+        adapter_indices = torch.as_tensor(adapter_indices, dtype=torch.int64, device=device)
+    return _ops.multi_lora_linear(input, base_output, lora_A, lora_B, ranks, scalings,
+                                  adapter_indices)
+
+
+def stack_lora_factors(
+    lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packs per-adapter factors of any ranks into :func:`multi_lora_linear`'s layout.
+
+    Args:
+        lora_As: adapter ``a``'s A, ``[r_a, in]``; lora_Bs: its B, ``[out, r_a]``.
+            All share dtype and device; ``r_a`` may differ (AdaLoRA) or be 0.
+
+    Returns:
+        ``(lora_A [n, max_rank, in], lora_B [n, out, max_rank], ranks int64 [n])``
+        with zeros past each adapter's rank.
+    """
+    if len(lora_As) == 0 or len(lora_As) != len(lora_Bs):
+        raise ValueError(
+            f"stack_lora_factors: need one lora_B per lora_A and at least one adapter, got "
+            f"{len(lora_As)} lora_As and {len(lora_Bs)} lora_Bs")
+    ranks = [int(a.shape[0]) for a in lora_As]
+    max_rank = max(ranks)
+    first_A, first_B = lora_As[0], lora_Bs[0]
+    stacked_A = first_A.new_zeros((len(lora_As), max_rank, first_A.shape[1]))
+    stacked_B = first_B.new_zeros((len(lora_Bs), first_B.shape[0], max_rank))
+    for index, (lora_A, lora_B) in enumerate(zip(lora_As, lora_Bs)):
+        stacked_A[index, : lora_A.shape[0]] = lora_A
+        stacked_B[index, :, : lora_B.shape[1]] = lora_B
+    return stacked_A, stacked_B, torch.tensor(ranks, dtype=torch.int64, device=first_A.device)
+
+
 # ------------------------------------------------------------- fake kernels --
 
 
@@ -261,6 +350,20 @@ def _qlora_linear_backward_fake(grad_output, input, lora_input, packed, absmax, 
                                 nested_code, offset, out_features, in_features, blocksize,
                                 lora_A, lora_B, scaling):
     return _lora_backward_fake(input, lora_input, lora_A, lora_B)
+
+
+@torch.library.register_fake("lowrank_ext::multi_lora_linear")
+def _multi_lora_linear_fake(input, base_output, lora_A, lora_B, ranks, scalings,
+                            adapter_indices):
+    return torch.empty_like(base_output, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("lowrank_ext::multi_lora_linear_backward")
+def _multi_lora_linear_backward_fake(grad_output, input, lora_A, lora_B, ranks, scalings,
+                                     adapter_indices):
+    return (torch.empty_like(input, memory_format=torch.contiguous_format),
+            torch.empty_like(lora_A, memory_format=torch.contiguous_format),
+            torch.empty_like(lora_B, memory_format=torch.contiguous_format))
 
 
 # ----------------------------------------------------------------- autograd --
@@ -354,3 +457,25 @@ def _qlora_linear_backward(ctx, grad_output):
 
 torch.library.register_autograd(
     "lowrank_ext::qlora_linear", _qlora_linear_backward, setup_context=_qlora_linear_setup)
+
+
+def _multi_lora_linear_setup(ctx, inputs, output):
+    input, base_output, lora_A, lora_B, ranks, scalings, adapter_indices = inputs
+    ctx.save_for_backward(input, lora_A, lora_B, ranks, scalings, adapter_indices)
+
+
+def _multi_lora_linear_backward(ctx, grad_output):
+    input, lora_A, lora_B, ranks, scalings, adapter_indices = ctx.saved_tensors
+    grad_input = grad_A = grad_B = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        grad_input, grad_A, grad_B = _ops.multi_lora_linear_backward(
+            grad_output, input, lora_A, lora_B, ranks, scalings, adapter_indices)
+    return (grad_input if ctx.needs_input_grad[0] else None,
+            grad_output if ctx.needs_input_grad[1] else None,
+            grad_A if ctx.needs_input_grad[2] else None,
+            grad_B if ctx.needs_input_grad[3] else None, None, None, None)
+
+
+torch.library.register_autograd(
+    "lowrank_ext::multi_lora_linear", _multi_lora_linear_backward,
+    setup_context=_multi_lora_linear_setup)

@@ -1,0 +1,64 @@
+// Torch-free kernels of multi_lora_linear: one batch whose rows use different
+// LoRA adapters (Punica's SGMV shape, with S-LoRA's per-adapter ranks).
+//
+// The glue sorts the rows by adapter first, so every kernel walks one
+// adapter's row group at a time and reads that adapter's factors once per
+// call, whatever the number of rows or adapters. The adapter term is computed
+// in two steps:
+//   shrink: hidden[p, k] = scaling[a] * sum_j input[row(p), j] * A[a, k, j]
+//   expand: out[row(p), o] += sum_k hidden[p, k] * B[a, o, k]     (k < ranks[a])
+// Each ISA translation unit (multi_lora_scalar.cpp, _avx2.cpp, _avx512.cpp)
+// fills one MultiLoraKernels table; multi_lora_kernels_for() picks one.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/kernels.h"
+
+namespace lowrank {
+namespace cpu {
+
+// One mixed-adapter batch. All float buffers share `dtype`; all are row-major
+// and contiguous.
+struct MultiLoraBatch {
+  Dtype dtype = Dtype::Float32;
+  std::int64_t in_features = 0;
+  std::int64_t out_features = 0;
+  std::int64_t max_rank = 0;
+  const void* input = nullptr;   // [rows, in_features]
+  const void* lora_A = nullptr;  // [num_adapters, max_rank, in_features]
+  const void* lora_B = nullptr;  // [num_adapters, out_features, max_rank]
+  const std::int64_t* ranks = nullptr;  // [num_adapters], each in [0, max_rank]
+  const float* scalings = nullptr;      // [num_adapters]
+  // Rows of adapter a are sorted_rows[group_offsets[a] .. group_offsets[a + 1]);
+  // a row's position p in sorted_rows indexes `hidden`.
+  const std::int64_t* group_offsets = nullptr;  // [num_adapters + 1]
+  const std::int64_t* sorted_rows = nullptr;    // [group_offsets[num_adapters]]
+  std::int64_t num_adapters = 0;
+};
+
+struct MultiLoraKernels {
+  Isa isa;
+
+  // Fills hidden[p * max_rank + k] (fp32, already multiplied by the adapter's
+  // scaling) for the rows p of `adapter` and k in [rank_begin, rank_end),
+  // rank_end <= ranks[adapter]. Other entries of `hidden` are not touched.
+  void (*shrink)(const MultiLoraBatch& batch, std::int64_t adapter, std::int64_t rank_begin,
+                 std::int64_t rank_end, float* hidden);
+
+  // For output features [out_begin, out_end) of every row that has an adapter,
+  // out[row, o] = round(out[row, o] + sum_k hidden[p, k] * B[a, o, k]), the sum
+  // in fp32 and one rounding to `batch.dtype`. `out` is [rows, out_features]
+  // and holds the base output on entry; rows without an adapter stay as they are.
+  void (*expand)(const MultiLoraBatch& batch, const float* hidden, std::int64_t out_begin,
+                 std::int64_t out_end, void* out);
+};
+
+const MultiLoraKernels& multi_lora_scalar_kernels();
+const MultiLoraKernels& multi_lora_avx2_kernels();
+const MultiLoraKernels& multi_lora_avx512_kernels();
+// The table for `isa` (scalar off x86). Baseline code: safe on any CPU.
+const MultiLoraKernels& multi_lora_kernels_for(Isa isa);
+
+}  // namespace cpu
+}  // namespace lowrank

@@ -1,0 +1,261 @@
+// ATen glue of multi_lora_linear / multi_lora_linear_backward on CPU:
+// validates the arguments, groups the rows by adapter (a counting sort, so
+// the kernels see each adapter's rows together and read its factors once)
+// and splits the shrink and expand over threads with at::parallel_for.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "cpu/dispatch.h"
+#include "cpu/multi_lora_kernels.h"
+#include "op_checks.h"
+
+namespace lowrank {
+namespace cpu {
+namespace {
+
+// Ranks one shrink task covers: small enough that 64 rows over a few
+// adapters still give every thread work, large enough to amortize a task.
+constexpr int64_t kShrinkRankChunk = 4;
+// Output features per expand task at least (one task reads out*rank of B).
+constexpr int64_t kExpandGrain = 256;
+
+Dtype kernel_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat:
+      return Dtype::Float32;
+    case at::kBFloat16:
+      return Dtype::BFloat16;
+    default:
+      return Dtype::Float16;
+  }
+}
+
+// The validated sizes of one call. Each adapter index covers rows_per_index
+// consecutive rows of input flattened to [rows, in_features].
+struct MultiLoraShapes {
+  int64_t rows = 0;
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  int64_t num_adapters = 0;
+  int64_t max_rank = 0;
+  int64_t rows_per_index = 1;
+};
+
+// `other` is the [..., out_features] tensor: base_output or grad_output.
+MultiLoraShapes check_multi_lora_args(const char* op, const at::Tensor& input,
+                                      const at::Tensor& other, const char* other_name,
+                                      const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                      const at::Tensor& ranks, const at::Tensor& scalings,
+                                      const at::Tensor& adapter_indices) {
+  check_float_tensor(op, "input", input);
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension");
+  MultiLoraShapes shapes;
+  shapes.in_features = input.size(-1);
+  check_dtype(op, "lora_A", lora_A, input.scalar_type());
+  check_dtype(op, "lora_B", lora_B, input.scalar_type());
+  check_dtype(op, other_name, other, input.scalar_type());
+  TORCH_CHECK(lora_A.dim() == 3 && lora_A.size(2) == shapes.in_features, op,
+              ": lora_A must have shape [num_adapters, max_rank, ", shapes.in_features,
+              "] (in_features from input), got ", lora_A.sizes());
+  shapes.num_adapters = lora_A.size(0);
+  shapes.max_rank = lora_A.size(1);
+  TORCH_CHECK(lora_B.dim() == 3 && lora_B.size(0) == shapes.num_adapters &&
+                  lora_B.size(2) == shapes.max_rank,
+              op, ": lora_B must have shape [", shapes.num_adapters, ", out_features, ",
+              shapes.max_rank, "] (num_adapters and max_rank from lora_A), got ", lora_B.sizes());
+  shapes.out_features = lora_B.size(1);
+  std::vector<int64_t> expected(input.sizes().begin(), input.sizes().end());
+  expected.back() = shapes.out_features;
+  TORCH_CHECK(other.sizes() == at::IntArrayRef(expected), op, ": ", other_name,
+              " must have shape ", at::IntArrayRef(expected),
+              " (input's leading dimensions, out_features from lora_B), got ", other.sizes());
+  check_dtype(op, "ranks", ranks, at::kLong);
+  check_dtype(op, "scalings", scalings, at::kFloat);
+  check_dtype(op, "adapter_indices", adapter_indices, at::kLong);
+  TORCH_CHECK(ranks.dim() == 1 && ranks.size(0) == shapes.num_adapters, op,
+              ": ranks must have shape [", shapes.num_adapters, "] (one per adapter), got ",
+              ranks.sizes());
+  TORCH_CHECK(scalings.dim() == 1 && scalings.size(0) == shapes.num_adapters, op,
+              ": scalings must have shape [", shapes.num_adapters, "] (one per adapter), got ",
+              scalings.sizes());
+  const at::IntArrayRef leading = input.sizes().slice(0, input.dim() - 1);
+  TORCH_CHECK(adapter_indices.dim() <= static_cast<int64_t>(leading.size()) &&
+                  adapter_indices.sizes() == leading.slice(0, adapter_indices.dim()),
+              op, ": adapter_indices' shape must be a prefix of input's leading dimensions ",
+              leading, ", got ", adapter_indices.sizes());
+  for (const auto& [name, tensor] :
+       {std::pair<const char*, const at::Tensor*>{other_name, &other}, {"lora_A", &lora_A},
+        {"lora_B", &lora_B}, {"ranks", &ranks}, {"scalings", &scalings},
+        {"adapter_indices", &adapter_indices}}) {
+    check_same_device(op, name, *tensor, input, "input");
+  }
+  shapes.rows = c10::multiply_integers(leading);
+  shapes.rows_per_index =
+      adapter_indices.numel() == 0 ? 0 : shapes.rows / adapter_indices.numel();
+  if (ranks.numel() > 0) {
+    const int64_t smallest = ranks.min().item<int64_t>();
+    const int64_t largest = ranks.max().item<int64_t>();
+    TORCH_CHECK(smallest >= 0 && largest <= shapes.max_rank, op,
+                ": ranks must lie in [0, max_rank=", shapes.max_rank,
+                "] (max_rank is lora_A.size(1)), got values in [", smallest, ", ", largest, "]");
+  }
+  if (adapter_indices.numel() > 0) {
+    const int64_t smallest = adapter_indices.min().item<int64_t>();
+    const int64_t largest = adapter_indices.max().item<int64_t>();
+    TORCH_CHECK(smallest >= -1 && largest < shapes.num_adapters, op,
+                ": adapter_indices must lie in [-1, num_adapters=", shapes.num_adapters,
+                ") (-1 = base model only), got values in [", smallest, ", ", largest, "]");
+  }
+  return shapes;
+}
+
+// Rows grouped by adapter: rows of adapter a are
+// sorted_rows[group_offsets[a] .. group_offsets[a + 1]), in ascending order.
+// Rows with index -1 appear nowhere.
+struct RowGroups {
+  std::vector<int64_t> group_offsets;
+  std::vector<int64_t> sorted_rows;
+};
+
+RowGroups group_rows(const at::Tensor& adapter_indices, const MultiLoraShapes& shapes) {
+  at::Tensor indices = adapter_indices.contiguous();
+  const int64_t* index = indices.const_data_ptr<int64_t>();
+  const int64_t count = indices.numel();
+  RowGroups groups;
+  groups.group_offsets.assign(static_cast<size_t>(shapes.num_adapters + 1), 0);
+  for (int64_t i = 0; i < count; ++i) {
+    if (index[i] >= 0) groups.group_offsets[index[i] + 1] += shapes.rows_per_index;
+  }
+  for (int64_t a = 0; a < shapes.num_adapters; ++a) {
+    groups.group_offsets[a + 1] += groups.group_offsets[a];
+  }
+  groups.sorted_rows.resize(static_cast<size_t>(groups.group_offsets.back()));
+  std::vector<int64_t> next(groups.group_offsets.begin(), groups.group_offsets.end() - 1);
+  for (int64_t i = 0; i < count; ++i) {
+    if (index[i] < 0) continue;
+    for (int64_t row = i * shapes.rows_per_index; row < (i + 1) * shapes.rows_per_index; ++row) {
+      groups.sorted_rows[next[index[i]]++] = row;
+    }
+  }
+  return groups;
+}
+
+at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base_output,
+                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                 const at::Tensor& ranks, const at::Tensor& scalings,
+                                 const at::Tensor& adapter_indices) {
+  constexpr const char* op = "multi_lora_linear";
+  const MultiLoraShapes shapes = check_multi_lora_args(
+      op, input, base_output, "base_output", lora_A, lora_B, ranks, scalings, adapter_indices);
+  at::Tensor out = base_output.clone(at::MemoryFormat::Contiguous);
+  const RowGroups groups = group_rows(adapter_indices, shapes);
+  if (groups.sorted_rows.empty() || shapes.max_rank == 0 || shapes.out_features == 0) return out;
+
+  at::Tensor input_c = input.contiguous();
+  at::Tensor lora_A_c = lora_A.contiguous();
+  at::Tensor lora_B_c = lora_B.contiguous();
+  at::Tensor ranks_c = ranks.contiguous();
+  at::Tensor scalings_c = scalings.contiguous();
+  MultiLoraBatch batch;
+  batch.dtype = kernel_dtype(input.scalar_type());
+  batch.in_features = shapes.in_features;
+  batch.out_features = shapes.out_features;
+  batch.max_rank = shapes.max_rank;
+  batch.input = input_c.const_data_ptr();
+  batch.lora_A = lora_A_c.const_data_ptr();
+  batch.lora_B = lora_B_c.const_data_ptr();
+  batch.ranks = ranks_c.const_data_ptr<int64_t>();
+  batch.scalings = scalings_c.const_data_ptr<float>();
+  batch.group_offsets = groups.group_offsets.data();
+  batch.sorted_rows = groups.sorted_rows.data();
+  batch.num_adapters = shapes.num_adapters;
+
+  // hidden [rows with an adapter (sorted order), max_rank] fp32; entries past
+  // an adapter's rank are never written nor read.
+  at::Tensor hidden = at::empty({static_cast<int64_t>(groups.sorted_rows.size()), shapes.max_rank},
+                                input.options().dtype(at::kFloat));
+  struct ShrinkTask {
+    int64_t adapter, rank_begin, rank_end;
+  };
+  std::vector<ShrinkTask> tasks;
+  for (int64_t a = 0; a < shapes.num_adapters; ++a) {
+    if (groups.group_offsets[a] == groups.group_offsets[a + 1]) continue;
+    for (int64_t k = 0; k < batch.ranks[a]; k += kShrinkRankChunk) {
+      tasks.push_back({a, k, std::min(batch.ranks[a], k + kShrinkRankChunk)});
+    }
+  }
+  if (tasks.empty()) return out;
+  const MultiLoraKernels& kernels = multi_lora_kernels_for(active_isa());
+  float* hidden_data = hidden.mutable_data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      kernels.shrink(batch, tasks[t].adapter, tasks[t].rank_begin, tasks[t].rank_end, hidden_data);
+    }
+  });
+  at::parallel_for(0, shapes.out_features, kExpandGrain, [&](int64_t begin, int64_t end) {
+    kernels.expand(batch, hidden_data, begin, end, out.mutable_data_ptr());
+  });
+  return out;
+}
+
+// Per adapter group, in fp32 with ATen GEMMs on the rows sorted by adapter
+// (each adapter's factors are read once):
+//   hidden = X A^T, grad_hidden = s * dY B, grad_X = grad_hidden A,
+//   grad_A = grad_hidden^T X, grad_B = s * dY^T hidden.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& ranks, const at::Tensor& scalings,
+    const at::Tensor& adapter_indices) {
+  constexpr const char* op = "multi_lora_linear_backward";
+  const MultiLoraShapes shapes = check_multi_lora_args(
+      op, input, grad_output, "grad_output", lora_A, lora_B, ranks, scalings, adapter_indices);
+  const at::TensorOptions fp32 = input.options().dtype(at::kFloat);
+  at::Tensor grad_input = at::zeros({shapes.rows, shapes.in_features}, fp32);
+  at::Tensor grad_A = at::zeros(lora_A.sizes(), fp32);
+  at::Tensor grad_B = at::zeros(lora_B.sizes(), fp32);
+  const RowGroups groups = group_rows(adapter_indices, shapes);
+  if (!groups.sorted_rows.empty()) {
+    at::Tensor order = at::tensor(groups.sorted_rows, input.options().dtype(at::kLong));
+    at::Tensor x = input.reshape({shapes.rows, shapes.in_features}).index_select(0, order).to(at::kFloat);
+    at::Tensor dy = grad_output.reshape({shapes.rows, shapes.out_features})
+                        .index_select(0, order)
+                        .to(at::kFloat);
+    at::Tensor grad_x = at::zeros_like(x);
+    at::Tensor ranks_c = ranks.contiguous();
+    at::Tensor scalings_c = scalings.contiguous();
+    const int64_t* rank = ranks_c.const_data_ptr<int64_t>();
+    const float* scaling = scalings_c.const_data_ptr<float>();
+    for (int64_t a = 0; a < shapes.num_adapters; ++a) {
+      const int64_t begin = groups.group_offsets[a];
+      const int64_t count = groups.group_offsets[a + 1] - begin;
+      if (count == 0 || rank[a] == 0) continue;
+      at::Tensor x_a = x.narrow(0, begin, count);
+      at::Tensor dy_a = dy.narrow(0, begin, count);
+      at::Tensor A = lora_A[a].narrow(0, 0, rank[a]).to(at::kFloat);  // [r, in]
+      at::Tensor B = lora_B[a].narrow(1, 0, rank[a]).to(at::kFloat);  // [out, r]
+      at::Tensor hidden = at::mm(x_a, A.t());                         // [count, r]
+      at::Tensor grad_hidden = at::mm(dy_a, B).mul_(scaling[a]);      // [count, r]
+      at::Tensor grad_x_a = grad_x.narrow(0, begin, count);
+      at::mm_out(grad_x_a, grad_hidden, A);
+      grad_A[a].narrow(0, 0, rank[a]).copy_(at::mm(grad_hidden.t(), x_a));
+      grad_B[a].narrow(1, 0, rank[a]).copy_(at::mm(dy_a.t(), hidden).mul_(scaling[a]));
+    }
+    grad_input.index_copy_(0, order, grad_x);
+  }
+  const at::ScalarType dtype = input.scalar_type();
+  return {grad_input.to(dtype).view(input.sizes()), grad_A.to(dtype), grad_B.to(dtype)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
+  m.impl("multi_lora_linear", &multi_lora_linear_cpu);
+  m.impl("multi_lora_linear_backward", &multi_lora_linear_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace lowrank

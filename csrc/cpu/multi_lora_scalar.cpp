@@ -1,0 +1,76 @@
+// Reference (scalar) multi-adapter LoRA kernels and the table selector.
+// Baseline-compiled: the SIMD tables are only reached through
+// multi_lora_kernels_for() after the dispatcher's runtime CPU check.
+#include "cpu/multi_lora_kernels.h"
+#include "cpu/scalar_tail.h"
+
+namespace lowrank {
+namespace cpu {
+namespace {
+
+void shrink_scalar(const MultiLoraBatch& batch, std::int64_t adapter, std::int64_t rank_begin,
+                   std::int64_t rank_end, float* hidden) {
+  const std::int64_t in = batch.in_features;
+  const std::int64_t a_offset = adapter * batch.max_rank * in;
+  const float scaling = batch.scalings[adapter];
+  for (std::int64_t p = batch.group_offsets[adapter]; p < batch.group_offsets[adapter + 1]; ++p) {
+    const std::int64_t x_offset = batch.sorted_rows[p] * in;
+    for (std::int64_t k = rank_begin; k < rank_end; ++k) {
+      float sum = 0.0f;
+      for (std::int64_t j = 0; j < in; ++j) {
+        sum += tail::load_float(batch.input, batch.dtype, x_offset + j) *
+               tail::load_float(batch.lora_A, batch.dtype, a_offset + k * in + j);
+      }
+      hidden[p * batch.max_rank + k] = scaling * sum;
+    }
+  }
+}
+
+void expand_scalar(const MultiLoraBatch& batch, const float* hidden, std::int64_t out_begin,
+                   std::int64_t out_end, void* out) {
+  const std::int64_t out_features = batch.out_features;
+  const std::int64_t max_rank = batch.max_rank;
+  for (std::int64_t adapter = 0; adapter < batch.num_adapters; ++adapter) {
+    const std::int64_t rank = batch.ranks[adapter];
+    if (rank == 0) continue;
+    const std::int64_t b_offset = adapter * out_features * max_rank;
+    for (std::int64_t p = batch.group_offsets[adapter]; p < batch.group_offsets[adapter + 1]; ++p) {
+      const std::int64_t y_offset = batch.sorted_rows[p] * out_features;
+      const float* h = hidden + p * max_rank;
+      for (std::int64_t o = out_begin; o < out_end; ++o) {
+        float sum = 0.0f;
+        for (std::int64_t k = 0; k < rank; ++k) {
+          sum += h[k] * tail::load_float(batch.lora_B, batch.dtype, b_offset + o * max_rank + k);
+        }
+        float base = tail::load_float(out, batch.dtype, y_offset + o);
+        tail::store_float(out, batch.dtype, y_offset + o, base + sum);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const MultiLoraKernels& multi_lora_scalar_kernels() {
+  static const MultiLoraKernels table{Isa::Scalar, &shrink_scalar, &expand_scalar};
+  return table;
+}
+
+const MultiLoraKernels& multi_lora_kernels_for(Isa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  switch (isa) {
+    case Isa::Avx512:
+      return multi_lora_avx512_kernels();
+    case Isa::Avx2:
+      return multi_lora_avx2_kernels();
+    case Isa::Scalar:
+      break;
+  }
+#else
+  (void)isa;
+#endif
+  return multi_lora_scalar_kernels();
+}
+
+}  // namespace cpu
+}  // namespace lowrank
