@@ -52,6 +52,8 @@ __all__ = [
 # --- LoRA / QLoRA layers and model wrappers (issue 4) -----------------------
 from . import nn, tuners  # noqa: E402
 from .tuners import (  # noqa: E402
+    AdaLoRAConfig,
+    AdaLoRAModule,
     LoRAConfig,
     LoRAModule,
     QLoRAConfig,
@@ -62,6 +64,8 @@ from .tuners import (  # noqa: E402
 )
 
 __all__ += [
+    "AdaLoRAConfig",
+    "AdaLoRAModule",
     "LoRAConfig",
     "LoRAModule",
     "QLoRAConfig",

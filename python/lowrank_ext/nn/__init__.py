@@ -1,5 +1,6 @@
-"""Layers: LoRA on Linear/Conv/Embedding/Conv1D, the NF4 4-bit linear base and QLoRA."""
+"""Layers: LoRA on Linear/Conv/Embedding/Conv1D, the NF4 4-bit linear base, QLoRA and AdaLoRA."""
 
+from .adalora import AdaLoRALinear, RankAllocator
 from .adapter_layer import AdapterLayer
 from .lora import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, is_transformers_conv1d
 from .nf4_linear import NF4Linear
@@ -9,6 +10,7 @@ LoRAConv1d = LoRAConv
 LoRAConv2d = LoRAConv
 
 __all__ = [
+    "AdaLoRALinear",
     "AdapterLayer",
     "LoRAConv",
     "LoRAConv1d",
@@ -18,5 +20,6 @@ __all__ = [
     "LoRALinear",
     "NF4Linear",
     "QLoRALinear",
+    "RankAllocator",
     "is_transformers_conv1d",
 ]

@@ -1,5 +1,6 @@
-"""Model wrappers: configs, target matching, LoRA/QLoRA injection, PEFT-format save/load."""
+"""Model wrappers: configs, target matching, LoRA/QLoRA/AdaLoRA injection, PEFT-format save/load."""
 
+from .adalora import AdaLoRAConfig, AdaLoRAModule
 from .config import LoRAConfig, QLoRAConfig
 from .kbit import prepare_for_kbit_training
 from .model import AdapterModel, LoRAModule, QLoRAModule
@@ -8,6 +9,8 @@ from .serialization import load_adapter, read_adapter_config, register_adapter_t
 from .targets import match_targets
 
 __all__ = [
+    "AdaLoRAConfig",
+    "AdaLoRAModule",
     "AdapterModel",
     "LoRAConfig",
     "LoRAModule",

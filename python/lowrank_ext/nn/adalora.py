@@ -1,0 +1,586 @@
+"""AdaLoRA (Zhang et al., ICLR 2023): an SVD-shaped adapter whose rank is allocated globally.
+
+Each adapted weight gets ``W + scaling * P diag(lambda) Q``. The layout is
+PEFT's, so adapters move both ways between the two libraries: per adapter the
+raw parameters ``lora_B[name]`` = P ``[out, r]``, ``lora_E[name]`` = lambda
+``[r, 1]`` and ``lora_A[name]`` = Q ``[r, in]``. One (P column, lambda entry,
+Q row) is a *triplet*. :class:`RankAllocator` scores triplets by smoothed
+sensitivity and keeps the globally best ``b(t)`` of them, so the total rank
+shrinks from ``sum(init_r)`` to ``target_r * layers`` over training.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..quant import NF4Weight
+from .adapter_layer import AdapterLayer
+from .lora import _adapter_dtype, is_transformers_conv1d, validate_adapter_arguments
+from .nf4_linear import NF4Linear
+
+# (parameter container, dimension that indexes triplets) for each factor.
+_TRIPLET_DIMENSIONS = (("lora_A", 0), ("lora_E", 0), ("lora_B", 1))
+# The Gaussian std PEFT initializes P and Q with; kept so inits are comparable.
+_FACTOR_STD = 0.02
+_INIT_CHOICES = (True, False, "default")
+
+# {parameter: (triplet dimension, kept indices, shape before shrinking)}
+Resized = dict[nn.Parameter, tuple[int, torch.Tensor, torch.Size]]
+
+
+class TripletSlots(nn.Module):
+    """Which triplets of one adapter are in the budget, and where they came from.
+
+    Buffers (non-persistent, they move with the layer):
+        slots: ``long [r]``; ``slots[k]`` is the index, among the ``init_r``
+            triplets the adapter was created with, of physical triplet ``k``
+            (they differ once the factors are shrunk).
+        keep: ``float [r, 1]``; 1.0 for a triplet in the budget, 0.0 for a
+            masked one. Forward multiplies lambda by it, so a masked triplet
+            contributes nothing whatever the optimizer does to its lambda.
+    """
+
+    def __init__(self, slots: torch.Tensor):
+        super().__init__()
+        self.register_buffer("slots", slots, persistent=False)
+        self.register_buffer("keep", torch.ones(len(slots), 1, device=slots.device),
+                             persistent=False)
+        # Mirrors "keep is all ones" on the host, so forward can skip the mask
+        # without a device sync (and torch.compile sees a plain bool).
+        self.fully_active = True
+
+    def set_keep(self, kept: torch.Tensor) -> None:
+        """Replace the mask by ``kept`` (``bool [r]``)."""
+        self.keep = kept.to(device=self.keep.device, dtype=self.keep.dtype).view(-1, 1)
+        self.fully_active = bool(kept.all())
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the physical triplets at ``index`` (after shrinking)."""
+        self.slots = self.slots[index]
+        self.set_keep(self.keep.view(-1)[index] > 0)
+
+
+class AdaLoRALinear(AdapterLayer):
+    """AdaLoRA on ``nn.Linear``, Hugging Face ``Conv1D`` or a 4-bit :class:`NF4Linear` base.
+
+    ``forward(x)``: ``x`` ``[..., in_features]`` -> ``[..., out_features]`` =
+    ``base(x) + scaling * dropout(x) @ (Q * (lambda * keep)).T @ P.T``, one
+    fused :func:`lowrank_ext.ops.lora_linear` (dense base) or
+    :func:`lowrank_ext.ops.qlora_linear` (NF4 base) call for the first active
+    adapter: Q scaled row-wise by the masked lambda is passed as the fused
+    op's ``lora_A``. It runs in the base weight's dtype (NF4: its compute
+    dtype) and returns ``x``'s dtype.
+
+    Scale: ``scaling = lora_alpha / init_r``, fixed when the adapter is
+    created and never recomputed from the current rank, so masking or
+    shrinking triplets never rescales the ones kept (PEFT has the same
+    value, with ``1e-5`` added to its denominator: a relative difference
+    below ``1e-6``). A rank of 0 is valid: forward is then the base layer.
+
+    Masked triplets keep their lambda at zero (see :meth:`set_kept`);
+    :meth:`shrink` drops them physically once the allocation is final.
+    """
+
+    adapter_dict_names = ("lora_A", "lora_E", "lora_B")
+
+    def __init__(self, base_layer: nn.Module, init_r: int = 12, alpha: float = 8,
+                 dropout: float = 0.0, init: Union[bool, str] = True,
+                 adapter_name: str = "default", rank_pattern: Optional[Sequence[bool]] = None,
+                 fan_in_fan_out: Optional[bool] = None):
+        conv1d = is_transformers_conv1d(base_layer)
+        self.quantized = isinstance(base_layer, NF4Linear)
+        if not (isinstance(base_layer, nn.Linear) or conv1d or self.quantized):
+            raise TypeError(f"AdaLoRALinear wraps nn.Linear, transformers Conv1D or NF4Linear, "
+                            f"got {type(base_layer).__name__}")
+        super().__init__(base_layer)
+        # Conv1D stores its weight as [in, out], the transpose of nn.Linear's.
+        self.fan_in_fan_out = conv1d if fan_in_fan_out is None else bool(fan_in_fan_out)
+        if self.fan_in_fan_out and not conv1d:
+            raise ValueError("fan_in_fan_out=True needs a weight stored as [in, out] (Conv1D)")
+        if self.quantized:
+            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+        else:
+            shape = tuple(base_layer.weight.shape)
+            self.out_features, self.in_features = shape[::-1] if self.fan_in_fan_out else shape
+        self.lora_A = nn.ParameterDict()
+        self.lora_E = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.triplets = nn.ModuleDict()
+        self.init_r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self._unmerged_base: Optional[NF4Weight] = None
+        for parameter in base_layer.parameters():
+            parameter.requires_grad_(False)
+        self.update_layer(adapter_name, init_r, alpha, dropout, init, rank_pattern)
+
+    # ----------------------------------------------------------------- adapters
+
+    def update_layer(self, adapter_name: str, init_r: int, alpha: float, dropout: float = 0.0,
+                     init: Union[bool, str] = True,
+                     rank_pattern: Optional[Sequence[bool]] = None) -> None:
+        """Add (or replace) adapter ``adapter_name`` and make it active.
+
+        Args:
+            init_r: the rank the adapter is created with (positive int); also
+                the constant in ``scaling = alpha / init_r``.
+            alpha: scale numerator, > 0.
+            dropout: probability in [0, 1) on the adapter branch's input.
+            init: ``True``/``"default"`` (lambda zero, P and Q ~ N(0, 0.02^2):
+                the adapter starts as the identity) or ``False`` (lambda ~
+                N(0, 1) too, so the adapter changes the output at once).
+            rank_pattern: an allocation already made (``init_r`` booleans,
+                True = kept): only the kept triplets are created, as when
+                loading a pruned adapter.
+
+        Raises ``ValueError`` for out-of-range arguments or a pattern whose
+        length is not ``init_r``.
+        """
+        validate_adapter_arguments(init_r, alpha, dropout)
+        if init not in _INIT_CHOICES:
+            raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES} for AdaLoRA, "
+                             f"got {init!r}")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before replacing it")
+        if rank_pattern is None:
+            slots = list(range(init_r))
+        else:
+            rank_pattern = [bool(kept) for kept in rank_pattern]
+            if len(rank_pattern) != init_r:
+                raise ValueError(f"rank_pattern has {len(rank_pattern)} entries; the adapter "
+                                 f"was created with init_r={init_r}")
+            slots = [slot for slot, kept in enumerate(rank_pattern) if kept]
+        rank = len(slots)
+        if self.quantized:
+            device, dtype = self.base_layer.weight.device, _adapter_dtype(
+                self.base_layer.weight_dtype)
+        else:
+            weight = self.base_layer.weight
+            device, dtype = weight.device, _adapter_dtype(weight.dtype)
+        options = dict(device=device, dtype=dtype)
+        self.init_r[adapter_name] = init_r
+        self.lora_alpha[adapter_name] = float(alpha)
+        self.scaling[adapter_name] = float(alpha) / init_r
+        self.lora_dropout[adapter_name] = float(dropout)
+        self.lora_A[adapter_name] = nn.Parameter(torch.empty(rank, self.in_features, **options))
+        self.lora_E[adapter_name] = nn.Parameter(torch.empty(rank, 1, **options))
+        self.lora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, rank, **options))
+        self.triplets[adapter_name] = TripletSlots(torch.tensor(slots, dtype=torch.long,
+                                                                device=device))
+        with torch.no_grad():
+            nn.init.normal_(self.lora_A[adapter_name], std=_FACTOR_STD)
+            nn.init.normal_(self.lora_B[adapter_name], std=_FACTOR_STD)
+            if init is False:
+                nn.init.normal_(self.lora_E[adapter_name])
+            else:
+                nn.init.zeros_(self.lora_E[adapter_name])
+        names = self.active_adapters if adapter_name in self.active_adapters \
+            else self.active_adapters + [adapter_name]
+        self.set_adapter(names)
+
+    def _forget_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.triplets:
+            del self.triplets[adapter_name]
+        for table in (self.init_r, self.lora_alpha, self.scaling, self.lora_dropout):
+            table.pop(adapter_name, None)
+
+    # ------------------------------------------------------------ rank queries
+
+    def rank(self, adapter_name: str) -> int:
+        """The physical rank: triplets stored, masked ones included."""
+        return self.lora_E[adapter_name].shape[0]
+
+    def kept(self, adapter_name: str) -> torch.Tensor:
+        """``bool [rank]``: which stored triplets are in the budget."""
+        return self.triplets[adapter_name].keep.view(-1) > 0
+
+    def active_rank(self, adapter_name: str) -> int:
+        """How many triplets are in the budget (what the adapter's rank effectively is)."""
+        return int(self.kept(adapter_name).sum().item())
+
+    def rank_pattern(self, adapter_name: str) -> list[bool]:
+        """``init_r`` booleans, True for each original triplet still kept (PEFT's format)."""
+        pattern = [False] * self.init_r[adapter_name]
+        kept = self.kept(adapter_name).tolist()
+        for slot, is_kept in zip(self.triplets[adapter_name].slots.tolist(), kept):
+            pattern[slot] = is_kept
+        return pattern
+
+    # ----------------------------------------------------------------- masking
+
+    def set_kept(self, adapter_name: str, kept: torch.Tensor) -> None:
+        """Put exactly the triplets where ``kept`` (``bool [rank]``) is True in the budget.
+
+        The lambda of every masked triplet is set to zero (a triplet that
+        comes back later restarts from lambda = 0, as in the paper).
+        Raises ``ValueError`` for a wrong length.
+        """
+        if kept.shape != (self.rank(adapter_name),):
+            raise ValueError(f"kept must be a bool tensor of shape ({self.rank(adapter_name)},), "
+                             f"got {tuple(kept.shape)}")
+        self.triplets[adapter_name].set_keep(kept)
+        self.zero_masked(adapter_name)
+
+    def zero_masked(self, adapter_name: str) -> None:
+        """Set lambda of the masked triplets back to zero (the optimizer may have moved it)."""
+        slots = self.triplets[adapter_name]
+        if slots.fully_active:
+            return
+        keep = slots.keep
+        with torch.no_grad():
+            self.lora_E[adapter_name].mul_(keep.to(self.lora_E[adapter_name].dtype))
+
+    def shrink(self, adapter_name: str) -> Resized:
+        """Drop the masked triplets physically; outputs are unchanged.
+
+        ``lora_A``/``lora_E``/``lora_B`` keep their :class:`~torch.nn.Parameter`
+        objects (their contents, ``.grad`` included, are swapped for the kept
+        rows/columns with :func:`torch.utils.swap_tensors`), so optimizers
+        still hold them; only optimizer *state* of the old shape must be
+        sliced the same way (the returned map says how;
+        :meth:`lowrank_ext.AdaLoRAModule.refresh_optimizer` does it). Graphs
+        built before the shrink can no longer be backpropagated.
+
+        Returns ``{parameter: (triplet dimension, kept indices, old shape)}``
+        (empty when nothing was masked).
+        """
+        if self.triplets[adapter_name].fully_active:
+            return {}
+        index = self.kept(adapter_name).nonzero().view(-1)
+        resized: Resized = {}
+        for dict_name, dimension in _TRIPLET_DIMENSIONS:
+            parameter = getattr(self, dict_name)[adapter_name]
+            old_shape = parameter.shape
+            smaller = nn.Parameter(parameter.detach().index_select(dimension, index),
+                                   requires_grad=parameter.requires_grad)
+            if parameter.grad is not None:
+                smaller.grad = parameter.grad.index_select(dimension, index)
+            # Swapping (rather than assigning .data) also gives the parameter a
+            # fresh autograd accumulator, which would otherwise keep the old shape.
+            torch.utils.swap_tensors(parameter, smaller)
+            resized[parameter] = (dimension, index, old_shape)
+        self.triplets[adapter_name].select(index)
+        return resized
+
+    # ------------------------------------------------------------------ compute
+
+    def _masked_values(self, adapter_name: str) -> torch.Tensor:
+        values = self.lora_E[adapter_name]
+        slots = self.triplets[adapter_name]
+        return values if slots.fully_active else values * slots.keep.to(values.dtype)
+
+    def effective_factors(self, adapter_name: str,
+                          dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q * masked lambda, P)``: ``[r, in]`` and ``[out, r]``, differentiable.
+
+        The update is ``scaling * P @ (Q * lambda)``, so these are the plain
+        LoRA ``(A, B)`` of the same update.
+        """
+        factor_A = self.lora_A[adapter_name] * self._masked_values(adapter_name)
+        factor_B = self.lora_B[adapter_name]
+        if dtype is not None:
+            factor_A, factor_B = factor_A.to(dtype), factor_B.to(dtype)
+        return factor_A, factor_B
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``scaling * P @ (Q * masked lambda)`` in fp32, laid out like the base weight."""
+        with torch.no_grad():
+            factor_A, factor_B = self.effective_factors(adapter_name, torch.float32)
+            delta = (factor_B @ factor_A) * self.scaling[adapter_name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def orthogonality_residuals(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q Q^T - I, P^T P - I)``, both ``[r, r]`` in fp32, differentiable.
+
+        Every stored triplet counts, masked ones too (they stay orthonormal
+        so that they can come back).
+        """
+        factor_A = self.lora_A[adapter_name].float()
+        factor_B = self.lora_B[adapter_name].float()
+        identity = torch.eye(factor_A.shape[0], device=factor_A.device)
+        return factor_A @ factor_A.T - identity, factor_B.T @ factor_B - identity
+
+    def _lora_input(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
+        # None tells the fused op to reuse x for the adapter branch (no copy).
+        probability = self.lora_dropout[adapter_name]
+        if probability > 0.0 and self.training:
+            return F.dropout(x, p=probability, training=True)
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        active = self._unmerged_active()
+        if not active:
+            return self.base_layer(x)
+        base = self.base_layer
+        if self.quantized:
+            dtype = base.compute_dtype_for(x)
+        else:
+            weight = base.weight.t() if self.fan_in_fan_out else base.weight
+            dtype = weight.dtype
+        inputs = x.to(dtype)
+        bias = None if base.bias is None else base.bias.to(dtype)
+        first = active[0]
+        factor_A, factor_B = self.effective_factors(first, dtype)
+        if self.quantized:
+            result = ops.qlora_linear(inputs, *base.linear_args(), bias, factor_A, factor_B,
+                                      self.scaling[first], self._lora_input(inputs, first))
+        else:
+            result = ops.lora_linear(inputs, weight, bias, factor_A, factor_B,
+                                     self.scaling[first], self._lora_input(inputs, first))
+        for name in active[1:]:
+            branch = self._lora_input(inputs, name)
+            branch = inputs if branch is None else branch
+            factor_A, factor_B = self.effective_factors(name, dtype)
+            result = result + ((branch @ factor_A.T) @ factor_B.T) * self.scaling[name]
+        return result.to(x.dtype)
+
+    # -------------------------------------------------------------------- merge
+
+    def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> float:
+        if self.quantized:
+            return self._merge_quantized(adapter_name, safe_merge)
+        weight = self.base_layer.weight
+        exact = weight.detach().float() + self.delta_weight(adapter_name)
+        self._check_finite(exact, adapter_name, safe_merge)
+        with torch.no_grad():
+            weight.copy_(exact)
+        return (weight.detach().float() - exact).abs().max().item()
+
+    def _merge_quantized(self, adapter_name: str, safe_merge: bool) -> float:
+        # Dequantize, add in fp32, quantize once; the original 4-bit data is
+        # kept so that unmerging restores it exactly.
+        base = self.base_layer
+        exact = base.dequantize(torch.float32) + self.delta_weight(adapter_name)
+        self._check_finite(exact, adapter_name, safe_merge)
+        quantized = NF4Weight.from_float(exact, base.blocksize,
+                                         base.weight_nested_absmax is not None)
+        quantized.dtype = base.weight_dtype
+        if self._unmerged_base is None:
+            self._unmerged_base = base.quantized_weight()
+        base.set_quantized_weight(quantized)
+        return (quantized.dequantize(torch.float32) - exact).abs().max().item()
+
+    def _check_finite(self, exact: torch.Tensor, adapter_name: str, safe_merge: bool) -> None:
+        if safe_merge and not torch.isfinite(exact).all():
+            raise ValueError(f"merging adapter {adapter_name!r} into {type(self).__name__} "
+                             "gives non-finite weights; the layer was left unchanged")
+
+    def _unmerge_adapter(self, adapter_name: str) -> None:
+        if self.quantized:
+            # Merges on a 4-bit base stack up in the saved original, so the
+            # first unmerge restores it and the rest have nothing left to do.
+            if self._unmerged_base is not None:
+                self.base_layer.set_quantized_weight(self._unmerged_base)
+                self._unmerged_base = None
+            return
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            weight.copy_(weight.float() - self.delta_weight(adapter_name))
+
+    # ------------------------------------------------------------ serialization
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """``lora_A`` / ``lora_E`` / ``lora_B`` of the kept triplets only (PEFT's layout).
+
+        While triplets are masked these are copies (sliced by the mask);
+        once every stored triplet is kept they share the parameters' storage.
+        """
+        state = super().adapter_state_dict(adapter_name)
+        if self.triplets[adapter_name].fully_active:
+            return state
+        index = self.kept(adapter_name).nonzero().view(-1)
+        return {key: value.index_select(dict(_TRIPLET_DIMENSIONS)[key], index)
+                for key, value in state.items()}
+
+    def load_adapter_state(self, adapter_name: str, state: dict[str, torch.Tensor],
+                           where: str = "") -> None:
+        """Copy saved tensors in; see :meth:`AdapterLayer.load_adapter_state`.
+
+        Raises ``ValueError`` while triplets are masked but not yet shrunk
+        (the file holds fewer triplets than the layer stores).
+        """
+        if not self.triplets[adapter_name].fully_active:
+            raise ValueError(f"{where or type(self).__name__}: adapter {adapter_name!r} is in "
+                             "the middle of a rank allocation; load into a fresh layer instead")
+        super().load_adapter_state(adapter_name, state, where)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}: rank={self.active_rank(name)}/{self.init_r[name]}, "
+                         f"alpha={self.lora_alpha[name]:g}" for name in self.adapter_names)
+
+
+class RankAllocator:
+    """Global triplet budget of one AdaLoRA adapter over a set of layers (paper §3).
+
+    Importance, per entry ``w`` of P, lambda and Q, after each backward:
+    sensitivity ``I = |w * dL/dw|``; smoothed ``I_bar = beta1 * I_bar +
+    (1 - beta1) * I``; uncertainty ``U_bar = beta2 * U_bar + (1 - beta2) *
+    |I - I_bar|`` (with the new ``I_bar``); score ``s = I_bar * U_bar``. A
+    triplet's score is ``s(lambda_i) + mean_j s(P_ji) + mean_j s(Q_ij)``.
+
+    Budget (total kept rank) at step ``t``, with ``T = total_step``:
+    ``init = sum(initial ranks)`` while ``t <= tinit``; then
+    ``b(t) = floor(target + (init - target) * (1 - (t - tinit) /
+    (T - tfinal - tinit))**3)`` with ``target = target_r * layers``; every
+    ``deltaT`` steps the ``b(t)`` best triplets over all layers are kept
+    (ties go to the earlier layer / lower index) and the rest masked, until
+    at ``t >= T - tfinal`` the target budget is allocated one last time, the
+    pattern is frozen and the layers are shrunk to it. Between reallocations
+    the kept set, and so the total active rank, does not change. Budgets are
+    clamped to ``[0, stored triplets]``.
+
+    Attributes:
+        initial_budget, target_budget: the two ends of the schedule.
+        budget: the budget in force (of the last allocation).
+        allocations: how many times triplets were (re)selected.
+        frozen: True once the final allocation is made.
+        resized: after freezing, what :meth:`AdaLoRALinear.shrink` changed,
+            for refreshing optimizer state.
+    """
+
+    def __init__(self, layers: Iterable[tuple[str, AdaLoRALinear]], adapter_name: str,
+                 target_r: int, total_step: int, tinit: int = 0, tfinal: int = 0,
+                 deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85,
+                 frozen: bool = False):
+        self.layers = [(path, layer) for path, layer in layers]
+        self.adapter_name = adapter_name
+        self.total_step, self.tinit, self.tfinal, self.deltaT = total_step, tinit, tfinal, deltaT
+        self.beta1, self.beta2 = beta1, beta2
+        self.initial_budget = sum(layer.rank(adapter_name) for _, layer in self.layers)
+        self.target_budget = min(target_r * len(self.layers), self.initial_budget)
+        self.budget = sum(layer.active_rank(adapter_name) for _, layer in self.layers)
+        self.frozen = frozen
+        self.resized: Resized = {}
+        # {(path, factor name): (smoothed sensitivity, uncertainty)}
+        self.importance: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.importance_updates = 0
+        self.allocations = 0
+
+    @property
+    def final_step(self) -> int:
+        """The step at which the allocation is made final: ``total_step - tfinal``."""
+        return self.total_step - self.tfinal
+
+    def scheduled_budget(self, step: int) -> int:
+        """``b(step)`` of the schedule (see the class docstring), clamped to ``[0, total]``."""
+        if step <= self.tinit:
+            budget = self.initial_budget
+        elif step >= self.final_step:
+            budget = self.target_budget
+        else:
+            remaining = 1.0 - (step - self.tinit) / (self.final_step - self.tinit)
+            budget = math.floor(self.target_budget
+                                + (self.initial_budget - self.target_budget) * remaining ** 3)
+        total = sum(layer.rank(self.adapter_name) for _, layer in self.layers)
+        return max(0, min(int(budget), total))
+
+    def active_rank(self) -> int:
+        """Triplets currently in the budget, over all layers."""
+        return sum(layer.active_rank(self.adapter_name) for _, layer in self.layers)
+
+    def rank_pattern(self) -> dict[str, list[bool]]:
+        """``{"<module path>.lora_E": init_r booleans}``, as PEFT stores the allocation."""
+        return {f"{path}.lora_E": layer.rank_pattern(self.adapter_name)
+                for path, layer in self.layers}
+
+    # --------------------------------------------------------------- importance
+
+    def update_importance(self) -> None:
+        """Fold the current gradients into the smoothed scores.
+
+        Call after backward, while the gradients are there. A factor without
+        a gradient (its layer took no part in the loss) counts as zero
+        sensitivity. Does nothing once frozen.
+
+        Raises ``RuntimeError`` when no factor has a gradient (called after
+        ``zero_grad()`` or before ``backward()``).
+        """
+        if self.frozen:
+            return
+        name = self.adapter_name
+        found = False
+        with torch.no_grad():
+            for path, layer in self.layers:
+                for dict_name, _ in _TRIPLET_DIMENSIONS:
+                    parameter = getattr(layer, dict_name)[name]
+                    if parameter.grad is None:
+                        sensitivity = torch.zeros_like(parameter, dtype=torch.float32)
+                    else:
+                        found = True
+                        sensitivity = (parameter.float() * parameter.grad.float()).abs()
+                    key = (path, dict_name)
+                    smoothed, uncertainty = self.importance.get(
+                        key, (torch.zeros_like(sensitivity), torch.zeros_like(sensitivity)))
+                    smoothed = self.beta1 * smoothed + (1 - self.beta1) * sensitivity
+                    uncertainty = (self.beta2 * uncertainty
+                                   + (1 - self.beta2) * (sensitivity - smoothed).abs())
+                    self.importance[key] = (smoothed, uncertainty)
+        if not found:
+            raise RuntimeError("AdaLoRA importance needs gradients, but no adapter factor has "
+                               "one: call it after loss.backward() and before zero_grad()")
+        self.importance_updates += 1
+
+    def triplet_scores(self) -> list[torch.Tensor]:
+        """Per layer (in order), the ``[rank]`` triplet scores ``S_i`` (fp32)."""
+        scores = []
+        for path, layer in self.layers:
+            parts = {}
+            for dict_name, _ in _TRIPLET_DIMENSIONS:
+                smoothed, uncertainty = self.importance[(path, dict_name)]
+                parts[dict_name] = smoothed * uncertainty
+            scores.append(parts["lora_E"].view(-1) + parts["lora_A"].mean(dim=1)
+                          + parts["lora_B"].mean(dim=0))
+        return scores
+
+    # --------------------------------------------------------------- allocation
+
+    def allocate(self, step: int) -> bool:
+        """Apply the schedule at ``step``; call once per optimizer step, after it.
+
+        Reallocates when ``tinit < step < T - tfinal`` and ``step % deltaT ==
+        0``; at the first call with ``step >= T - tfinal`` allocates the
+        target budget, freezes and shrinks the layers (see ``resized``). On
+        every call the lambda of masked triplets is zeroed again.
+
+        Returns True when the layers were shrunk by this call. Raises
+        ``RuntimeError`` if an allocation is due but importance was never
+        updated.
+        """
+        if self.frozen:
+            return False
+        final = step >= self.final_step
+        if final or (step > self.tinit and step % self.deltaT == 0):
+            self._mask_to_budget(self.scheduled_budget(step))
+        for _, layer in self.layers:
+            layer.zero_masked(self.adapter_name)
+        if not final:
+            return False
+        self.frozen = True
+        self.importance.clear()
+        for _, layer in self.layers:
+            self.resized.update(layer.shrink(self.adapter_name))
+        return True
+
+    def _mask_to_budget(self, budget: int) -> None:
+        if self.importance_updates == 0:
+            raise RuntimeError("an AdaLoRA allocation is due but importance was never updated; "
+                               "call update_importance() after each backward (or "
+                               "update_and_allocate / attach_optimizer on the wrapper)")
+        scores = self.triplet_scores()
+        flat = torch.cat([score.cpu() for score in scores]) if scores else torch.zeros(0)
+        order = torch.sort(flat, descending=True, stable=True).indices
+        kept = torch.zeros(flat.numel(), dtype=torch.bool)
+        kept[order[:budget]] = True
+        start = 0
+        for (_, layer), score in zip(self.layers, scores):
+            layer.set_kept(self.adapter_name, kept[start:start + score.numel()])
+            start += score.numel()
+        self.budget = budget
+        self.allocations += 1
