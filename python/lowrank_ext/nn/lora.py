@@ -21,6 +21,8 @@ from .adapter_layer import AdapterLayer
 
 Init = Union[bool, str]
 _INIT_CHOICES = (True, False, "default", "gaussian", "pissa")
+# Per-row adapter name meaning "no adapter" in mixed-adapter batches (PEFT's name).
+BASE_ROW = "__base__"
 
 
 def is_transformers_conv1d(module: nn.Module) -> bool:
@@ -67,6 +69,61 @@ class LoRALayer(AdapterLayer):
         self.lora_dropout: dict[str, float] = {}
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
+        self.row_adapter_names: Optional[list[str]] = None
+        self._stacked_factors: Optional[tuple] = None
+
+    def set_row_adapters(self, names: Optional[list[str]]) -> None:
+        """Use adapter ``names[i]`` for row ``i`` of the next inputs (None: back to normal).
+
+        A row named :data:`BASE_ROW` (``"__base__"``) or an adapter this layer
+        does not hold gets the base output. Only layers with
+        ``supports_row_adapters`` accept this.
+        """
+        if names is not None and not self.supports_row_adapters:
+            raise NotImplementedError(
+                f"per-row adapter names are supported on linear LoRA layers, not on "
+                f"{type(self).__name__}")
+        self.row_adapter_names = None if names is None else list(names)
+
+    supports_row_adapters = False
+
+    def _row_adapter_forward(self, inputs: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        """``base_output`` plus each row's own adapter, in one multi-adapter op.
+
+        Every held adapter's factors are stacked once (and again only when a
+        factor changes), so the cost does not grow with a per-adapter loop.
+        Dropout does not apply here. Raises ``ValueError`` when the number of
+        names differs from the batch size or an adapter is merged.
+        """
+        names = self.row_adapter_names
+        if len(names) != inputs.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has "
+                             f"{inputs.shape[0]} rows")
+        if self.merged_adapters:
+            raise ValueError(f"unmerge adapters {self.merged_adapters} before running "
+                             f"mixed-adapter batches")
+        held = list(self.lora_A.keys())
+        position = {name: index for index, name in enumerate(held)}
+        indices = torch.tensor([position.get(name, -1) for name in names], dtype=torch.int64,
+                               device=inputs.device)
+        if not held or bool((indices < 0).all()):
+            return base_output
+        lora_A, lora_B, ranks = self._stacked(held, inputs.dtype)
+        scalings = torch.tensor([self.scaling[name] for name in held], dtype=torch.float32,
+                                device=inputs.device)
+        return ops.multi_lora_linear(inputs, base_output, lora_A, lora_B, ranks, scalings, indices)
+
+    def _stacked(self, held: list[str], dtype: torch.dtype):
+        factors = [self._factor_tensors(name) for name in held]
+        stack = lambda: ops.stack_lora_factors([a.to(dtype) for a, _ in factors],  # noqa: E731
+                                               [b.to(dtype) for _, b in factors])
+        if torch.is_grad_enabled() and any(t.requires_grad for pair in factors for t in pair):
+            return stack()  # part of this step's graph: never reused across steps
+        # Inference: reuse the stack until a factor is modified (its version moves).
+        key = (tuple(held), dtype, tuple((t._version, t.data_ptr()) for pair in factors for t in pair))
+        if self._stacked_factors is None or self._stacked_factors[0] != key:
+            self._stacked_factors = (key, stack())
+        return self._stacked_factors[1]
 
     def update_layer(self, adapter_name: str, r: int, alpha: float, dropout: float = 0.0,
                      use_rslora: bool = False, init: Init = True) -> None:
@@ -219,7 +276,15 @@ class LoRALinear(LoRALayer):
         delta = (factor_B.detach().float() @ factor_A.detach().float()) * self.scaling[adapter_name]
         return delta.T if self.fan_in_fan_out else delta
 
+    supports_row_adapters = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_adapter_names is not None and not self.adapters_disabled:
+            weight = self._oriented_weight()
+            inputs = x.to(weight.dtype)
+            bias = self.base_layer.bias
+            base_output = F.linear(inputs, weight, None if bias is None else bias.to(weight.dtype))
+            return self._row_adapter_forward(inputs, base_output).to(x.dtype)
         active = self._unmerged_active()
         if not active:
             return self.base_layer(x)

@@ -82,12 +82,17 @@ class QLoRALinear(LoRALayer):
         factor_A, factor_B = self._factor_tensors(adapter_name)
         return (factor_B.detach().float() @ factor_A.detach().float()) * self.scaling[adapter_name]
 
+    supports_row_adapters = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         active = self._unmerged_active()
         base = self.base_layer
         dtype = base.compute_dtype_for(x)
         inputs = x.to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
+        if self.row_adapter_names is not None and not self.adapters_disabled:
+            base_output = ops.nf4_linear(inputs, *base.linear_args(), bias)
+            return self._row_adapter_forward(inputs, base_output).to(x.dtype)
         if self.merged_weight is not None and not self.adapters_disabled:
             result = F.linear(inputs, self.merged_weight.to(dtype), bias)
             if not active:

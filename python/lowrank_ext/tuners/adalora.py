@@ -464,7 +464,7 @@ class AdaLoRAModule(AdapterModel):
 
     def forward(self, *args: Any, **kwargs: Any):
         """Call the wrapped model; in training, add the regularizer to ``output.loss``."""
-        output = self.model(*args, **kwargs)
+        output = super().forward(*args, **kwargs)
         if not self.training or self.active_adapter is None:
             return output
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from ..nn.lora import BASE_ROW
 from ..nn import (AdapterLayer, LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, NF4Linear,
                   QLoRALinear, is_transformers_conv1d)
 from .config import LoRAConfig, QLoRAConfig
@@ -75,9 +76,46 @@ class AdapterModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args: Any, **kwargs: Any):
-        """Call the wrapped model (with its adapters) unchanged."""
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
+        """Call the wrapped model (with its adapters) unchanged.
+
+        ``adapter_names`` (one name per batch row, ``"__base__"`` for none)
+        runs a mixed-adapter batch: every row of the batch uses its own adapter,
+        in one multi-adapter op per layer; it works in training too (no
+        dropout). See :meth:`row_adapters`.
+        """
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self.row_adapters(adapter_names):
+            return self.model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def row_adapters(self, adapter_names: Sequence[str]) -> Iterator[None]:
+        """Within the block, row ``i`` of every batch uses adapter ``adapter_names[i]``.
+
+        Raises ``KeyError`` for a name no layer holds, ``NotImplementedError``
+        when the model has adapter layers that cannot mix adapters per row
+        (convolution, embedding, AdaLoRA), and ``ValueError`` (at call time)
+        when the batch size differs from ``len(adapter_names)``.
+        """
+        names = list(adapter_names)
+        layers = [layer for _, layer in self.adapter_layers()]
+        known = {name for layer in layers for name in layer.adapter_names}
+        unknown = sorted({name for name in names if name != BASE_ROW and name not in known})
+        if unknown:
+            raise KeyError(f"adapter_names: no adapter named {unknown}; known: {sorted(known)}")
+        unsupported = sorted({type(layer).__name__ for layer in layers
+                              if not getattr(layer, "supports_row_adapters", False)})
+        if unsupported:
+            raise NotImplementedError(f"per-row adapter_names need linear LoRA/QLoRA layers; this "
+                                      f"model also has {unsupported}")
+        for layer in layers:
+            layer.set_row_adapters(names)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.set_row_adapters(None)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (adapter layers included)."""
