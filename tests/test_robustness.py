@@ -62,7 +62,31 @@ BAD_CALLS = [
     ("qlora_linear bad lora_input",
      "ops.qlora_linear(torch.randn(2, 64), *nf4.linear_args(), None, torch.randn(4, 64),"
      " torch.randn(40, 4), 1.0, lora_input=torch.randn(3, 64))"),
+    ("multi_lora index out of range",
+     "ops.multi_lora_linear(torch.randn(2, 64), torch.randn(2, 40), *stacked,"
+     " torch.ones(2), torch.tensor([0, 5]))"),
+    ("multi_lora rank above max",
+     "ops.multi_lora_linear(torch.randn(2, 64), torch.randn(2, 40), stacked[0], stacked[1],"
+     " torch.tensor([9, 1]), torch.ones(2), torch.tensor([0, 1]))"),
+    ("multi_lora wrong base_output",
+     "ops.multi_lora_linear(torch.randn(2, 64), torch.randn(3, 40), *stacked,"
+     " torch.ones(2), torch.tensor([0, 1]))"),
     ("set unknown ISA", "lowrank_ext.set_cpu_isa('avx9000')"),
+    ("LoRALinear rank 0", "lowrank_ext.nn.LoRALinear(torch.nn.Linear(4, 4), r=0)"),
+    ("LoRALinear negative alpha", "lowrank_ext.nn.LoRALinear(torch.nn.Linear(4, 4), alpha=-1)"),
+    ("LoRALinear dropout 1", "lowrank_ext.nn.LoRALinear(torch.nn.Linear(4, 4), dropout=1.0)"),
+    ("LoRALinear wrong input", "lowrank_ext.nn.LoRALinear(torch.nn.Linear(4, 4))(torch.randn(2, 5))"),
+    ("QLoRALinear on a conv",
+     "lowrank_ext.nn.QLoRALinear.from_linear(torch.nn.Conv1d(4, 4, 1))"),
+    ("QLoRALinear NaN weight",
+     "lowrank_ext.nn.QLoRALinear.from_linear(nan_linear)"),
+    ("LoRAModule unknown target",
+     "lowrank_ext.LoRAModule(torch.nn.Sequential(torch.nn.Linear(4, 4)), target_modules=['nope'])"),
+    ("AdaLoRA without total_step",
+     "lowrank_ext.AdaLoRAModule(torch.nn.Sequential(torch.nn.Linear(4, 4)), target_modules=['0'])"),
+    ("load_adapter from a missing folder",
+     "lowrank_ext.load_adapter(torch.nn.Sequential(torch.nn.Linear(4, 4)), '/nonexistent-adapter')"),
+    ("NF4Weight from a list", "lowrank_ext.NF4Weight.from_float([1.0, 2.0])"),
 ]
 
 PRELUDE = """
@@ -72,6 +96,11 @@ weight = torch.randn(40, 64)
 packed, absmax = ops.nf4_quantize(weight)
 code = lowrank_ext.dynamic_map()
 nf4 = lowrank_ext.NF4Weight.from_float(weight)
+stacked = ops.stack_lora_factors([torch.randn(4, 64), torch.randn(2, 64)],
+                                 [torch.randn(40, 4), torch.randn(40, 2)])[:2]
+nan_linear = torch.nn.Linear(4, 4)
+with torch.no_grad():
+    nan_linear.weight[0, 0] = float("nan")
 """
 
 
