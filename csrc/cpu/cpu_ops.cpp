@@ -4,6 +4,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+
 #include "core/nf4.h"
 #include "cpu/dispatch.h"
 #include "cpu/kernels.h"
@@ -178,12 +181,36 @@ struct KernelWeight {
 constexpr int64_t kGemvMaxRows = 8;
 // Weight rows per GEMV task: enough work to amortize task start-up.
 constexpr int64_t kGemvGrain = 16;
-// Dequantized panel size in bytes for the GEMM path: big enough that each
-// GEMM call runs near full speed, small enough to stay in the L2 cache
-// between being written and being read by the GEMM.
-constexpr int64_t kPanelBytes = int64_t{1} << 20;
-// Elements per parallel dequantization task.
-constexpr int64_t kDequantizeGrain = int64_t{1} << 14;
+// Panels for the GEMM path: about kPanelBytes of dequantized weight (L3-sized,
+// written and read back by the same core), clamped so the GEMM's N dimension
+// stays where ATen's kernels run near full speed (fp32 GEMMs lose >10% below
+// ~256 columns; measured per-thread CPU time, 512x4096x4096).
+constexpr int64_t kPanelBytes = int64_t{4} << 20;
+constexpr int64_t kPanelMinRows = 128;
+constexpr int64_t kPanelMaxRows = 512;
+
+int64_t panel_rows_for(int64_t row_length, int64_t element_size, int64_t total_rows) {
+  const int64_t rows = std::clamp(kPanelBytes / (row_length * element_size), kPanelMinRows,
+                                  kPanelMaxRows);
+  return std::min(rows, total_rows);
+}
+
+// Runs worker(next) once on each of the ATen threads (one parallel region);
+// next() hands out the indices 0, 1, ... count - 1 one at a time and then
+// -1. Dynamic hand-out keeps every thread busy to the end even when one
+// core is slowed down by other load, which a static split would wait for.
+template <typename Worker>
+void parallel_dynamic(int64_t count, Worker&& worker) {
+  std::atomic<int64_t> counter{0};
+  auto next = [&]() -> int64_t {
+    int64_t index = counter.fetch_add(1, std::memory_order_relaxed);
+    return index < count ? index : -1;
+  };
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t thread = begin; thread < end; ++thread) worker(next);
+  });
+}
 
 // rows [M, in] (contiguous) -> [M, out] by the fused GEMV.
 at::Tensor nf4_gemv_rows(const KernelWeight& weight, const at::Tensor& rows,
@@ -202,85 +229,86 @@ at::Tensor nf4_gemv_rows(const KernelWeight& weight, const at::Tensor& rows,
   at::Tensor out = at::empty({count, weight.out_features}, rows.options());
   const CpuKernels& kernels = active_kernels();
   const Dtype out_dtype = to_kernel_dtype(out.scalar_type());
-  at::parallel_for(0, weight.out_features, kGemvGrain, [&](int64_t begin, int64_t end) {
-    kernels.nf4_gemv(layout, weight.data(), weight.scales, weight.out_features,
-                     weight.in_features, weight.blocksize, bias_data, begin, end,
-                     out.mutable_data_ptr(), out_dtype);
+  const int64_t tasks = (weight.out_features + kGemvGrain - 1) / kGemvGrain;
+  parallel_dynamic(tasks, [&](auto next) {
+    for (int64_t task = next(); task >= 0; task = next()) {
+      const int64_t begin = task * kGemvGrain;
+      kernels.nf4_gemv(layout, weight.data(), weight.scales, weight.out_features,
+                       weight.in_features, weight.blocksize, bias_data, begin,
+                       std::min(begin + kGemvGrain, weight.out_features), out.mutable_data_ptr(),
+                       out_dtype);
+    }
   });
   return out;
 }
 
-// Dequantizes flat weight elements [begin, begin + count) into `destination`
-// (contiguous, `count` elements), in parallel.
-void dequantize_flat_range(const KernelWeight& weight, int64_t begin, int64_t count,
-                           at::Tensor& destination) {
-  const CpuKernels& kernels = active_kernels();
-  const Dtype dtype = to_kernel_dtype(destination.scalar_type());
-  char* base = static_cast<char*>(destination.mutable_data_ptr());
-  const int64_t item = destination.element_size();
-  at::parallel_for(0, count, kDequantizeGrain, [&](int64_t first, int64_t last) {
-    kernels.nf4_dequantize_range(weight.data(), weight.scales, weight.blocksize, begin + first,
-                                 begin + last, base + first * item, dtype);
-  });
-}
-
-// rows [M, in] (contiguous) -> [M, out]: panels of weight rows are
-// dequantized into the activation dtype and multiplied by ATen's GEMM,
-// writing straight into their column slice of the output (BLAS takes the
-// output's row stride), so the dense weight never exists as a whole.
+// rows [M, in] (contiguous) -> [M, out]. One parallel region: each thread
+// takes panels of output features and, panel by panel, dequantizes a few
+// weight rows into the activation dtype (an L2-sized buffer of its own) and
+// multiplies them with ATen's GEMM (single-threaded inside the region),
+// writing straight into its column slice of the output (BLAS takes the row
+// stride). No barrier between panels, and the dense weight never exists as a
+// whole.
 at::Tensor nf4_gemm_rows(const KernelWeight& weight, const at::Tensor& rows,
                          const std::optional<at::Tensor>& bias) {
   const int64_t in_features = weight.in_features;
   const int64_t out_features = weight.out_features;
-  const int64_t panel_rows =
-      std::min(out_features, std::max<int64_t>(16, kPanelBytes / (in_features * rows.element_size())));
-  at::Tensor panel = at::empty({panel_rows, in_features}, rows.options());
+  const int64_t panel_rows = panel_rows_for(in_features, rows.element_size(), out_features);
   at::Tensor out = at::empty({rows.size(0), out_features}, rows.options());
-  for (int64_t first = 0; first < out_features; first += panel_rows) {
-    const int64_t count = std::min(panel_rows, out_features - first);
-    dequantize_flat_range(weight, first * in_features, count * in_features, panel);
-    at::Tensor weight_panel = panel.narrow(0, 0, count).t();
-    at::Tensor out_slice = out.narrow(1, first, count);
-    if (bias.has_value()) {
-      at::addmm_out(out_slice, bias->narrow(0, first, count), rows, weight_panel);
-    } else {
-      at::mm_out(out_slice, rows, weight_panel);
+  const CpuKernels& kernels = active_kernels();
+  const Dtype dtype = to_kernel_dtype(rows.scalar_type());
+  const int64_t panels = (out_features + panel_rows - 1) / panel_rows;
+  parallel_dynamic(panels, [&](auto next) {
+    at::Tensor panel = at::empty({panel_rows, in_features}, rows.options());
+    for (int64_t index = next(); index >= 0; index = next()) {
+      const int64_t first = index * panel_rows;
+      const int64_t count = std::min(panel_rows, out_features - first);
+      kernels.nf4_dequantize_range(weight.data(), weight.scales, weight.blocksize,
+                                   first * in_features, (first + count) * in_features,
+                                   panel.mutable_data_ptr(), dtype);
+      at::Tensor weight_panel = panel.narrow(0, 0, count).t();
+      at::Tensor out_slice = out.narrow(1, first, count);
+      if (bias.has_value()) {
+        at::addmm_out(out_slice, bias->narrow(0, first, count), rows, weight_panel);
+      } else {
+        at::mm_out(out_slice, rows, weight_panel);
+      }
     }
-  }
+  });
   return out;
 }
 
-// grad_rows [M, out] (contiguous) -> grad_rows @ W [M, in]: slabs of weight
-// columns are dequantized and multiplied, each slab's product written once
-// into its column slice, so every output element is one fp32-accumulated
-// GEMM result (no rounding between partial sums in 16-bit dtypes).
+// grad_rows [M, out] (contiguous) -> grad_rows @ W [M, in]. Like
+// nf4_gemm_rows, but threads take slabs of weight columns (all out_features rows, a few columns), each slab's product
+// written once into its column slice: every output element is one
+// fp32-accumulated GEMM result (no rounding between partial sums in 16-bit
+// dtypes).
 at::Tensor nf4_gemm_grad_rows(const KernelWeight& weight, const at::Tensor& grad_rows) {
   const int64_t in_features = weight.in_features;
   const int64_t out_features = weight.out_features;
-  const int64_t slab_columns = std::min(
-      in_features,
-      std::max<int64_t>(32, kPanelBytes / (out_features * grad_rows.element_size())));
-  at::Tensor slab_storage = at::empty({out_features * slab_columns}, grad_rows.options());
+  const int64_t slab_columns =
+      panel_rows_for(out_features, grad_rows.element_size(), in_features);
   at::Tensor grad_input = at::empty({grad_rows.size(0), in_features}, grad_rows.options());
   const CpuKernels& kernels = active_kernels();
   const Dtype dtype = to_kernel_dtype(grad_rows.scalar_type());
   const int64_t item = grad_rows.element_size();
-  for (int64_t first = 0; first < in_features; first += slab_columns) {
-    const int64_t count = std::min(slab_columns, in_features - first);
+  const int64_t slabs = (in_features + slab_columns - 1) / slab_columns;
+  parallel_dynamic(slabs, [&](auto next) {
+    at::Tensor slab_storage = at::empty({out_features * slab_columns}, grad_rows.options());
     char* base = static_cast<char*>(slab_storage.mutable_data_ptr());
-    at::parallel_for(0, out_features, std::max<int64_t>(1, kDequantizeGrain / count),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t row = begin; row < end; ++row) {
-                         const int64_t flat = row * in_features + first;
-                         kernels.nf4_dequantize_range(weight.data(), weight.scales,
-                                                      weight.blocksize, flat, flat + count,
-                                                      base + row * count * item, dtype);
-                       }
-                     });
-    at::Tensor slab = slab_storage.narrow(0, 0, out_features * count).view({out_features, count});
-    at::Tensor grad_slice = grad_input.narrow(1, first, count);
-    at::mm_out(grad_slice, grad_rows, slab);
-  }
+    for (int64_t index = next(); index >= 0; index = next()) {
+      const int64_t first = index * slab_columns;
+      const int64_t count = std::min(slab_columns, in_features - first);
+      for (int64_t row = 0; row < out_features; ++row) {
+        const int64_t flat = row * in_features + first;
+        kernels.nf4_dequantize_range(weight.data(), weight.scales, weight.blocksize, flat,
+                                     flat + count, base + row * count * item, dtype);
+      }
+      at::Tensor slab = slab_storage.narrow(0, 0, out_features * count).view({out_features, count});
+      at::Tensor grad_slice = grad_input.narrow(1, first, count);
+      at::mm_out(grad_slice, grad_rows, slab);
+    }
+  });
   return grad_input;
 }
 

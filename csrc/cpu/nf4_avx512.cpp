@@ -156,6 +156,9 @@ template <int Rows>
 inline void gemv_step(const std::uint8_t* bytes, __m512 lut, const float* const* even,
                       const float* const* odd, std::int64_t pair, __m512* acc_even,
                       __m512* acc_odd) {
+  // Streaming the weight is the bound; prefetching 1 KiB ahead keeps more
+  // cache-line fills in flight than the hardware prefetcher alone does.
+  _mm_prefetch(reinterpret_cast<const char*>(bytes) + 1024, _MM_HINT_T0);
   __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
   __m512 weight_high = _mm512_permutexvar_ps(_mm512_srli_epi32(index, 4), lut);
   __m512 weight_low = _mm512_permutexvar_ps(index, lut);
