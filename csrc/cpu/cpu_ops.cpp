@@ -176,9 +176,17 @@ struct KernelWeight {
 };
 
 // Up to this many activation rows the fused GEMV (which reads the 4-bit
-// weight once per group of 4 rows) beats dequantizing panels for a GEMM;
-// measured on 4096x4096 and 8192x8192 weights.
-constexpr int64_t kGemvMaxRows = 8;
+// weight once per group of 4 rows) beats dequantizing panels for a GEMM.
+// Measured (per-thread CPU time, 4096x4096): fp32 GEMV wins up to ~16 rows,
+// bf16 (whose GEMM is ~4x faster) up to ~6.
+int64_t gemv_max_rows(at::ScalarType dtype) { return dtype == at::kBFloat16 ? 6 : 16; }
+
+// dtype the GEMM path multiplies in: the activations' own, except float16,
+// whose CPU GEMM is several times slower than fp32's without AVX512-FP16
+// (measured 2.8x at 24 rows), so it runs in fp32 and rounds once at the end.
+at::ScalarType gemm_dtype(at::ScalarType dtype) {
+  return dtype == at::kHalf ? at::kFloat : dtype;
+}
 // Weight rows per GEMV task: enough work to amortize task start-up.
 constexpr int64_t kGemvGrain = 16;
 // Panels for the GEMM path: about kPanelBytes of dequantized weight (L3-sized,
@@ -331,9 +339,15 @@ at::Tensor nf4_linear_forward(const Nf4WeightArgs& args, const at::Tensor& input
   if (rows.size(0) == 0) {
     return at::empty(shape, input.options());
   }
-  at::Tensor out = rows.size(0) <= kGemvMaxRows ? nf4_gemv_rows(weight, rows, bias)
-                                                 : nf4_gemm_rows(weight, rows, bias);
-  return out.view(shape);
+  if (rows.size(0) <= gemv_max_rows(rows.scalar_type())) {
+    return nf4_gemv_rows(weight, rows, bias).view(shape);
+  }
+  const at::ScalarType compute = gemm_dtype(rows.scalar_type());
+  std::optional<at::Tensor> compute_bias;
+  if (bias.has_value()) compute_bias = bias->to(compute);
+  return nf4_gemm_rows(weight, rows.to(compute), compute_bias)
+      .to(input.scalar_type())
+      .view(shape);
 }
 
 at::Tensor nf4_linear_cpu(const at::Tensor& input, const at::Tensor& packed,
@@ -370,7 +384,10 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_output, const at::Te
   if (grad_rows.size(0) == 0) {
     return at::empty(shape, grad_output.options());
   }
-  return nf4_gemm_grad_rows(weight, grad_rows).view(shape);
+  const at::ScalarType compute = gemm_dtype(grad_rows.scalar_type());
+  return nf4_gemm_grad_rows(weight, grad_rows.to(compute))
+      .to(grad_output.scalar_type())
+      .view(shape);
 }
 
 // Adds scaling * (lora_rows @ A.T) @ B.T to `out` rows in place.
