@@ -189,13 +189,20 @@ at::ScalarType gemm_dtype(at::ScalarType dtype) {
 }
 // Weight rows per GEMV task: enough work to amortize task start-up.
 constexpr int64_t kGemvGrain = 16;
-// Panels for the GEMM path: about kPanelBytes of dequantized weight (L3-sized,
-// written and read back by the same core), clamped so the GEMM's N dimension
-// stays where ATen's kernels run near full speed (fp32 GEMMs lose >10% below
-// ~256 columns; measured per-thread CPU time, 512x4096x4096).
-constexpr int64_t kPanelBytes = int64_t{4} << 20;
-constexpr int64_t kPanelMinRows = 128;
-constexpr int64_t kPanelMaxRows = 512;
+// Panels for the GEMM path: about kPanelBytes of dequantized weight, rows
+// clamped to [kPanelMinRows, kPanelMaxRows]. Each panel costs two parallel
+// regions (dequantize, then ATen's threaded GEMM), and every region boundary
+// waits for the slowest thread, which gets expensive when other processes
+// share the cores; so panels are large. fp32 GEMMs also need N >= 256 to run
+// at full speed. Measured on 512x4096x4096: per-thread CPU time with 2, 4
+// and 8 MiB panels within 5% of dense for fp32 and bf16, forward and
+// grad_input. Running one single-threaded GEMM per thread inside a single
+// region was tried too and was several times slower with two threads.
+constexpr int64_t kPanelBytes = int64_t{8} << 20;
+constexpr int64_t kPanelMinRows = 256;
+constexpr int64_t kPanelMaxRows = 4096;
+// Elements per parallel dequantization task.
+constexpr int64_t kDequantizeGrain = int64_t{1} << 16;
 
 int64_t panel_rows_for(int64_t row_length, int64_t element_size, int64_t total_rows) {
   const int64_t rows = std::clamp(kPanelBytes / (row_length * element_size), kPanelMinRows,
@@ -250,45 +257,43 @@ at::Tensor nf4_gemv_rows(const KernelWeight& weight, const at::Tensor& rows,
   return out;
 }
 
-// rows [M, in] (contiguous) -> [M, out]. One parallel region: each thread
-// takes panels of output features and, panel by panel, dequantizes a few
-// weight rows into the activation dtype (an L2-sized buffer of its own) and
-// multiplies them with ATen's GEMM (single-threaded inside the region),
-// writing straight into its column slice of the output (BLAS takes the row
-// stride). No barrier between panels, and the dense weight never exists as a
-// whole.
+// rows [M, in] (contiguous) -> [M, out]: panel by panel, weight rows are
+// dequantized (in parallel) into the activation dtype and multiplied by
+// ATen's GEMM, which writes straight into the panel's column slice of the
+// output (BLAS takes the row stride) with the bias added there; the dense
+// weight never exists as a whole.
 at::Tensor nf4_gemm_rows(const KernelWeight& weight, const at::Tensor& rows,
                          const std::optional<at::Tensor>& bias) {
   const int64_t in_features = weight.in_features;
   const int64_t out_features = weight.out_features;
   const int64_t panel_rows = panel_rows_for(in_features, rows.element_size(), out_features);
+  at::Tensor panel = at::empty({panel_rows, in_features}, rows.options());
   at::Tensor out = at::empty({rows.size(0), out_features}, rows.options());
   const CpuKernels& kernels = active_kernels();
   const Dtype dtype = to_kernel_dtype(rows.scalar_type());
-  const int64_t panels = (out_features + panel_rows - 1) / panel_rows;
-  parallel_dynamic(panels, [&](auto next) {
-    at::Tensor panel = at::empty({panel_rows, in_features}, rows.options());
-    for (int64_t index = next(); index >= 0; index = next()) {
-      const int64_t first = index * panel_rows;
-      const int64_t count = std::min(panel_rows, out_features - first);
-      kernels.nf4_dequantize_range(weight.data(), weight.scales, weight.blocksize,
-                                   first * in_features, (first + count) * in_features,
-                                   panel.mutable_data_ptr(), dtype);
-      at::Tensor weight_panel = panel.narrow(0, 0, count).t();
-      at::Tensor out_slice = out.narrow(1, first, count);
-      if (bias.has_value()) {
-        at::addmm_out(out_slice, bias->narrow(0, first, count), rows, weight_panel);
-      } else {
-        at::mm_out(out_slice, rows, weight_panel);
-      }
+  char* panel_data = static_cast<char*>(panel.mutable_data_ptr());
+  const int64_t item = rows.element_size();
+  for (int64_t first = 0; first < out_features; first += panel_rows) {
+    const int64_t count = std::min(panel_rows, out_features - first);
+    const int64_t flat = first * in_features;
+    at::parallel_for(0, count * in_features, kDequantizeGrain, [&](int64_t begin, int64_t end) {
+      kernels.nf4_dequantize_range(weight.data(), weight.scales, weight.blocksize, flat + begin,
+                                   flat + end, panel_data + begin * item, dtype);
+    });
+    at::Tensor weight_panel = panel.narrow(0, 0, count).t();
+    at::Tensor out_slice = out.narrow(1, first, count);
+    if (bias.has_value()) {
+      at::addmm_out(out_slice, bias->narrow(0, first, count), rows, weight_panel);
+    } else {
+      at::mm_out(out_slice, rows, weight_panel);
     }
-  });
+  }
   return out;
 }
 
-// grad_rows [M, out] (contiguous) -> grad_rows @ W [M, in]. Like
-// nf4_gemm_rows, but threads take slabs of weight columns (all out_features rows, a few columns), each slab's product
-// written once into its column slice: every output element is one
+// grad_rows [M, out] (contiguous) -> grad_rows @ W [M, in]: slab by slab of
+// weight columns (all out_features rows, a few columns), each slab's product
+// written once into its column slice, so every output element is one
 // fp32-accumulated GEMM result (no rounding between partial sums in 16-bit
 // dtypes).
 at::Tensor nf4_gemm_grad_rows(const KernelWeight& weight, const at::Tensor& grad_rows) {
@@ -296,27 +301,27 @@ at::Tensor nf4_gemm_grad_rows(const KernelWeight& weight, const at::Tensor& grad
   const int64_t out_features = weight.out_features;
   const int64_t slab_columns =
       panel_rows_for(out_features, grad_rows.element_size(), in_features);
+  at::Tensor slab_storage = at::empty({out_features * slab_columns}, grad_rows.options());
   at::Tensor grad_input = at::empty({grad_rows.size(0), in_features}, grad_rows.options());
   const CpuKernels& kernels = active_kernels();
   const Dtype dtype = to_kernel_dtype(grad_rows.scalar_type());
+  char* slab_data = static_cast<char*>(slab_storage.mutable_data_ptr());
   const int64_t item = grad_rows.element_size();
-  const int64_t slabs = (in_features + slab_columns - 1) / slab_columns;
-  parallel_dynamic(slabs, [&](auto next) {
-    at::Tensor slab_storage = at::empty({out_features * slab_columns}, grad_rows.options());
-    char* base = static_cast<char*>(slab_storage.mutable_data_ptr());
-    for (int64_t index = next(); index >= 0; index = next()) {
-      const int64_t first = index * slab_columns;
-      const int64_t count = std::min(slab_columns, in_features - first);
-      for (int64_t row = 0; row < out_features; ++row) {
-        const int64_t flat = row * in_features + first;
-        kernels.nf4_dequantize_range(weight.data(), weight.scales, weight.blocksize, flat,
-                                     flat + count, base + row * count * item, dtype);
-      }
-      at::Tensor slab = slab_storage.narrow(0, 0, out_features * count).view({out_features, count});
-      at::Tensor grad_slice = grad_input.narrow(1, first, count);
-      at::mm_out(grad_slice, grad_rows, slab);
-    }
-  });
+  for (int64_t first = 0; first < in_features; first += slab_columns) {
+    const int64_t count = std::min(slab_columns, in_features - first);
+    at::parallel_for(0, out_features, std::max<int64_t>(1, kDequantizeGrain / count),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t row = begin; row < end; ++row) {
+                         const int64_t flat = row * in_features + first;
+                         kernels.nf4_dequantize_range(weight.data(), weight.scales,
+                                                      weight.blocksize, flat, flat + count,
+                                                      slab_data + row * count * item, dtype);
+                       }
+                     });
+    at::Tensor slab = slab_storage.narrow(0, 0, out_features * count).view({out_features, count});
+    at::Tensor grad_slice = grad_input.narrow(1, first, count);
+    at::mm_out(grad_slice, grad_rows, slab);
+  }
   return grad_input;
 }
 
