@@ -33,7 +33,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # (leading input shape, out_features, in_features, blocksize, double_quant, bias)
 # Rows 1/3/5 take the GEMV path, 40 and (2, 23) the GEMM path; odd in and out
-# make blocks straddle rows and rows start in the middle of a byte.
+# make blocks straddle rows and rows start in the middle of a byte; in = 2100
+# splits the transposed GEMV of grad_input into several column ranges.
 CASES = [
     ((1,), 37, 301, 64, True, True),
     ((3,), 19, 33, 32, False, False),
@@ -43,6 +44,7 @@ CASES = [
     ((40,), 33, 129, 4096, True, False),
     ((2, 23), 70, 130, 64, True, True),
     ((1,), 33, 129, 4096, False, True),
+    ((2,), 5, 2100, 64, True, True),
 ]
 
 

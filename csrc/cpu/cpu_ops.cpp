@@ -257,6 +257,29 @@ at::Tensor nf4_gemv_rows(const KernelWeight& weight, const at::Tensor& rows,
   return out;
 }
 
+// grad_rows [M, out] (contiguous) -> grad_rows @ W [M, in] by the fused
+// transposed GEMV: threads take column ranges and sum in fp32 straight from
+// the 4-bit weight.
+at::Tensor nf4_gemv_transposed_rows(const KernelWeight& weight, const at::Tensor& grad_rows) {
+  const int64_t count = grad_rows.size(0);
+  at::Tensor grad_fp32 = grad_rows.to(at::kFloat).contiguous();
+  at::Tensor result = at::empty({count, weight.in_features}, grad_fp32.options());
+  const CpuKernels& kernels = active_kernels();
+  const int64_t tasks =
+      (weight.in_features + kGemvTransposedMaxColumns - 1) / kGemvTransposedMaxColumns;
+  parallel_dynamic(tasks, [&](auto next) {
+    for (int64_t task = next(); task >= 0; task = next()) {
+      const int64_t begin = task * kGemvTransposedMaxColumns;
+      const int64_t end = std::min(begin + kGemvTransposedMaxColumns, weight.in_features);
+      kernels.nf4_gemv_transposed(grad_fp32.const_data_ptr<float>(), count, weight.data(),
+                                  weight.scales, weight.out_features, weight.in_features,
+                                  weight.blocksize, begin, end,
+                                  result.mutable_data_ptr<float>() + begin, weight.in_features);
+    }
+  });
+  return result.to(grad_rows.scalar_type());
+}
+
 // rows [M, in] (contiguous) -> [M, out]: panel by panel, weight rows are
 // dequantized (in parallel) into the activation dtype and multiplied by
 // ATen's GEMM, which writes straight into the panel's column slice of the
@@ -388,6 +411,9 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_output, const at::Te
   std::vector<int64_t> shape = output_shape(grad_output, args.in_features);
   if (grad_rows.size(0) == 0) {
     return at::empty(shape, grad_output.options());
+  }
+  if (grad_rows.size(0) <= gemv_max_rows(grad_rows.scalar_type())) {
+    return nf4_gemv_transposed_rows(weight, grad_rows).view(shape);
   }
   const at::ScalarType compute = gemm_dtype(grad_rows.scalar_type());
   return nf4_gemm_grad_rows(weight, grad_rows.to(compute))

@@ -59,6 +59,9 @@ struct GemvInput {
   }
 };
 
+// Widest column range one nf4_gemv_transposed call takes.
+static constexpr std::int64_t kGemvTransposedMaxColumns = 1024;
+
 struct CpuKernels {
   Isa isa;
 
@@ -84,6 +87,17 @@ struct CpuKernels {
                    const BlockScales& scales, std::int64_t out_features,
                    std::int64_t in_features, std::int64_t blocksize, const float* bias,
                    std::int64_t out_begin, std::int64_t out_end, void* out, Dtype out_dtype);
+
+  // accumulator[r * accumulator_stride + (k - column_begin)] =
+  //     sum_o grad[r * out_features + o] * W[o, k]
+  // for r < rows and k in [column_begin, column_end), the columns at most
+  // kGemvTransposedMaxColumns wide (the weight rows' slices are decoded into
+  // a stack buffer). grad is fp32 [rows, out_features]; sums in fp32.
+  void (*nf4_gemv_transposed)(const float* grad, std::int64_t rows, const std::uint8_t* packed,
+                              const BlockScales& scales, std::int64_t out_features,
+                              std::int64_t in_features, std::int64_t blocksize,
+                              std::int64_t column_begin, std::int64_t column_end,
+                              float* accumulator, std::int64_t accumulator_stride);
 
   // Dequantizes flat weight elements [begin, end) (any bounds, blocks may be
   // cut) into out[0, end - begin) in `dtype`; same values as nf4_dequantize.

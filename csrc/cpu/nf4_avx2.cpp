@@ -315,11 +315,42 @@ void nf4_dequantize_range_avx2(const std::uint8_t* packed, const BlockScales& sc
       });
 }
 
+// The weight rows' column slices are decoded one row at a time into an
+// L1-resident buffer, then added, scaled by each row's gradient, into the
+// accumulators (which stay in cache across all out_features rows).
+void nf4_gemv_transposed_avx2(const float* grad, std::int64_t rows, const std::uint8_t* packed,
+                              const BlockScales& scales, std::int64_t out_features,
+                              std::int64_t in_features, std::int64_t blocksize,
+                              std::int64_t column_begin, std::int64_t column_end,
+                              float* accumulator, std::int64_t accumulator_stride) {
+  const std::int64_t width = column_end - column_begin;
+  const std::int64_t vector_end = width / kLanes * kLanes;
+  alignas(64) float weights[kGemvTransposedMaxColumns];
+  for (std::int64_t row = 0; row < rows; ++row) {
+    for (std::int64_t k = 0; k < width; ++k) accumulator[row * accumulator_stride + k] = 0.0f;
+  }
+  for (std::int64_t output = 0; output < out_features; ++output) {
+    const std::int64_t flat = output * in_features + column_begin;
+    nf4_dequantize_range_avx2(packed, scales, blocksize, flat, flat + width, weights,
+                                Dtype::Float32);
+    for (std::int64_t row = 0; row < rows; ++row) {
+      const float factor = grad[row * out_features + output];
+      const __m256 factor_vector = _mm256_set1_ps(factor);
+      float* sums = accumulator + row * accumulator_stride;
+      std::int64_t k = 0;
+      for (; k < vector_end; k += kLanes) {
+        _mm256_storeu_ps(sums + k, _mm256_fmadd_ps(factor_vector, _mm256_loadu_ps(weights + k), _mm256_loadu_ps(sums + k)));
+      }
+      for (; k < width; ++k) sums[k] += factor * weights[k];
+    }
+  }
+}
+
 }  // namespace
 
 const CpuKernels& avx2_kernels() {
   static const CpuKernels table{Isa::Avx2, nf4_quantize_avx2, nf4_dequantize_avx2, nf4_gemv_avx2,
-                                nf4_dequantize_range_avx2};
+                                nf4_gemv_transposed_avx2, nf4_dequantize_range_avx2};
   return table;
 }
 

@@ -69,11 +69,34 @@ void nf4_dequantize_range_scalar(const std::uint8_t* packed, const BlockScales& 
       });
 }
 
+void nf4_gemv_transposed_scalar(const float* grad, std::int64_t rows, const std::uint8_t* packed,
+                                const BlockScales& scales, std::int64_t out_features,
+                                std::int64_t in_features, std::int64_t blocksize,
+                                std::int64_t column_begin, std::int64_t column_end,
+                                float* accumulator, std::int64_t accumulator_stride) {
+  const std::int64_t width = column_end - column_begin;
+  float weights[kGemvTransposedMaxColumns];
+  for (std::int64_t row = 0; row < rows; ++row) {
+    for (std::int64_t k = 0; k < width; ++k) accumulator[row * accumulator_stride + k] = 0.0f;
+  }
+  for (std::int64_t output = 0; output < out_features; ++output) {
+    const std::int64_t flat = output * in_features + column_begin;
+    nf4_dequantize_range_scalar(packed, scales, blocksize, flat, flat + width, weights,
+                                Dtype::Float32);
+    for (std::int64_t row = 0; row < rows; ++row) {
+      const float factor = grad[row * out_features + output];
+      float* sums = accumulator + row * accumulator_stride;
+      for (std::int64_t k = 0; k < width; ++k) sums[k] += factor * weights[k];
+    }
+  }
+}
+
 }  // namespace
 
 const CpuKernels& scalar_kernels() {
   static const CpuKernels table{Isa::Scalar, nf4_quantize_scalar, nf4_dequantize_scalar,
-                                nf4_gemv_scalar, nf4_dequantize_range_scalar};
+                                nf4_gemv_scalar, nf4_gemv_transposed_scalar,
+                                nf4_dequantize_range_scalar};
   return table;
 }
 
