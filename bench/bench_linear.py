@@ -3,10 +3,16 @@ against dense torch, bitsandbytes and PEFT, measured in the same run.
 
 Prints the machine, then one table row per workload with the median wall
 time of each implementation and the ratio of ours to each anchor (below 1.0
-means ours is faster). Default arguments finish in about two minutes on two
+means ours is faster). Default arguments finish in one to two minutes on two
 cores.
 
     python bench/bench_linear.py [--repeats 5] [--threads N] [--clock wall|cpu]
+
+On a machine shared with other work, OpenMP threads spinning at barriers take
+time from the threads doing the work, which penalizes ops with several
+parallel regions (the panel GEMM path) far more than one dense GEMM; run with
+OMP_WAIT_POLICY=passive, or with --threads 1 --clock cpu, to compare the work
+itself.
 """
 
 from __future__ import annotations
