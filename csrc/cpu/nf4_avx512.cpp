@@ -168,6 +168,17 @@ inline void gemv_step(const std::uint8_t* bytes, __m512 lut, const float* const*
   }
 }
 
+// A block's scale broadcast to all lanes, computed in vector registers from
+// broadcast loads: the same fp32 roundings as block_scale (every lane does
+// the scalar computation), without moving a scalar result into a vector,
+// which would take a shuffle slot that the decode steps need.
+inline __m512 block_scale16(const BlockScales& scales, std::int64_t block, __m512 offset) {
+  if (scales.nested_codes == nullptr) return _mm512_set1_ps(scales.absmax[block]);
+  __m512 code = _mm512_set1_ps(scales.nested_code[scales.nested_codes[block]]);
+  __m512 nested = _mm512_set1_ps(scales.nested_absmax[block / 256]);
+  return _mm512_add_ps(_mm512_mul_ps(code, nested), offset);
+}
+
 // GEMV over outputs [out_begin, out_end) for activation rows [first_row, first_row + Rows).
 template <int Rows>
 void gemv_rows(const GemvInput& input, std::int64_t first_row, const std::uint8_t* packed,
@@ -175,6 +186,7 @@ void gemv_rows(const GemvInput& input, std::int64_t first_row, const std::uint8_
                std::int64_t blocksize, const float* bias, std::int64_t out_begin,
                std::int64_t out_end, void* out, Dtype out_dtype) {
   const __m512 codebook = _mm512_loadu_ps(nf4::kCodebook);
+  const __m512 offset = _mm512_set1_ps(scales.offset);
   for (std::int64_t output = out_begin; output < out_end; ++output) {
     const std::int64_t row_begin = output * in_features;
     const std::int64_t row_end = row_begin + in_features;
@@ -204,14 +216,14 @@ void gemv_rows(const GemvInput& input, std::int64_t first_row, const std::uint8_
     }
     tail::for_each_block_segment(
         start, row_end, blocksize, [&](std::int64_t begin, std::int64_t end, std::int64_t block) {
-          const float scale = block_scale(scales, block);
-          const __m512 lut = _mm512_mul_ps(codebook, _mm512_set1_ps(scale));
+          const __m512 lut = _mm512_mul_ps(codebook, block_scale16(scales, block, offset));
           std::int64_t i = begin;
           for (; i + 2 * kLanes <= end; i += 2 * kLanes) {
             gemv_step<Rows>(packed + i / 2, lut, even, odd, (i - row_begin - parity) / 2,
                             acc_even, acc_odd);
           }
           if (i < end) {
+            const float scale = block_scale(scales, block);
             for (int r = 0; r < Rows; ++r) {
               scalar_sum[r] += tail::dot_range(packed, scale, i, end, natural[r] + (i - row_begin));
             }
