@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
   GemvInput input;
   input.rows = rows;
   input.in_features = in_features;
-  std::vector<float> gemv_buffer(rows * input.row_stride());
+  std::vector<float> gemv_buffer(rows * gemv_row_stride(input));
   lowrank::cpu::prepare_gemv_input(activations.data(), Dtype::Float32, rows, in_features,
                                    gemv_buffer.data());
   input.data = gemv_buffer.data();

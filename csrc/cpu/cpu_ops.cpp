@@ -238,7 +238,8 @@ at::Tensor nf4_gemv_rows(const KernelWeight& weight, const at::Tensor& rows,
   GemvInput layout;
   layout.rows = count;
   layout.in_features = weight.in_features;
-  at::Tensor buffer = at::empty({count * layout.row_stride()}, rows.options().dtype(at::kFloat));
+  at::Tensor buffer =
+      at::empty({count * gemv_row_stride(layout)}, rows.options().dtype(at::kFloat));
   prepare_gemv_input(rows.const_data_ptr(), to_kernel_dtype(rows.scalar_type()), count,
                      weight.in_features, buffer.mutable_data_ptr<float>());
   layout.data = buffer.const_data_ptr<float>();

@@ -47,17 +47,24 @@ struct GemvInput {
   const float* data = nullptr;
   std::int64_t rows = 0;
   std::int64_t in_features = 0;
-
-  std::int64_t half() const { return (in_features + 1) / 2; }
-  std::int64_t row_stride() const { return in_features + 4 * half(); }
-  const float* natural(std::int64_t row) const { return data + row * row_stride(); }
-  const float* even(std::int64_t row, std::int64_t parity) const {
-    return natural(row) + in_features + 2 * parity * half();
-  }
-  const float* odd(std::int64_t row, std::int64_t parity) const {
-    return even(row, parity) + half();
-  }
 };
+
+// Layout helpers for GemvInput: free `static` functions rather than members,
+// so no out-of-line copy compiled with an ISA file's flags can be shared
+// (member functions would be inline functions with external linkage).
+static inline std::int64_t gemv_half(const GemvInput& input) { return (input.in_features + 1) / 2; }
+static inline std::int64_t gemv_row_stride(const GemvInput& input) {
+  return input.in_features + 4 * gemv_half(input);
+}
+static inline const float* gemv_natural(const GemvInput& input, std::int64_t row) {
+  return input.data + row * gemv_row_stride(input);
+}
+static inline const float* gemv_even(const GemvInput& input, std::int64_t row, std::int64_t parity) {
+  return gemv_natural(input, row) + input.in_features + 2 * parity * gemv_half(input);
+}
+static inline const float* gemv_odd(const GemvInput& input, std::int64_t row, std::int64_t parity) {
+  return gemv_even(input, row, parity) + gemv_half(input);
+}
 
 // Widest column range one nf4_gemv_transposed call takes.
 static constexpr std::int64_t kGemvTransposedMaxColumns = 1024;
@@ -110,7 +117,7 @@ const CpuKernels& scalar_kernels();
 const CpuKernels& avx2_kernels();
 const CpuKernels& avx512_kernels();
 
-// Fills a GemvInput buffer of rows * GemvInput::row_stride() floats from
+// Fills a GemvInput buffer of rows * gemv_row_stride() floats from
 // `rows` contiguous rows of `in_features` values of type `dtype`.
 void prepare_gemv_input(const void* input, Dtype dtype, std::int64_t rows,
                         std::int64_t in_features, float* buffer);

@@ -197,9 +197,9 @@ void gemv_rows(const GemvInput& input, std::int64_t first_row, const std::uint8_
     __m256 acc_odd[Rows];
     float scalar_sum[Rows];
     for (int r = 0; r < Rows; ++r) {
-      natural[r] = input.natural(first_row + r);
-      even[r] = input.even(first_row + r, parity);
-      odd[r] = input.odd(first_row + r, parity);
+      natural[r] = gemv_natural(input, first_row + r);
+      even[r] = gemv_even(input, first_row + r, parity);
+      odd[r] = gemv_odd(input, first_row + r, parity);
       acc_even[r] = _mm256_setzero_ps();
       acc_odd[r] = _mm256_setzero_ps();
       scalar_sum[r] = 0.0f;

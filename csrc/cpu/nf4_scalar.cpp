@@ -42,7 +42,7 @@ void nf4_gemv_scalar(const GemvInput& input, const std::uint8_t* packed,
   for (std::int64_t output = out_begin; output < out_end; ++output) {
     const std::int64_t row_begin = output * in_features;
     for (std::int64_t row = 0; row < input.rows; ++row) {
-      const float* x = input.natural(row);
+      const float* x = gemv_natural(input, row);
       float sum = 0.0f;
       tail::for_each_block_segment(
           row_begin, row_begin + in_features, blocksize,
@@ -106,9 +106,9 @@ void prepare_gemv_input(const void* input, Dtype dtype, std::int64_t rows,
   layout.data = buffer;
   layout.rows = rows;
   layout.in_features = in_features;
-  const std::int64_t half = layout.half();
+  const std::int64_t half = gemv_half(layout);
   for (std::int64_t row = 0; row < rows; ++row) {
-    float* natural = buffer + row * layout.row_stride();
+    float* natural = buffer + row * gemv_row_stride(layout);
     for (std::int64_t k = 0; k < in_features; ++k) {
       natural[k] = tail::load_float(input, dtype, row * in_features + k);
     }
