@@ -33,6 +33,42 @@ static inline float block_scale(const BlockScales& scales, std::int64_t block) {
          scales.offset;
 }
 
+// fp32 activations for nf4_gemv, prepared once per call by prepare_gemv_input.
+// Row r starts at data + r * row_stride and holds, in order:
+//   natural[in_features]      x[r, k]
+//   pairs[0]: even[half], odd[half]  with even[j] = x[r, 2j],     odd[j] = x[r, 2j + 1]
+//   pairs[1]: even[half], odd[half]  with even[j] = x[r, 1 + 2j], odd[j] = x[r, 2 + 2j]
+// where half = (in_features + 1) / 2 and missing elements are 0. A weight row
+// whose first flat index has parity p meets its byte-aligned runs in
+// pairs[p]: the high nibbles of a run of bytes multiply a contiguous slice of
+// `even`, the low nibbles the same slice of `odd`, so SIMD code needs no
+// interleaving shuffles.
+struct GemvInput {
+  const float* data = nullptr;
+  std::int64_t rows = 0;
+  std::int64_t in_features = 0;
+};
+
+// Layout helpers for GemvInput: free `static` functions rather than members,
+// so no out-of-line copy compiled with an ISA file's flags can be shared
+// (member functions would be inline functions with external linkage).
+static inline std::int64_t gemv_half(const GemvInput& input) { return (input.in_features + 1) / 2; }
+static inline std::int64_t gemv_row_stride(const GemvInput& input) {
+  return input.in_features + 4 * gemv_half(input);
+}
+static inline const float* gemv_natural(const GemvInput& input, std::int64_t row) {
+  return input.data + row * gemv_row_stride(input);
+}
+static inline const float* gemv_even(const GemvInput& input, std::int64_t row, std::int64_t parity) {
+  return gemv_natural(input, row) + input.in_features + 2 * parity * gemv_half(input);
+}
+static inline const float* gemv_odd(const GemvInput& input, std::int64_t row, std::int64_t parity) {
+  return gemv_even(input, row, parity) + gemv_half(input);
+}
+
+// Widest column range one nf4_gemv_transposed call takes.
+static constexpr std::int64_t kGemvTransposedMaxColumns = 1024;
+
 struct CpuKernels {
   Isa isa;
 
@@ -48,11 +84,43 @@ struct CpuKernels {
                          std::int64_t numel, std::int64_t blocksize,
                          std::int64_t block_begin, std::int64_t block_end,
                          void* out, Dtype dtype);
+
+  // out[r, o] = sum_k x[r, k] * W[o, k] (+ bias[o]) for every row r of `input`
+  // and o in [out_begin, out_end), W the NF4 weight [out_features,
+  // in_features] (blocks over its flattened form; a block may straddle rows).
+  // Accumulates in fp32 and rounds once into `out` ([rows, out_features],
+  // row-major, dtype `out_dtype`). `bias` is fp32 [out_features] or null.
+  void (*nf4_gemv)(const GemvInput& input, const std::uint8_t* packed,
+                   const BlockScales& scales, std::int64_t out_features,
+                   std::int64_t in_features, std::int64_t blocksize, const float* bias,
+                   std::int64_t out_begin, std::int64_t out_end, void* out, Dtype out_dtype);
+
+  // accumulator[r * accumulator_stride + (k - column_begin)] =
+  //     sum_o grad[r * out_features + o] * W[o, k]
+  // for r < rows and k in [column_begin, column_end), the columns at most
+  // kGemvTransposedMaxColumns wide (the weight rows' slices are decoded into
+  // a stack buffer). grad is fp32 [rows, out_features]; sums in fp32.
+  void (*nf4_gemv_transposed)(const float* grad, std::int64_t rows, const std::uint8_t* packed,
+                              const BlockScales& scales, std::int64_t out_features,
+                              std::int64_t in_features, std::int64_t blocksize,
+                              std::int64_t column_begin, std::int64_t column_end,
+                              float* accumulator, std::int64_t accumulator_stride);
+
+  // Dequantizes flat weight elements [begin, end) (any bounds, blocks may be
+  // cut) into out[0, end - begin) in `dtype`; same values as nf4_dequantize.
+  void (*nf4_dequantize_range)(const std::uint8_t* packed, const BlockScales& scales,
+                               std::int64_t blocksize, std::int64_t begin, std::int64_t end,
+                               void* out, Dtype dtype);
 };
 
 const CpuKernels& scalar_kernels();
 const CpuKernels& avx2_kernels();
 const CpuKernels& avx512_kernels();
+
+// Fills a GemvInput buffer of rows * gemv_row_stride() floats from
+// `rows` contiguous rows of `in_features` values of type `dtype`.
+void prepare_gemv_input(const void* input, Dtype dtype, std::int64_t rows,
+                        std::int64_t in_features, float* buffer);
 
 // 8-bit blockwise quantization with a 256-entry sorted code map (used for
 // double quantization of NF4 absmax). Scalar only: it runs on numel/blocksize

@@ -153,10 +153,204 @@ void nf4_dequantize_avx2(const std::uint8_t* packed, const float* absmax, std::i
   }
 }
 
+// Codebook lookup for 8 indices (bits 0..3 of each lane select, bits above
+// are ignored): two 8-entry permutes (which read bits 0..2), chosen by bit 3
+// shifted into the sign bit that blendv reads.
+inline __m256 lookup8(__m256i index, __m256 lut_low, __m256 lut_high) {
+  __m256 from_low = _mm256_permutevar8x32_ps(lut_low, index);
+  __m256 from_high = _mm256_permutevar8x32_ps(lut_high, index);
+  return _mm256_blendv_ps(from_low, from_high,
+                          _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+}
+
+inline float reduce_add8(__m256 values) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(values), _mm256_extractf128_ps(values, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  return _mm_cvtss_f32(sum);
+}
+
+// Activation rows handled together by one pass over a weight row, and output
+// rows per chunk: a chunk's weight slice stays cache-hot while every row
+// group passes over it.
+constexpr int kGemvRowGroup = 4;
+constexpr std::int64_t kGemvOutputChunk = 32;
+
+// GEMV over outputs [out_begin, out_end) for activation rows [first_row, first_row + Rows).
+// A 16-element step reads 8 packed bytes: the high nibbles multiply 8
+// consecutive `even` activations, the low nibbles the matching `odd` ones.
+template <int Rows>
+void gemv_rows(const GemvInput& input, std::int64_t first_row, const std::uint8_t* packed,
+               const BlockScales& scales, std::int64_t out_features, std::int64_t in_features,
+               std::int64_t blocksize, const float* bias, std::int64_t out_begin,
+               std::int64_t out_end, void* out, Dtype out_dtype) {
+  const __m256 codebook_low = _mm256_loadu_ps(nf4::kCodebook);
+  const __m256 codebook_high = _mm256_loadu_ps(nf4::kCodebook + 8);
+  for (std::int64_t output = out_begin; output < out_end; ++output) {
+    const std::int64_t row_begin = output * in_features;
+    const std::int64_t row_end = row_begin + in_features;
+    const std::int64_t parity = row_begin & 1;
+    const float* natural[Rows];
+    const float* even[Rows];
+    const float* odd[Rows];
+    __m256 acc_even[Rows];
+    __m256 acc_odd[Rows];
+    float scalar_sum[Rows];
+    for (int r = 0; r < Rows; ++r) {
+      natural[r] = gemv_natural(input, first_row + r);
+      even[r] = gemv_even(input, first_row + r, parity);
+      odd[r] = gemv_odd(input, first_row + r, parity);
+      acc_even[r] = _mm256_setzero_ps();
+      acc_odd[r] = _mm256_setzero_ps();
+      scalar_sum[r] = 0.0f;
+    }
+    std::int64_t start = row_begin;
+    if (parity) {
+      // The row starts in a low nibble: take that element alone so every
+      // vector step below begins on a byte.
+      float weight = nf4::kCodebook[tail::code_at(packed, start)] *
+                     block_scale(scales, start / blocksize);
+      for (int r = 0; r < Rows; ++r) scalar_sum[r] += weight * natural[r][0];
+      ++start;
+    }
+    tail::for_each_block_segment(
+        start, row_end, blocksize, [&](std::int64_t begin, std::int64_t end, std::int64_t block) {
+          const float scale = block_scale(scales, block);
+          const __m256 scale8 = _mm256_set1_ps(scale);
+          const __m256 lut_low = _mm256_mul_ps(codebook_low, scale8);
+          const __m256 lut_high = _mm256_mul_ps(codebook_high, scale8);
+          std::int64_t i = begin;
+          for (; i + 2 * kLanes <= end; i += 2 * kLanes) {
+            // Streaming the weight is the bound; prefetching 1 KiB ahead keeps
+            // more cache-line fills in flight than the hardware prefetcher.
+            _mm_prefetch(reinterpret_cast<const char*>(packed + i / 2) + 1024, _MM_HINT_T0);
+            __m256i index = _mm256_cvtepu8_epi32(
+                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i / 2)));
+            __m256 weight_high = lookup8(_mm256_srli_epi32(index, 4), lut_low, lut_high);
+            __m256 weight_low = lookup8(index, lut_low, lut_high);
+            const std::int64_t pair = (i - row_begin - parity) / 2;
+            for (int r = 0; r < Rows; ++r) {
+              acc_even[r] = _mm256_fmadd_ps(weight_high, _mm256_loadu_ps(even[r] + pair), acc_even[r]);
+              acc_odd[r] = _mm256_fmadd_ps(weight_low, _mm256_loadu_ps(odd[r] + pair), acc_odd[r]);
+            }
+          }
+          if (i < end) {
+            for (int r = 0; r < Rows; ++r) {
+              scalar_sum[r] += tail::dot_range(packed, scale, i, end, natural[r] + (i - row_begin));
+            }
+          }
+        });
+    for (int r = 0; r < Rows; ++r) {
+      float sum = reduce_add8(_mm256_add_ps(acc_even[r], acc_odd[r])) + scalar_sum[r];
+      if (bias != nullptr) sum += bias[output];
+      tail::store_float(out, out_dtype, (first_row + r) * out_features + output, sum);
+    }
+  }
+}
+
+void nf4_gemv_avx2(const GemvInput& input, const std::uint8_t* packed, const BlockScales& scales,
+                   std::int64_t out_features, std::int64_t in_features, std::int64_t blocksize,
+                   const float* bias, std::int64_t out_begin, std::int64_t out_end, void* out,
+                   Dtype out_dtype) {
+  for (std::int64_t chunk = out_begin; chunk < out_end; chunk += kGemvOutputChunk) {
+    const std::int64_t chunk_end = chunk + kGemvOutputChunk < out_end ? chunk + kGemvOutputChunk : out_end;
+    for (std::int64_t row = 0; row < input.rows; row += kGemvRowGroup) {
+      const std::int64_t count = input.rows - row < kGemvRowGroup ? input.rows - row : kGemvRowGroup;
+      switch (count) {
+        case 1:
+          gemv_rows<1>(input, row, packed, scales, out_features, in_features, blocksize, bias,
+                       chunk, chunk_end, out, out_dtype);
+          break;
+        case 2:
+          gemv_rows<2>(input, row, packed, scales, out_features, in_features, blocksize, bias,
+                       chunk, chunk_end, out, out_dtype);
+          break;
+        case 3:
+          gemv_rows<3>(input, row, packed, scales, out_features, in_features, blocksize, bias,
+                       chunk, chunk_end, out, out_dtype);
+          break;
+        default:
+          gemv_rows<4>(input, row, packed, scales, out_features, in_features, blocksize, bias,
+                       chunk, chunk_end, out, out_dtype);
+          break;
+      }
+    }
+  }
+}
+
+void nf4_dequantize_range_avx2(const std::uint8_t* packed, const BlockScales& scales,
+                               std::int64_t blocksize, std::int64_t begin, std::int64_t end,
+                               void* out, Dtype dtype) {
+  const __m256 codebook_low = _mm256_loadu_ps(nf4::kCodebook);
+  const __m256 codebook_high = _mm256_loadu_ps(nf4::kCodebook + 8);
+  const __m128i nibble = _mm_set1_epi8(0x0f);
+  std::int64_t start = begin;
+  if ((start & 1) && start < end) {
+    // A low-nibble start goes alone so the vector steps begin on a byte.
+    tail::store_float(out, dtype, 0,
+                      nf4::kCodebook[tail::code_at(packed, start)] *
+                          block_scale(scales, start / blocksize));
+    ++start;
+  }
+  tail::for_each_block_segment(
+      start, end, blocksize,
+      [&](std::int64_t segment_begin, std::int64_t segment_end, std::int64_t block) {
+        const __m256 scale8 = _mm256_set1_ps(block_scale(scales, block));
+        const __m256 lut_low = _mm256_mul_ps(codebook_low, scale8);
+        const __m256 lut_high = _mm256_mul_ps(codebook_high, scale8);
+        std::int64_t i = segment_begin;
+        for (; i + 2 * kLanes <= segment_end; i += 2 * kLanes) {
+          __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i / 2));
+          __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+          __m128i codes = _mm_unpacklo_epi8(high, _mm_and_si128(bytes, nibble));  // element order
+          store8(out, dtype, i - begin,
+                 lookup8(_mm256_cvtepu8_epi32(codes), lut_low, lut_high));
+          store8(out, dtype, i - begin + kLanes,
+                 lookup8(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)), lut_low, lut_high));
+        }
+        const float scale = block_scale(scales, block);
+        for (; i < segment_end; ++i) {
+          tail::store_float(out, dtype, i - begin, nf4::kCodebook[tail::code_at(packed, i)] * scale);
+        }
+      });
+}
+
+// The weight rows' column slices are decoded one row at a time into an
+// L1-resident buffer, then added, scaled by each row's gradient, into the
+// accumulators (which stay in cache across all out_features rows).
+void nf4_gemv_transposed_avx2(const float* grad, std::int64_t rows, const std::uint8_t* packed,
+                              const BlockScales& scales, std::int64_t out_features,
+                              std::int64_t in_features, std::int64_t blocksize,
+                              std::int64_t column_begin, std::int64_t column_end,
+                              float* accumulator, std::int64_t accumulator_stride) {
+  const std::int64_t width = column_end - column_begin;
+  const std::int64_t vector_end = width / kLanes * kLanes;
+  alignas(64) float weights[kGemvTransposedMaxColumns];
+  for (std::int64_t row = 0; row < rows; ++row) {
+    for (std::int64_t k = 0; k < width; ++k) accumulator[row * accumulator_stride + k] = 0.0f;
+  }
+  for (std::int64_t output = 0; output < out_features; ++output) {
+    const std::int64_t flat = output * in_features + column_begin;
+    nf4_dequantize_range_avx2(packed, scales, blocksize, flat, flat + width, weights,
+                                Dtype::Float32);
+    for (std::int64_t row = 0; row < rows; ++row) {
+      const float factor = grad[row * out_features + output];
+      const __m256 factor_vector = _mm256_set1_ps(factor);
+      float* sums = accumulator + row * accumulator_stride;
+      std::int64_t k = 0;
+      for (; k < vector_end; k += kLanes) {
+        _mm256_storeu_ps(sums + k, _mm256_fmadd_ps(factor_vector, _mm256_loadu_ps(weights + k), _mm256_loadu_ps(sums + k)));
+      }
+      for (; k < width; ++k) sums[k] += factor * weights[k];
+    }
+  }
+}
+
 }  // namespace
 
 const CpuKernels& avx2_kernels() {
-  static const CpuKernels table{Isa::Avx2, nf4_quantize_avx2, nf4_dequantize_avx2};
+  static const CpuKernels table{Isa::Avx2, nf4_quantize_avx2, nf4_dequantize_avx2, nf4_gemv_avx2,
+                                nf4_gemv_transposed_avx2, nf4_dequantize_range_avx2};
   return table;
 }
 

@@ -143,10 +143,200 @@ void nf4_dequantize_avx512(const std::uint8_t* packed, const float* absmax, std:
   }
 }
 
+// Activation rows handled together by one pass over a weight row, and output
+// rows per chunk: a chunk's weight slice stays cache-hot while every row
+// group passes over it.
+constexpr int kGemvRowGroup = 4;
+constexpr std::int64_t kGemvOutputChunk = 32;
+
+// One 32-element step of the GEMV: 16 packed bytes, decoded with the scaled
+// codebook `lut` (permutexvar reads only an index's low 4 bits, so the raw
+// byte indexes its low nibble and the byte shifted right by 4 its high one).
+template <int Rows>
+inline void gemv_step(const std::uint8_t* bytes, __m512 lut, const float* const* even,
+                      const float* const* odd, std::int64_t pair, __m512* acc_even,
+                      __m512* acc_odd) {
+  // Streaming the weight is the bound; prefetching 1 KiB ahead keeps more
+  // cache-line fills in flight than the hardware prefetcher alone does.
+  _mm_prefetch(reinterpret_cast<const char*>(bytes) + 1024, _MM_HINT_T0);
+  __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  __m512 weight_high = _mm512_permutexvar_ps(_mm512_srli_epi32(index, 4), lut);
+  __m512 weight_low = _mm512_permutexvar_ps(index, lut);
+  for (int r = 0; r < Rows; ++r) {
+    acc_even[r] = _mm512_fmadd_ps(weight_high, _mm512_loadu_ps(even[r] + pair), acc_even[r]);
+    acc_odd[r] = _mm512_fmadd_ps(weight_low, _mm512_loadu_ps(odd[r] + pair), acc_odd[r]);
+  }
+}
+
+// A block's scale broadcast to all lanes, computed in vector registers from
+// broadcast loads: the same fp32 roundings as block_scale (every lane does
+// the scalar computation), without moving a scalar result into a vector,
+// which would take a shuffle slot that the decode steps need.
+inline __m512 block_scale16(const BlockScales& scales, std::int64_t block, __m512 offset) {
+  if (scales.nested_codes == nullptr) return _mm512_set1_ps(scales.absmax[block]);
+  __m512 code = _mm512_set1_ps(scales.nested_code[scales.nested_codes[block]]);
+  __m512 nested = _mm512_set1_ps(scales.nested_absmax[block / 256]);
+  return _mm512_add_ps(_mm512_mul_ps(code, nested), offset);
+}
+
+// GEMV over outputs [out_begin, out_end) for activation rows [first_row, first_row + Rows).
+template <int Rows>
+void gemv_rows(const GemvInput& input, std::int64_t first_row, const std::uint8_t* packed,
+               const BlockScales& scales, std::int64_t out_features, std::int64_t in_features,
+               std::int64_t blocksize, const float* bias, std::int64_t out_begin,
+               std::int64_t out_end, void* out, Dtype out_dtype) {
+  const __m512 codebook = _mm512_loadu_ps(nf4::kCodebook);
+  const __m512 offset = _mm512_set1_ps(scales.offset);
+  for (std::int64_t output = out_begin; output < out_end; ++output) {
+    const std::int64_t row_begin = output * in_features;
+    const std::int64_t row_end = row_begin + in_features;
+    const std::int64_t parity = row_begin & 1;
+    const float* natural[Rows];
+    const float* even[Rows];
+    const float* odd[Rows];
+    __m512 acc_even[Rows];
+    __m512 acc_odd[Rows];
+    float scalar_sum[Rows];
+    for (int r = 0; r < Rows; ++r) {
+      natural[r] = gemv_natural(input, first_row + r);
+      even[r] = gemv_even(input, first_row + r, parity);
+      odd[r] = gemv_odd(input, first_row + r, parity);
+      acc_even[r] = _mm512_setzero_ps();
+      acc_odd[r] = _mm512_setzero_ps();
+      scalar_sum[r] = 0.0f;
+    }
+    std::int64_t start = row_begin;
+    if (parity) {
+      // The row starts in a low nibble: take that element alone so every
+      // vector step below begins on a byte.
+      float weight = nf4::kCodebook[tail::code_at(packed, start)] *
+                     block_scale(scales, start / blocksize);
+      for (int r = 0; r < Rows; ++r) scalar_sum[r] += weight * natural[r][0];
+      ++start;
+    }
+    tail::for_each_block_segment(
+        start, row_end, blocksize, [&](std::int64_t begin, std::int64_t end, std::int64_t block) {
+          const __m512 lut = _mm512_mul_ps(codebook, block_scale16(scales, block, offset));
+          std::int64_t i = begin;
+          for (; i + 2 * kLanes <= end; i += 2 * kLanes) {
+            gemv_step<Rows>(packed + i / 2, lut, even, odd, (i - row_begin - parity) / 2,
+                            acc_even, acc_odd);
+          }
+          if (i < end) {
+            const float scale = block_scale(scales, block);
+            for (int r = 0; r < Rows; ++r) {
+              scalar_sum[r] += tail::dot_range(packed, scale, i, end, natural[r] + (i - row_begin));
+            }
+          }
+        });
+    for (int r = 0; r < Rows; ++r) {
+      float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc_even[r], acc_odd[r])) + scalar_sum[r];
+      if (bias != nullptr) sum += bias[output];
+      tail::store_float(out, out_dtype, (first_row + r) * out_features + output, sum);
+    }
+  }
+}
+
+void nf4_gemv_avx512(const GemvInput& input, const std::uint8_t* packed,
+                     const BlockScales& scales, std::int64_t out_features,
+                     std::int64_t in_features, std::int64_t blocksize, const float* bias,
+                     std::int64_t out_begin, std::int64_t out_end, void* out, Dtype out_dtype) {
+  for (std::int64_t chunk = out_begin; chunk < out_end; chunk += kGemvOutputChunk) {
+    const std::int64_t chunk_end = chunk + kGemvOutputChunk < out_end ? chunk + kGemvOutputChunk : out_end;
+    for (std::int64_t row = 0; row < input.rows; row += kGemvRowGroup) {
+      const std::int64_t count = input.rows - row < kGemvRowGroup ? input.rows - row : kGemvRowGroup;
+      switch (count) {
+        case 1:
+          gemv_rows<1>(input, row, packed, scales, out_features, in_features, blocksize, bias,
+                       chunk, chunk_end, out, out_dtype);
+          break;
+        case 2:
+          gemv_rows<2>(input, row, packed, scales, out_features, in_features, blocksize, bias,
+                       chunk, chunk_end, out, out_dtype);
+          break;
+        case 3:
+          gemv_rows<3>(input, row, packed, scales, out_features, in_features, blocksize, bias,
+                       chunk, chunk_end, out, out_dtype);
+          break;
+        default:
+          gemv_rows<4>(input, row, packed, scales, out_features, in_features, blocksize, bias,
+                       chunk, chunk_end, out, out_dtype);
+          break;
+      }
+    }
+  }
+}
+
+void nf4_dequantize_range_avx512(const std::uint8_t* packed, const BlockScales& scales,
+                                 std::int64_t blocksize, std::int64_t begin, std::int64_t end,
+                                 void* out, Dtype dtype) {
+  const __m512 codebook = _mm512_loadu_ps(nf4::kCodebook);
+  std::int64_t start = begin;
+  if ((start & 1) && start < end) {
+    // A low-nibble start goes alone so the vector steps begin on a byte.
+    tail::store_float(out, dtype, 0,
+                      nf4::kCodebook[tail::code_at(packed, start)] *
+                          block_scale(scales, start / blocksize));
+    ++start;
+  }
+  tail::for_each_block_segment(
+      start, end, blocksize,
+      [&](std::int64_t segment_begin, std::int64_t segment_end, std::int64_t block) {
+        const float scale = block_scale(scales, block);
+        const __m512 lut = _mm512_mul_ps(codebook, _mm512_set1_ps(scale));
+        std::int64_t i = segment_begin;
+        for (; i + 2 * kLanes <= segment_end; i += 2 * kLanes) {
+          __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2));
+          // Only the low 4 bits of an index matter, so no masking is needed.
+          __m128i high = _mm_srli_epi16(bytes, 4);
+          __m512 first = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, bytes)), lut);
+          __m512 second = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(high, bytes)), lut);
+          store16(out, dtype, i - begin, first);
+          store16(out, dtype, i - begin + kLanes, second);
+        }
+        for (; i < segment_end; ++i) {
+          tail::store_float(out, dtype, i - begin, nf4::kCodebook[tail::code_at(packed, i)] * scale);
+        }
+      });
+}
+
+// The weight rows' column slices are decoded one row at a time into an
+// L1-resident buffer, then added, scaled by each row's gradient, into the
+// accumulators (which stay in cache across all out_features rows).
+void nf4_gemv_transposed_avx512(const float* grad, std::int64_t rows, const std::uint8_t* packed,
+                              const BlockScales& scales, std::int64_t out_features,
+                              std::int64_t in_features, std::int64_t blocksize,
+                              std::int64_t column_begin, std::int64_t column_end,
+                              float* accumulator, std::int64_t accumulator_stride) {
+  const std::int64_t width = column_end - column_begin;
+  const std::int64_t vector_end = width / kLanes * kLanes;
+  alignas(64) float weights[kGemvTransposedMaxColumns];
+  for (std::int64_t row = 0; row < rows; ++row) {
+    for (std::int64_t k = 0; k < width; ++k) accumulator[row * accumulator_stride + k] = 0.0f;
+  }
+  for (std::int64_t output = 0; output < out_features; ++output) {
+    const std::int64_t flat = output * in_features + column_begin;
+    nf4_dequantize_range_avx512(packed, scales, blocksize, flat, flat + width, weights,
+                                Dtype::Float32);
+    for (std::int64_t row = 0; row < rows; ++row) {
+      const float factor = grad[row * out_features + output];
+      const __m512 factor_vector = _mm512_set1_ps(factor);
+      float* sums = accumulator + row * accumulator_stride;
+      std::int64_t k = 0;
+      for (; k < vector_end; k += kLanes) {
+        _mm512_storeu_ps(sums + k, _mm512_fmadd_ps(factor_vector, _mm512_loadu_ps(weights + k), _mm512_loadu_ps(sums + k)));
+      }
+      for (; k < width; ++k) sums[k] += factor * weights[k];
+    }
+  }
+}
+
 }  // namespace
 
 const CpuKernels& avx512_kernels() {
-  static const CpuKernels table{Isa::Avx512, nf4_quantize_avx512, nf4_dequantize_avx512};
+  static const CpuKernels table{Isa::Avx512, nf4_quantize_avx512, nf4_dequantize_avx512,
+                                nf4_gemv_avx512, nf4_gemv_transposed_avx512,
+                                nf4_dequantize_range_avx512};
   return table;
 }
 

@@ -34,11 +34,94 @@ void nf4_dequantize_scalar(const std::uint8_t* packed, const float* absmax, std:
   }
 }
 
+// Reference: one output at a time, the weight decoded again for every row.
+void nf4_gemv_scalar(const GemvInput& input, const std::uint8_t* packed,
+                     const BlockScales& scales, std::int64_t out_features,
+                     std::int64_t in_features, std::int64_t blocksize, const float* bias,
+                     std::int64_t out_begin, std::int64_t out_end, void* out, Dtype out_dtype) {
+  for (std::int64_t output = out_begin; output < out_end; ++output) {
+    const std::int64_t row_begin = output * in_features;
+    for (std::int64_t row = 0; row < input.rows; ++row) {
+      const float* x = gemv_natural(input, row);
+      float sum = 0.0f;
+      tail::for_each_block_segment(
+          row_begin, row_begin + in_features, blocksize,
+          [&](std::int64_t begin, std::int64_t end, std::int64_t block) {
+            sum += tail::dot_range(packed, block_scale(scales, block), begin, end,
+                                   x + (begin - row_begin));
+          });
+      if (bias != nullptr) sum += bias[output];
+      tail::store_float(out, out_dtype, row * out_features + output, sum);
+    }
+  }
+}
+
+void nf4_dequantize_range_scalar(const std::uint8_t* packed, const BlockScales& scales,
+                                 std::int64_t blocksize, std::int64_t begin, std::int64_t end,
+                                 void* out, Dtype dtype) {
+  tail::for_each_block_segment(
+      begin, end, blocksize, [&](std::int64_t segment_begin, std::int64_t segment_end,
+                                 std::int64_t block) {
+        const float scale = block_scale(scales, block);
+        for (std::int64_t i = segment_begin; i < segment_end; ++i) {
+          tail::store_float(out, dtype, i - begin, nf4::kCodebook[tail::code_at(packed, i)] * scale);
+        }
+      });
+}
+
+void nf4_gemv_transposed_scalar(const float* grad, std::int64_t rows, const std::uint8_t* packed,
+                                const BlockScales& scales, std::int64_t out_features,
+                                std::int64_t in_features, std::int64_t blocksize,
+                                std::int64_t column_begin, std::int64_t column_end,
+                                float* accumulator, std::int64_t accumulator_stride) {
+  const std::int64_t width = column_end - column_begin;
+  float weights[kGemvTransposedMaxColumns];
+  for (std::int64_t row = 0; row < rows; ++row) {
+    for (std::int64_t k = 0; k < width; ++k) accumulator[row * accumulator_stride + k] = 0.0f;
+  }
+  for (std::int64_t output = 0; output < out_features; ++output) {
+    const std::int64_t flat = output * in_features + column_begin;
+    nf4_dequantize_range_scalar(packed, scales, blocksize, flat, flat + width, weights,
+                                Dtype::Float32);
+    for (std::int64_t row = 0; row < rows; ++row) {
+      const float factor = grad[row * out_features + output];
+      float* sums = accumulator + row * accumulator_stride;
+      for (std::int64_t k = 0; k < width; ++k) sums[k] += factor * weights[k];
+    }
+  }
+}
+
 }  // namespace
 
 const CpuKernels& scalar_kernels() {
-  static const CpuKernels table{Isa::Scalar, nf4_quantize_scalar, nf4_dequantize_scalar};
+  static const CpuKernels table{Isa::Scalar, nf4_quantize_scalar, nf4_dequantize_scalar,
+                                nf4_gemv_scalar, nf4_gemv_transposed_scalar,
+                                nf4_dequantize_range_scalar};
   return table;
+}
+
+void prepare_gemv_input(const void* input, Dtype dtype, std::int64_t rows,
+                        std::int64_t in_features, float* buffer) {
+  GemvInput layout;
+  layout.data = buffer;
+  layout.rows = rows;
+  layout.in_features = in_features;
+  const std::int64_t half = gemv_half(layout);
+  for (std::int64_t row = 0; row < rows; ++row) {
+    float* natural = buffer + row * gemv_row_stride(layout);
+    for (std::int64_t k = 0; k < in_features; ++k) {
+      natural[k] = tail::load_float(input, dtype, row * in_features + k);
+    }
+    for (std::int64_t parity = 0; parity < 2; ++parity) {
+      float* even = natural + in_features + 2 * parity * half;
+      float* odd = even + half;
+      for (std::int64_t j = 0; j < half; ++j) {
+        std::int64_t k = parity + 2 * j;
+        even[j] = k < in_features ? natural[k] : 0.0f;
+        odd[j] = k + 1 < in_features ? natural[k + 1] : 0.0f;
+      }
+    }
+  }
 }
 
 void build_8bit_lookup(const float* code, std::uint8_t* lookup) {

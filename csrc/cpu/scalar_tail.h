@@ -96,6 +96,42 @@ static inline void dequantize_range(const std::uint8_t* packed, float absmax, st
   }
 }
 
+// NF4 code of flat element `index`: the high nibble of its byte for even
+// indices, the low nibble for odd ones.
+static inline std::uint8_t code_at(const std::uint8_t* packed, std::int64_t index) {
+  std::uint8_t byte = packed[index / 2];
+  return (index & 1) ? (byte & 0x0f) : (byte >> 4);
+}
+
+// Calls segment(segment_begin, segment_end, block) for the pieces of the flat
+// range [begin, end) cut at block boundaries, in order. Divides once: a
+// division per block would sit on the loop's critical path.
+template <typename Segment>
+static inline void for_each_block_segment(std::int64_t begin, std::int64_t end,
+                                          std::int64_t blocksize, Segment&& segment) {
+  std::int64_t block = begin / blocksize;
+  std::int64_t block_end = (block + 1) * blocksize;
+  while (begin < end) {
+    std::int64_t segment_end = block_end < end ? block_end : end;
+    segment(begin, segment_end, block);
+    begin = segment_end;
+    ++block;
+    block_end += blocksize;
+  }
+}
+
+// Dot product of flat weight elements [begin, end), all in one block with
+// scale `scale`, with x[0, end - begin); the weight is codebook * scale
+// rounded to fp32 exactly as dequantization rounds it.
+static inline float dot_range(const std::uint8_t* packed, float scale, std::int64_t begin,
+                              std::int64_t end, const float* x) {
+  float sum = 0.0f;
+  for (std::int64_t i = begin; i < end; ++i) {
+    sum += (nf4::kCodebook[code_at(packed, i)] * scale) * x[i - begin];
+  }
+  return sum;
+}
+
 }  // namespace tail
 }  // namespace cpu
 }  // namespace lowrank

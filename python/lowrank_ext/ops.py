@@ -114,9 +114,26 @@ def nf4_linear(
 ) -> torch.Tensor:
     """``input @ dequant(W).T + bias`` without materializing the dense weight.
 
-    ``input`` is ``[..., in_features]`` (float32/bfloat16/float16); the result
-    is ``[..., out_features]`` in input's dtype, accumulated in fp32.
+    Args:
+        input: ``[..., in_features]``, float32, bfloat16 or float16 (any
+            leading shape, including no rows).
+        packed, absmax, nested_absmax, nested_code, offset, out_features,
+            in_features, blocksize: the NF4 weight ``W`` ``[out_features,
+            in_features]`` (see the module docstring; blocks run over the
+            flattened weight and may straddle rows).
+        bias: ``[out_features]`` in input's dtype, or None.
+
+    Returns ``[..., out_features]`` in input's dtype; products are summed in
+    fp32. On CPU, few rows (up to 16 for float32/float16, 6 for bfloat16)
+    take a fused GEMV that reads the 4-bit weight directly with the exact
+    fp32 dequantized values; more rows dequantize panels of W into input's
+    dtype (float32 for float16 input) and multiply them with ATen's GEMM, so
+    there the weight is rounded to bfloat16 for bfloat16 input, as a dense
+    bfloat16 layer would hold it.
+
     Differentiable with respect to ``input`` and ``bias`` (W is frozen).
+    Raises ``RuntimeError`` naming the argument for wrong shapes, dtypes,
+    devices or sizes of the weight group.
     """
     return _ops.nf4_linear(
         input, packed, absmax, nested_absmax, nested_code, float(offset),
@@ -135,7 +152,15 @@ def nf4_linear_grad_input(
     in_features: int,
     blocksize: int = 64,
 ) -> torch.Tensor:
-    """``grad_output @ dequant(W)``: ``[..., out_features]`` -> ``[..., in_features]``."""
+    """``grad_output @ dequant(W)``: ``[..., out_features]`` -> ``[..., in_features]``.
+
+    The backward of :func:`nf4_linear` with respect to its input, in
+    grad_output's dtype (float32, bfloat16 or float16) with fp32 sums. Like
+    the forward it never materializes the dense weight: few rows use a fused
+    transposed GEMV, more rows multiply dequantized column slabs of W with
+    ATen's GEMM, each output element computed by a single GEMM. Raises
+    ``RuntimeError`` naming the argument on invalid input.
+    """
     return _ops.nf4_linear_grad_input(
         grad_output, packed, absmax, nested_absmax, nested_code, float(offset),
         out_features, in_features, blocksize,
@@ -182,7 +207,13 @@ def qlora_linear(
     scaling: float,
     lora_input: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """:func:`lora_linear` with a frozen NF4 base weight (see :func:`nf4_linear`)."""
+    """:func:`lora_linear` with a frozen NF4 base weight (see :func:`nf4_linear`).
+
+    The base product runs through the same GEMV / panel-GEMM paths as
+    :func:`nf4_linear` (and its backward through :func:`nf4_linear_grad_input`),
+    then the low-rank term is added in place. Gradients flow to ``input``,
+    ``lora_input``, ``bias``, ``lora_A`` and ``lora_B``; never to the weight.
+    """
     return _ops.qlora_linear(
         input, lora_input, packed, absmax, nested_absmax, nested_code, float(offset),
         out_features, in_features, blocksize, bias, lora_A, lora_B, float(scaling),

@@ -1,0 +1,338 @@
+"""nf4_linear, nf4_linear_grad_input, lora_linear and qlora_linear on the CPU.
+
+Every numeric case runs on each CPU kernel set this machine supports. The
+reference is float64 arithmetic on the dequantized weight
+(``NF4Weight.dequantize()``), so the only errors measured are those of the
+kernels themselves.
+
+Tolerances, elementwise, with S = |x| @ |W|^T + |bias| (the sum of the
+magnitudes that enter one output) and u the unit roundoff of the input dtype
+(2^-24 fp32, 2^-8 bf16, 2^-11 fp16):
+
+    |y - reference| <= (2 u + K 2^-24) * S
+
+One u covers the weight being rounded to the input dtype in the GEMM path,
+one u the final rounding of y; K 2^-24 covers fp32 accumulation over the K
+products (the usual worst-case bound, K = reduction length). Nothing here is
+tuned to the observed error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import lowrank_ext
+from lowrank_ext import NF4Weight, ops
+
+ISAS = lowrank_ext.supported_cpu_isas()
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (leading input shape, out_features, in_features, blocksize, double_quant, bias)
+# Rows 1/3/5 take the GEMV path, 40 and (2, 23) the GEMM path; odd in and out
+# make blocks straddle rows and rows start in the middle of a byte; in = 2100
+# splits the transposed GEMV of grad_input into several column ranges.
+CASES = [
+    ((1,), 37, 301, 64, True, True),
+    ((3,), 19, 33, 32, False, False),
+    ((5,), 64, 256, 64, True, False),
+    ((2, 3), 13, 97, 32, True, True),
+    ((40,), 37, 301, 64, False, True),
+    ((40,), 33, 129, 4096, True, False),
+    ((2, 23), 70, 130, 64, True, True),
+    ((1,), 33, 129, 4096, False, True),
+    ((2,), 5, 2100, 64, True, True),
+]
+
+
+def case_id(case):
+    lead, out_features, in_features, blocksize, double_quant, bias = case
+    return (f"x{'x'.join(map(str, lead))}-{out_features}x{in_features}-bs{blocksize}"
+            f"{'-dq' if double_quant else ''}{'-bias' if bias else ''}")
+
+
+@contextlib.contextmanager
+def cpu_isa(name):
+    previous = lowrank_ext.get_cpu_isa()
+    lowrank_ext.set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        lowrank_ext.set_cpu_isa(previous)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    with cpu_isa(request.param):
+        yield request.param
+
+
+def make_weight(out_features, in_features, blocksize, double_quant, seed):
+    generator = torch.Generator().manual_seed(seed)
+    dense = torch.randn(out_features, in_features, generator=generator)
+    return NF4Weight.from_float(dense, blocksize=blocksize, double_quant=double_quant)
+
+
+def random(shape, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator).to(dtype)
+
+
+def assert_within_bound(result, reference, magnitude, dtype, reduction):
+    bound = (2 * UNIT_ROUNDOFF[dtype] + reduction * 2.0**-24) * magnitude
+    error = (result.double() - reference).abs()
+    worst = (error / bound).max().item()
+    assert worst <= 1.0, f"error {worst:.3g}x the bound"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_nf4_linear_matches_float64_reference(isa, dtype, case):
+    lead, out_features, in_features, blocksize, double_quant, with_bias = case
+    weight = make_weight(out_features, in_features, blocksize, double_quant, seed=1)
+    x = random((*lead, in_features), dtype, seed=2)
+    bias = random((out_features,), dtype, seed=3) if with_bias else None
+    y = ops.nf4_linear(x, *weight.linear_args(), bias=bias)
+    assert y.shape == (*lead, out_features) and y.dtype == dtype
+
+    dense = weight.dequantize(torch.float32).double()
+    reference = x.double() @ dense.T
+    magnitude = x.double().abs() @ dense.abs().T
+    if bias is not None:
+        reference = reference + bias.double()
+        magnitude = magnitude + bias.double().abs()
+    assert_within_bound(y, reference, magnitude, dtype, in_features)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_nf4_linear_grad_input_matches_float64_reference(isa, dtype, case):
+    lead, out_features, in_features, blocksize, double_quant, _ = case
+    weight = make_weight(out_features, in_features, blocksize, double_quant, seed=4)
+    grad_output = random((*lead, out_features), dtype, seed=5)
+    grad_input = ops.nf4_linear_grad_input(grad_output, *weight.linear_args())
+    assert grad_input.shape == (*lead, in_features) and grad_input.dtype == dtype
+
+    dense = weight.dequantize(torch.float32).double()
+    reference = grad_output.double() @ dense
+    magnitude = grad_output.double().abs() @ dense.abs()
+    assert_within_bound(grad_input, reference, magnitude, dtype, out_features)
+
+
+@pytest.mark.parametrize("simd", [name for name in ISAS if name != "scalar"])
+@pytest.mark.parametrize("rows", [1, 4, 7, 33])
+def test_simd_paths_match_scalar(simd, rows):
+    # fp32 output: the SIMD kernels use the same fp32 weights as the scalar
+    # reference and differ only in summation order (K 2^-24 S), plus the
+    # final fp32 rounding.
+    weight = make_weight(45, 203, 32, True, seed=6)
+    x = random((rows, 203), torch.float32, seed=7)
+    grad_output = random((rows, 45), torch.float32, seed=8)
+    with cpu_isa("scalar"):
+        expected = ops.nf4_linear(x, *weight.linear_args())
+        expected_grad = ops.nf4_linear_grad_input(grad_output, *weight.linear_args())
+    with cpu_isa(simd):
+        result = ops.nf4_linear(x, *weight.linear_args())
+        result_grad = ops.nf4_linear_grad_input(grad_output, *weight.linear_args())
+    dense = weight.dequantize(torch.float32).double()
+    assert_within_bound(result, expected.double(), x.double().abs() @ dense.abs().T,
+                        torch.float32, 2 * 203)
+    assert_within_bound(result_grad, expected_grad.double(),
+                        grad_output.double().abs() @ dense.abs(), torch.float32, 2 * 45)
+
+
+def lora_factors(rank, out_features, in_features, dtype, seed):
+    return (random((rank, in_features), dtype, seed) * 0.1,
+            random((out_features, rank), dtype, seed + 1) * 0.1)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_qlora_linear_forward_and_gradients_match_dense_autograd(isa, rows):
+    # fp32 against float64 autograd through the dense weight: every gradient
+    # is a sum of at most max(in, out, rows) products, so the fp32 bound above
+    # with K = 301 + rows applies to all of them.
+    weight = make_weight(37, 301, 64, True, seed=9)
+    x = random((rows, 301), torch.float32, seed=10).requires_grad_()
+    bias = random((37,), torch.float32, seed=11).requires_grad_()
+    lora_A, lora_B = lora_factors(4, 37, 301, torch.float32, seed=12)
+    lora_A.requires_grad_()
+    lora_B.requires_grad_()
+    y = ops.qlora_linear(x, *weight.linear_args(), bias, lora_A, lora_B, 0.5)
+    grad_output = random(y.shape, torch.float32, seed=14)
+    y.backward(grad_output)
+
+    dense = weight.dequantize(torch.float32).double()
+    leaves = [t.detach().double().requires_grad_() for t in (x, bias, lora_A, lora_B)]
+    x64, bias64, a64, b64 = leaves
+    y64 = x64 @ dense.T + bias64 + 0.5 * (x64 @ a64.T) @ b64.T
+    y64.backward(grad_output.double())
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    for ours, reference in zip((x, bias, lora_A, lora_B), leaves):
+        torch.testing.assert_close(ours.grad.double(), reference.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_linear_gradients_flow_to_input_and_bias(isa):
+    weight = make_weight(21, 67, 32, False, seed=15)
+    x = random((2, 5, 67), torch.float32, seed=16).requires_grad_()
+    bias = random((21,), torch.float32, seed=17).requires_grad_()
+    ops.nf4_linear(x, *weight.linear_args(), bias=bias).sum().backward()
+    dense = weight.dequantize(torch.float32).double()
+    torch.testing.assert_close(x.grad.double(), dense.sum(0).expand(2, 5, 67), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.grad, torch.full((21,), 10.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lora_linear_matches_float64_reference(dtype):
+    x = random((6, 48), dtype, seed=18)
+    dense = random((24, 48), dtype, seed=19)
+    bias = random((24,), dtype, seed=20)
+    lora_A, lora_B = lora_factors(8, 24, 48, dtype, seed=21)
+    y = ops.lora_linear(x, dense, bias, lora_A, lora_B, 2.0)
+    x64 = x.double()
+    reference = (x64 @ dense.double().T + bias.double()
+                 + 2.0 * (x64 @ lora_A.double().T) @ lora_B.double().T)
+    magnitude = (x64.abs() @ dense.double().abs().T + bias.double().abs()
+                 + 2.0 * (x64.abs() @ lora_A.double().abs().T) @ lora_B.double().abs().T)
+    # Two roundings of the output (base GEMM, then the in-place low-rank add).
+    assert_within_bound(y, reference, 2 * magnitude, dtype, 48)
+
+
+# ------------------------------------------------------------------ opcheck --
+
+
+def opcheck_weight():
+    return make_weight(19, 45, 32, True, seed=22)
+
+
+@pytest.mark.parametrize("rows", [2, 24])
+def test_opcheck_nf4_linear(rows):
+    weight = opcheck_weight()
+    x = random((rows, 45), torch.float32, seed=23).requires_grad_()
+    bias = random((19,), torch.float32, seed=24).requires_grad_()
+    torch.library.opcheck(torch.ops.lowrank_ext.nf4_linear, (x, *weight.linear_args(), bias))
+    torch.library.opcheck(torch.ops.lowrank_ext.nf4_linear, (x, *weight.linear_args(), None))
+
+
+def test_opcheck_nf4_linear_grad_input():
+    weight = opcheck_weight()
+    grad_output = random((3, 19), torch.float32, seed=25)
+    torch.library.opcheck(torch.ops.lowrank_ext.nf4_linear_grad_input,
+                          (grad_output, *weight.linear_args()))
+
+
+@pytest.mark.parametrize("with_lora_input", [False, True])
+def test_opcheck_lora_linear_and_backward(with_lora_input):
+    x = random((5, 45), torch.float32, seed=26).requires_grad_()
+    lora_input = random((5, 45), torch.float32, seed=27).requires_grad_() if with_lora_input else None
+    dense = random((19, 45), torch.float32, seed=28)
+    bias = random((19,), torch.float32, seed=29).requires_grad_()
+    lora_A, lora_B = lora_factors(4, 19, 45, torch.float32, seed=30)
+    lora_A.requires_grad_()
+    lora_B.requires_grad_()
+    torch.library.opcheck(torch.ops.lowrank_ext.lora_linear,
+                          (x, lora_input, dense, bias, lora_A, lora_B, 0.5))
+    grad_output = random((5, 19), torch.float32, seed=31)
+    torch.library.opcheck(torch.ops.lowrank_ext.lora_linear_backward,
+                          (grad_output, x.detach(), None if lora_input is None else lora_input.detach(),
+                           dense, lora_A.detach(), lora_B.detach(), 0.5))
+
+
+@pytest.mark.parametrize("with_lora_input", [False, True])
+@pytest.mark.parametrize("rows", [2, 24])
+def test_opcheck_qlora_linear_and_backward(with_lora_input, rows):
+    weight = opcheck_weight()
+    x = random((rows, 45), torch.float32, seed=32).requires_grad_()
+    lora_input = (random((rows, 45), torch.float32, seed=33).requires_grad_()
+                  if with_lora_input else None)
+    bias = random((19,), torch.float32, seed=34).requires_grad_()
+    lora_A, lora_B = lora_factors(4, 19, 45, torch.float32, seed=35)
+    lora_A.requires_grad_()
+    lora_B.requires_grad_()
+    torch.library.opcheck(torch.ops.lowrank_ext.qlora_linear,
+                          (x, lora_input, *weight.linear_args(), bias, lora_A, lora_B, 0.5))
+    grad_output = random((rows, 19), torch.float32, seed=36)
+    torch.library.opcheck(
+        torch.ops.lowrank_ext.qlora_linear_backward,
+        (grad_output, x.detach(), None if lora_input is None else lora_input.detach(),
+         *weight.linear_args(), lora_A.detach(), lora_B.detach(), 0.5))
+
+
+# ------------------------------------------------------------ torch.compile --
+
+
+class TinyQLoRA(torch.nn.Module):
+    def __init__(self, weight: NF4Weight, rank: int):
+        super().__init__()
+        self.weight = weight
+        out_features, in_features = weight.shape
+        self.bias = torch.nn.Parameter(random((out_features,), torch.float32, seed=37))
+        lora_A, lora_B = lora_factors(rank, out_features, in_features, torch.float32, seed=38)
+        self.lora_A = torch.nn.Parameter(lora_A)
+        self.lora_B = torch.nn.Parameter(lora_B)
+
+    def forward(self, x):
+        y = ops.qlora_linear(x, *self.weight.linear_args(), self.bias, self.lora_A, self.lora_B, 0.25)
+        return torch.nn.functional.gelu(y)
+
+
+def test_torch_compile_fullgraph_qlora_matches_eager():
+    torch._dynamo.reset()
+    module = TinyQLoRA(make_weight(24, 40, 32, True, seed=39), rank=4)
+    x = random((3, 7, 40), torch.float32, seed=40)
+    results = []
+    for runner in (module, torch.compile(module, fullgraph=True)):
+        module.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out = runner(inputs)
+        out.square().sum().backward()
+        results.append((out.detach(), inputs.grad, module.bias.grad.clone(),
+                        module.lora_A.grad.clone(), module.lora_B.grad.clone()))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------- errors --
+
+
+def test_errors_name_the_argument():
+    weight = opcheck_weight()
+    args = list(weight.linear_args())
+    x = random((2, 45), torch.float32, seed=41)
+    with pytest.raises(RuntimeError, match="input's last dimension must be in_features=45"):
+        ops.nf4_linear(random((2, 44), torch.float32, seed=42), *args)
+    with pytest.raises(RuntimeError, match="input must be float32, bfloat16 or float16"):
+        ops.nf4_linear(x.double(), *args)
+    with pytest.raises(RuntimeError, match="bias must have 19 elements"):
+        ops.nf4_linear(x, *args, bias=random((18,), torch.float32, seed=43))
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.nf4_linear(x, *args, bias=random((19,), torch.bfloat16, seed=44))
+    bad_packed = args.copy()
+    bad_packed[0] = args[0][:-1]
+    with pytest.raises(RuntimeError, match="packed must have"):
+        ops.nf4_linear(x, *bad_packed)
+    bad_absmax = args.copy()
+    bad_absmax[1] = args[1].float()
+    with pytest.raises(RuntimeError, match=r"absmax \(double-quantized codes\) must be"):
+        ops.nf4_linear(x, *bad_absmax)
+    bad_nested = args.copy()
+    bad_nested[3] = None
+    with pytest.raises(RuntimeError, match="nested_absmax and nested_code"):
+        ops.nf4_linear(x, *bad_nested)
+    bad_blocksize = args.copy()
+    bad_blocksize[7] = 48
+    with pytest.raises(RuntimeError, match="blocksize must be a power of two"):
+        ops.nf4_linear(x, *bad_blocksize)
+    with pytest.raises(RuntimeError, match="grad_output's last dimension must be out_features=19"):
+        ops.nf4_linear_grad_input(random((2, 18), torch.float32, seed=45), *args)
+    lora_A, lora_B = lora_factors(4, 19, 45, torch.float32, seed=46)
+    with pytest.raises(RuntimeError, match=r"lora_A must have shape \[r, 45\]"):
+        ops.qlora_linear(x, *args, None, lora_A[:, :-1], lora_B, 1.0)
+    with pytest.raises(RuntimeError, match=r"lora_B must have shape \[19, 4\]"):
+        ops.qlora_linear(x, *args, None, lora_A, lora_B[:, :-1], 1.0)
+    with pytest.raises(RuntimeError, match="lora_input must have input's shape"):
+        ops.qlora_linear(x, *args, None, lora_A, lora_B, 1.0, lora_input=x[:1])
+    with pytest.raises(RuntimeError, match="weight must be 2-D"):
+        ops.lora_linear(x, random((19, 45, 1), torch.float32, seed=47), None, lora_A, lora_B, 1.0)
