@@ -11,7 +11,7 @@
 
 #include "cpu/dispatch.h"
 #include "cpu/multi_lora_kernels.h"
-#include "op_checks.h"
+#include "multi_lora_checks.h"
 
 namespace lowrank {
 namespace cpu {
@@ -32,85 +32,6 @@ Dtype kernel_dtype(at::ScalarType type) {
     default:
       return Dtype::Float16;
   }
-}
-
-// The validated sizes of one call. Each adapter index covers rows_per_index
-// consecutive rows of input flattened to [rows, in_features].
-struct MultiLoraShapes {
-  int64_t rows = 0;
-  int64_t in_features = 0;
-  int64_t out_features = 0;
-  int64_t num_adapters = 0;
-  int64_t max_rank = 0;
-  int64_t rows_per_index = 1;
-};
-
-// `other` is the [..., out_features] tensor: base_output or grad_output.
-MultiLoraShapes check_multi_lora_args(const char* op, const at::Tensor& input,
-                                      const at::Tensor& other, const char* other_name,
-                                      const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                      const at::Tensor& ranks, const at::Tensor& scalings,
-                                      const at::Tensor& adapter_indices) {
-  check_float_tensor(op, "input", input);
-  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension");
-  MultiLoraShapes shapes;
-  shapes.in_features = input.size(-1);
-  check_dtype(op, "lora_A", lora_A, input.scalar_type());
-  check_dtype(op, "lora_B", lora_B, input.scalar_type());
-  check_dtype(op, other_name, other, input.scalar_type());
-  TORCH_CHECK(lora_A.dim() == 3 && lora_A.size(2) == shapes.in_features, op,
-              ": lora_A must have shape [num_adapters, max_rank, ", shapes.in_features,
-              "] (in_features from input), got ", lora_A.sizes());
-  shapes.num_adapters = lora_A.size(0);
-  shapes.max_rank = lora_A.size(1);
-  TORCH_CHECK(lora_B.dim() == 3 && lora_B.size(0) == shapes.num_adapters &&
-                  lora_B.size(2) == shapes.max_rank,
-              op, ": lora_B must have shape [", shapes.num_adapters, ", out_features, ",
-              shapes.max_rank, "] (num_adapters and max_rank from lora_A), got ", lora_B.sizes());
-  shapes.out_features = lora_B.size(1);
-  std::vector<int64_t> expected(input.sizes().begin(), input.sizes().end());
-  expected.back() = shapes.out_features;
-  TORCH_CHECK(other.sizes() == at::IntArrayRef(expected), op, ": ", other_name,
-              " must have shape ", at::IntArrayRef(expected),
-              " (input's leading dimensions, out_features from lora_B), got ", other.sizes());
-  check_dtype(op, "ranks", ranks, at::kLong);
-  check_dtype(op, "scalings", scalings, at::kFloat);
-  check_dtype(op, "adapter_indices", adapter_indices, at::kLong);
-  TORCH_CHECK(ranks.dim() == 1 && ranks.size(0) == shapes.num_adapters, op,
-              ": ranks must have shape [", shapes.num_adapters, "] (one per adapter), got ",
-              ranks.sizes());
-  TORCH_CHECK(scalings.dim() == 1 && scalings.size(0) == shapes.num_adapters, op,
-              ": scalings must have shape [", shapes.num_adapters, "] (one per adapter), got ",
-              scalings.sizes());
-  const at::IntArrayRef leading = input.sizes().slice(0, input.dim() - 1);
-  TORCH_CHECK(adapter_indices.dim() <= static_cast<int64_t>(leading.size()) &&
-                  adapter_indices.sizes() == leading.slice(0, adapter_indices.dim()),
-              op, ": adapter_indices' shape must be a prefix of input's leading dimensions ",
-              leading, ", got ", adapter_indices.sizes());
-  for (const auto& [name, tensor] :
-       {std::pair<const char*, const at::Tensor*>{other_name, &other}, {"lora_A", &lora_A},
-        {"lora_B", &lora_B}, {"ranks", &ranks}, {"scalings", &scalings},
-        {"adapter_indices", &adapter_indices}}) {
-    check_same_device(op, name, *tensor, input, "input");
-  }
-  shapes.rows = c10::multiply_integers(leading);
-  shapes.rows_per_index =
-      adapter_indices.numel() == 0 ? 0 : shapes.rows / adapter_indices.numel();
-  if (ranks.numel() > 0) {
-    const int64_t smallest = ranks.min().item<int64_t>();
-    const int64_t largest = ranks.max().item<int64_t>();
-    TORCH_CHECK(smallest >= 0 && largest <= shapes.max_rank, op,
-                ": ranks must lie in [0, max_rank=", shapes.max_rank,
-                "] (max_rank is lora_A.size(1)), got values in [", smallest, ", ", largest, "]");
-  }
-  if (adapter_indices.numel() > 0) {
-    const int64_t smallest = adapter_indices.min().item<int64_t>();
-    const int64_t largest = adapter_indices.max().item<int64_t>();
-    TORCH_CHECK(smallest >= -1 && largest < shapes.num_adapters, op,
-                ": adapter_indices must lie in [-1, num_adapters=", shapes.num_adapters,
-                ") (-1 = base model only), got values in [", smallest, ", ", largest, "]");
-  }
-  return shapes;
 }
 
 // Rows grouped by adapter: rows of adapter a are
@@ -151,6 +72,7 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base
   constexpr const char* op = "multi_lora_linear";
   const MultiLoraShapes shapes = check_multi_lora_args(
       op, input, base_output, "base_output", lora_A, lora_B, ranks, scalings, adapter_indices);
+  check_multi_lora_values(op, shapes, ranks, adapter_indices);
   at::Tensor out = base_output.clone(at::MemoryFormat::Contiguous);
   const RowGroups groups = group_rows(adapter_indices, shapes);
   if (groups.sorted_rows.empty() || shapes.max_rank == 0 || shapes.out_features == 0) return out;
@@ -213,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_backward_cpu(
   constexpr const char* op = "multi_lora_linear_backward";
   const MultiLoraShapes shapes = check_multi_lora_args(
       op, input, grad_output, "grad_output", lora_A, lora_B, ranks, scalings, adapter_indices);
+  check_multi_lora_values(op, shapes, ranks, adapter_indices);
   const at::TensorOptions fp32 = input.options().dtype(at::kFloat);
   at::Tensor grad_input = at::zeros({shapes.rows, shapes.in_features}, fp32);
   at::Tensor grad_A = at::zeros(lora_A.sizes(), fp32);

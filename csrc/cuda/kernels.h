@@ -91,5 +91,44 @@ cudaError_t nf4_gemm_tensor_core(const void* input, std::int64_t rows, const Nf4
 // True when the current device can run nf4_gemm_tensor_core (sm_80 or newer).
 bool tensor_core_gemm_supported(int device);
 
+// ------------------------------------------------------ multi-adapter LoRA --
+// Mixed-adapter batches (multi_lora_linear): row i of a [rows, features]
+// activation uses adapter adapter_indices[i / rows_per_index]; -1 means no
+// adapter. Factors are stacked and zero-padded as the op takes them; entries
+// past an adapter's rank are never read. Products and sums are in fp32.
+// An index outside [-1, num_adapters) or a rank outside [0, max_rank] is not
+// an error here (finding it would need the host to read device memory): the
+// row's hidden and output values become NaN.
+
+// Per-row adapter selection, all device pointers.
+struct MultiLoraRows {
+  const std::int64_t* adapter_indices = nullptr;  // [rows / rows_per_index]
+  std::int64_t rows_per_index = 1;
+  const std::int64_t* ranks = nullptr;  // [num_adapters]
+  const float* scalings = nullptr;      // [num_adapters]
+  std::int64_t num_adapters = 0;
+  std::int64_t max_rank = 0;
+  std::int64_t rows = 0;
+};
+
+// hidden[row, k] (fp32 [rows, max_rank]) = scalings[a] * sum_j
+// input[row, j] * factors[a, k, j] for k < ranks[a]; 0 for k >= ranks[a] and
+// for rows without an adapter. input [rows, features] and factors
+// [num_adapters, max_rank, features] are contiguous, of `dtype`. One warp per
+// (row, rank), 16-byte loads when features allows and the buffers are aligned.
+cudaError_t multi_lora_shrink(const MultiLoraRows& rows, const void* input, const void* factors,
+                              std::int64_t features, Dtype dtype, float* hidden,
+                              cudaStream_t stream);
+
+// out[row, o] = base[row, o] + sum_{k < ranks[a]} hidden[row, k] * factors[a, o, k],
+// rounded once to `dtype`; rows without an adapter (or of rank 0) copy base.
+// factors [num_adapters, features, max_rank], base and out [rows, features],
+// contiguous, of `dtype`; base may be null (read as zeros). One thread per
+// (row, output); 16-byte loads of each output's rank slice when max_rank
+// allows and factors is aligned.
+cudaError_t multi_lora_expand(const MultiLoraRows& rows, const float* hidden,
+                              const void* factors, std::int64_t features, const void* base,
+                              Dtype dtype, void* out, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace lowrank
