@@ -23,6 +23,7 @@
 
 #include "core/nf4.h"
 #include "cuda/kernels.h"
+#include "glue_helpers.h"
 #include "op_checks.h"
 
 namespace lowrank {
@@ -229,16 +230,6 @@ bool use_fused_gemm(const at::Tensor& input, int64_t rows) {
   return rows <= kFusedGemmMaxRows;
 }
 
-at::Tensor flatten_rows(const at::Tensor& input) {
-  return input.reshape({-1, input.size(-1)});
-}
-
-std::vector<int64_t> output_shape(const at::Tensor& input, int64_t out_features) {
-  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
-  shape.back() = out_features;
-  return shape;
-}
-
 at::Tensor nf4_linear_cuda(const at::Tensor& input, const at::Tensor& packed,
                            const at::Tensor& absmax,
                            const std::optional<at::Tensor>& nested_absmax,
@@ -301,126 +292,6 @@ at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_output, const at::T
   return grad_input.view(output_shape(grad_output, args.in_features));
 }
 
-// Adds scaling * (lora_rows @ A.T) @ B.T to `out_rows` in place.
-void add_lora_term(at::Tensor& out_rows, const at::Tensor& lora_rows, const at::Tensor& lora_A,
-                   const at::Tensor& lora_B, double scaling) {
-  at::Tensor down = at::mm(lora_rows, lora_A.t());
-  out_rows.addmm_(down, lora_B.t(), 1.0, scaling);
-}
-
-at::Tensor lora_linear_cuda(const at::Tensor& input, const std::optional<at::Tensor>& lora_input,
-                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
-  constexpr const char* op = "lora_linear";
-  check_float_tensor(op, "input", input);
-  check_dtype(op, "weight", weight, input.scalar_type());
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
-  check_same_device(op, "weight", weight, input, "input");
-  const int64_t out_features = weight.size(0);
-  check_linear_input(op, input, weight.size(1));
-  check_bias(op, bias, input, out_features);
-  check_lora_input(op, lora_input, input);
-  check_lora_factors(op, input, lora_A, lora_B, out_features, weight.size(1));
-  c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor rows = flatten_rows(input);
-  at::Tensor out = bias.has_value() ? at::addmm(*bias, rows, weight.t()) : at::mm(rows, weight.t());
-  add_lora_term(out, lora_input.has_value() ? flatten_rows(*lora_input) : rows, lora_A, lora_B,
-                scaling);
-  return out.view(output_shape(input, out_features));
-}
-
-// Everything of the LoRA backward but grad_output @ W (shared by dense and NF4).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_common(
-    const at::Tensor& grad_output, at::Tensor grad_input_rows, const at::Tensor& input,
-    const std::optional<at::Tensor>& lora_input, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, double scaling) {
-  at::Tensor grad_rows = flatten_rows(grad_output);
-  at::Tensor lora_rows = flatten_rows(lora_input.has_value() ? *lora_input : input);
-  at::Tensor down = at::mm(lora_rows, lora_A.t());                // [rows, r]
-  at::Tensor grad_B = at::mm(grad_rows.t(), down).mul_(scaling);   // [out, r]
-  at::Tensor grad_down = at::mm(grad_rows, lora_B).mul_(scaling);  // [rows, r]
-  at::Tensor grad_A = at::mm(grad_down.t(), lora_rows);            // [r, in]
-  at::Tensor grad_lora_input;
-  if (lora_input.has_value()) {
-    grad_lora_input = at::mm(grad_down, lora_A).view(input.sizes());
-  } else {
-    grad_input_rows.addmm_(grad_down, lora_A);
-    grad_lora_input = at::empty({0}, input.options());
-  }
-  return {grad_input_rows.view(input.sizes()), grad_lora_input, grad_A, grad_B};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input,
-    const std::optional<at::Tensor>& lora_input, const at::Tensor& weight,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
-  constexpr const char* op = "lora_linear_backward";
-  check_float_tensor(op, "input", input);
-  check_dtype(op, "grad_output", grad_output, input.scalar_type());
-  check_dtype(op, "weight", weight, input.scalar_type());
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
-  check_same_device(op, "weight", weight, input, "input");
-  check_same_device(op, "grad_output", grad_output, input, "input");
-  check_linear_input(op, input, weight.size(1));
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(output_shape(input, weight.size(0))), op,
-              ": grad_output must have shape ", output_shape(input, weight.size(0)), ", got ",
-              grad_output.sizes());
-  check_lora_input(op, lora_input, input);
-  check_lora_factors(op, input, lora_A, lora_B, weight.size(0), weight.size(1));
-  c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor grad_input_rows = at::mm(flatten_rows(grad_output), weight);
-  return lora_backward_common(grad_output, grad_input_rows, input, lora_input, lora_A, lora_B,
-                              scaling);
-}
-
-at::Tensor qlora_linear_cuda(const at::Tensor& input, const std::optional<at::Tensor>& lora_input,
-                             const at::Tensor& packed, const at::Tensor& absmax,
-                             const std::optional<at::Tensor>& nested_absmax,
-                             const std::optional<at::Tensor>& nested_code, double offset,
-                             c10::SymInt out_features, c10::SymInt in_features,
-                             int64_t blocksize, const std::optional<at::Tensor>& bias,
-                             const at::Tensor& lora_A, const at::Tensor& lora_B,
-                             double scaling) {
-  constexpr const char* op = "qlora_linear";
-  Nf4WeightArgs args{packed, absmax, nested_absmax, nested_code, offset,
-                     out_features.expect_int(), in_features.expect_int(), blocksize};
-  check_linear_input(op, input, args.in_features);
-  args.validate(op, input);
-  check_bias(op, bias, input, args.out_features);
-  check_lora_input(op, lora_input, input);
-  check_lora_factors(op, input, lora_A, lora_B, args.out_features, args.in_features);
-  c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor out = nf4_linear_cuda(input, packed, absmax, nested_absmax, nested_code, offset,
-                                   out_features, in_features, blocksize, bias);
-  at::Tensor out_rows = out.view({-1, args.out_features});
-  add_lora_term(out_rows, flatten_rows(lora_input.has_value() ? *lora_input : input), lora_A,
-                lora_B, scaling);
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qlora_linear_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input,
-    const std::optional<at::Tensor>& lora_input, const at::Tensor& packed,
-    const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-    const std::optional<at::Tensor>& nested_code, double offset, c10::SymInt out_features,
-    c10::SymInt in_features, int64_t blocksize, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, double scaling) {
-  constexpr const char* op = "qlora_linear_backward";
-  Nf4WeightArgs args{packed, absmax, nested_absmax, nested_code, offset,
-                     out_features.expect_int(), in_features.expect_int(), blocksize};
-  check_linear_input(op, input, args.in_features);
-  check_dtype(op, "grad_output", grad_output, input.scalar_type());
-  check_same_device(op, "grad_output", grad_output, input, "input");
-  check_lora_input(op, lora_input, input);
-  check_lora_factors(op, input, lora_A, lora_B, args.out_features, args.in_features);
-  c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor grad_input = nf4_linear_grad_input_cuda(grad_output, packed, absmax, nested_absmax,
-                                                     nested_code, offset, out_features,
-                                                     in_features, blocksize);
-  return lora_backward_common(grad_output, flatten_rows(grad_input), input, lora_input, lora_A,
-                              lora_B, scaling);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank_ext, CUDA, m) {
@@ -430,10 +301,6 @@ TORCH_LIBRARY_IMPL(lowrank_ext, CUDA, m) {
   m.impl("dequantize_blockwise_8bit", &dequantize_blockwise_8bit_cuda);
   m.impl("nf4_linear", &nf4_linear_cuda);
   m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_cuda);
-  m.impl("lora_linear", &lora_linear_cuda);
-  m.impl("lora_linear_backward", &lora_linear_backward_cuda);
-  m.impl("qlora_linear", &qlora_linear_cuda);
-  m.impl("qlora_linear_backward", &qlora_linear_backward_cuda);
 }
 
 }  // namespace cuda

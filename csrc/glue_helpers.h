@@ -1,0 +1,22 @@
+// Shape helpers shared by the ATen glue of every backend.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace lowrank {
+
+// [..., features] -> [rows, features] (a view when possible).
+inline at::Tensor flatten_rows(const at::Tensor& input) {
+  return input.reshape({-1, input.size(-1)});
+}
+
+// input's shape with the last dimension replaced by `features`.
+inline std::vector<int64_t> output_shape(const at::Tensor& input, int64_t features) {
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = features;
+  return shape;
+}
+
+}  // namespace lowrank
