@@ -9,32 +9,18 @@
 
 #include "cpu/multi_lora_kernels.h"
 #include "cpu/scalar_tail.h"
+#include "cpu/simd_avx2.h"
 
 namespace lowrank {
 namespace cpu {
 namespace {
 
+using avx2::load8;
+using avx2::to_bf16;
+
 constexpr std::int64_t kLanes = 8;
 // Rows of one adapter that share each load of an A row in the shrink.
 constexpr int kShrinkRows = 4;
-
-inline __m256 load8(const void* data, Dtype dtype, std::int64_t index) {
-  switch (dtype) {
-    case Dtype::Float32:
-      return _mm256_loadu_ps(static_cast<const float*>(data) + index);
-    case Dtype::BFloat16: {
-      __m128i half = _mm_loadu_si128(
-          reinterpret_cast<const __m128i*>(static_cast<const std::uint16_t*>(data) + index));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-    }
-    case Dtype::Float16: {
-      __m128i half = _mm_loadu_si128(
-          reinterpret_cast<const __m128i*>(static_cast<const std::uint16_t*>(data) + index));
-      return _mm256_cvtph_ps(half);
-    }
-  }
-  return _mm256_setzero_ps();
-}
 
 // The first `count` (<= 8) elements from `index` on; the other lanes are zero.
 inline __m256 load8_partial(const void* data, Dtype dtype, std::int64_t index,
@@ -43,19 +29,6 @@ inline __m256 load8_partial(const void* data, Dtype dtype, std::int64_t index,
   alignas(32) float buffer[kLanes] = {};
   for (std::int64_t i = 0; i < count; ++i) buffer[i] = tail::load_float(data, dtype, index + i);
   return _mm256_load_ps(buffer);
-}
-
-// fp32 -> bf16 with round-to-nearest-even; NaN becomes the canonical NaN.
-inline __m128i to_bf16(__m256 values) {
-  __m256i bits = _mm256_castps_si256(values);
-  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i rounded = _mm256_srli_epi32(
-      _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  __m256 is_nan = _mm256_cmp_ps(values, values, _CMP_UNORD_Q);
-  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(is_nan));
-  __m256i packed = _mm256_packus_epi32(rounded, rounded);  // per 128-bit lane
-  packed = _mm256_permute4x64_epi64(packed, 0x08);          // lanes 0 and 2 to the bottom
-  return _mm256_castsi256_si128(packed);
 }
 
 // Stores the first `count` (<= 8) lanes at `index`.

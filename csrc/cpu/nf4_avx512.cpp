@@ -6,10 +6,13 @@
 #include "core/nf4.h"
 #include "cpu/kernels.h"
 #include "cpu/scalar_tail.h"
+#include "cpu/simd_avx512.h"
 
 namespace lowrank {
 namespace cpu {
 namespace {
+
+using avx512::to_bf16;
 
 constexpr std::int64_t kLanes = 16;
 
@@ -29,18 +32,6 @@ inline __m512 load16(const void* data, Dtype dtype, std::int64_t index) {
     }
   }
   return _mm512_setzero_ps();
-}
-
-// fp32 -> bf16 with round-to-nearest-even in integer arithmetic (the BF16
-// instruction would flush subnormals); NaN becomes the canonical NaN.
-inline __m256i to_bf16(__m512 values) {
-  __m512i bits = _mm512_castps_si512(values);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(
-      _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  __mmask16 is_nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, is_nan, _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(rounded);
 }
 
 inline void store16(void* data, Dtype dtype, std::int64_t index, __m512 values) {
