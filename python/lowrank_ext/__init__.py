@@ -1,13 +1,25 @@
 """lowrank_ext: LoRA, AdaLoRA and QLoRA on fast NF4 and fused low-rank kernels.
 
 Import order matters: torch first (it loads libtorch), then the compiled
-module (which registers the ops), then the Python layers.
+module (which registers the ops), then the Python layers built on them.
 """
 
-import torch  # noqa: F401
+import torch
 
 from . import _C, ops
 from .quant import NF4Weight, dynamic_map, nf4_codebook
+from . import nn, tuners  # noqa: E402  (layers need the ops registered first)
+from .tuners import (
+    AdaLoRAConfig,
+    AdaLoRAModule,
+    LoRAConfig,
+    LoRAModule,
+    QLoRAConfig,
+    QLoRAModule,
+    load_adapter,
+    prepare_for_kbit_training,
+    save_adapter,
+)
 
 __version__ = _C.build_info()["version"]
 
@@ -39,41 +51,23 @@ def supported_cpu_isas() -> list[str]:
 
 
 __all__ = [
-    "NF4Weight",
-    "build_info",
-    "dynamic_map",
-    "get_cpu_isa",
-    "nf4_codebook",
-    "ops",
-    "set_cpu_isa",
-    "supported_cpu_isas",
-]
-
-# --- LoRA / QLoRA layers and model wrappers (issue 4) -----------------------
-from . import nn, tuners  # noqa: E402
-from .tuners import (  # noqa: E402
-    AdaLoRAConfig,
-    AdaLoRAModule,
-    LoRAConfig,
-    LoRAModule,
-    QLoRAConfig,
-    QLoRAModule,
-    load_adapter,
-    prepare_for_kbit_training,
-    save_adapter,
-)
-
-__all__ += [
     "AdaLoRAConfig",
     "AdaLoRAModule",
     "LoRAConfig",
     "LoRAModule",
+    "NF4Weight",
     "QLoRAConfig",
     "QLoRAModule",
+    "build_info",
+    "dynamic_map",
+    "get_cpu_isa",
     "load_adapter",
+    "nf4_codebook",
     "nn",
+    "ops",
     "prepare_for_kbit_training",
     "save_adapter",
+    "set_cpu_isa",
+    "supported_cpu_isas",
     "tuners",
 ]
-# --- end of issue 4 exports --------------------------------------------------
