@@ -1,0 +1,1 @@
+"""Fine-tuning workflows behind ``lowrank-ext finetune``: data, training, reports."""

@@ -1,0 +1,285 @@
+"""The fine-tuning run: data, model, method, training loop, evaluation, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as functional
+from torch import nn
+
+from . import methods
+from .data import DataSplits, load_file_splits, stdlib_docstring_splits
+from .memory import PeakMemory, SavedActivations, gradient_and_optimizer_bytes
+from .model import HEAD_NAME, Tokenized, build_classifier, load_tokenizer
+
+# Learning rates for this task and model (see docs/finetune.md): adapters
+# train a few small matrices and tolerate a large step; updating all 22.7M
+# weights at that step would wreck the pretrained encoder. The freshly
+# initialised head trains at the adapter rate in every method, so the
+# methods differ only in how the encoder is adapted.
+DEFAULT_LEARNING_RATES = {"qlora": 2e-3, "lora": 2e-3, "adalora": 2e-3, "full": 1e-4}
+HEAD_LEARNING_RATE = 2e-3
+
+
+@dataclass
+class FinetuneSettings:
+    """Everything that determines a run (the CLI's options)."""
+
+    method: str = "qlora"
+    data: Optional[str] = None
+    epochs: int = 2
+    batch_size: int = 32
+    learning_rate: Optional[float] = None
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Sequence[str] = methods.DEFAULT_TARGET_MODULES
+    seed: int = 0
+    max_train_samples: Optional[int] = None
+    max_length: int = 64
+    threads: Optional[int] = None
+    device: str = "cpu"
+    output_dir: Optional[str] = None
+    resume: Optional[str] = None
+    progress: bool = True
+
+    def resolved_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return DEFAULT_LEARNING_RATES[self.method]
+
+
+@dataclass
+class Evaluation:
+    """Mean cross-entropy and accuracy over a data set."""
+
+    loss: float
+    accuracy: float
+
+
+@dataclass
+class History:
+    """Loss curves: one training loss per step, validation loss per epoch."""
+
+    train_steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    validation_steps: list[int] = field(default_factory=list)
+    validation_loss: list[float] = field(default_factory=list)
+    validation_accuracy: list[float] = field(default_factory=list)
+
+
+def load_splits(data: Optional[str]) -> DataSplits:
+    """The built-in stdlib-docstring task, or a user's file."""
+    return stdlib_docstring_splits() if data is None else load_file_splits(data)
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, tokenized: Tokenized, batch_size: int, device) -> Evaluation:
+    """Loss and accuracy of ``module`` on all of ``tokenized`` (eval mode, no grad)."""
+    was_training = module.training
+    module.eval()
+    total_loss, correct = 0.0, 0
+    # Batching texts of similar length wastes less work on padding; the
+    # order does not change the sums.
+    order = sorted(range(len(tokenized)), key=lambda index: tokenized.ids[index].numel())
+    for start in range(0, len(order), batch_size):
+        batch = tokenized.batch(order[start:start + batch_size]).to(device)
+        logits = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        total_loss += functional.cross_entropy(logits.float(), batch.labels, reduction="sum").item()
+        correct += (logits.argmax(dim=-1) == batch.labels).sum().item()
+    module.train(was_training)
+    count = max(1, len(tokenized))
+    return Evaluation(total_loss / count, correct / count)
+
+
+def _linear_schedule(total_steps: int):
+    """Linear warm-up over the first 6% of steps, then linear decay to zero."""
+    warmup = max(1, int(0.06 * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def default_output_dir(method: str) -> Path:
+    """``runs/<method>-<YYYYmmdd-HHMMSS>`` under the current directory."""
+    return Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_finetune(settings: FinetuneSettings, splits: Optional[DataSplits] = None) -> dict:
+    """Fine-tune, evaluate before and after, save adapter, report and plot.
+
+    Returns the report (also written to ``<output_dir>/report.json``).
+
+    Raises:
+        DataError, MethodError, DependencyError: user-facing problems.
+    """
+    from . import report as reporting
+
+    methods.check_method(settings.method)
+    wall_start = time.perf_counter()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = torch.device(settings.device)
+    output_dir = Path(settings.output_dir) if settings.output_dir else default_output_dir(settings.method)
+
+    resume_info = None
+    if settings.resume:
+        resume_info = methods.read_run_info(Path(settings.resume))
+        if resume_info["method"] != settings.method:
+            raise methods.MethodError(
+                f"--resume {settings.resume} holds a {resume_info['method']!r} run, "
+                f"but --method is {settings.method!r}")
+
+    splits = splits or load_splits(settings.data)
+    if resume_info and resume_info["labels"] != splits.label_names:
+        raise methods.MethodError(f"--resume {settings.resume} was trained on labels "
+                                  f"{resume_info['labels']}, this data has {splits.label_names}")
+    train_set = splits.train.subset(settings.max_train_samples)
+
+    torch.manual_seed(settings.seed)
+    tokenizer = load_tokenizer()
+    tokenized = {name: Tokenized(tokenizer, part.texts, part.labels, settings.max_length)
+                 for name, part in (("train", train_set), ("validation", splits.validation),
+                                    ("test", splits.test))}
+
+    steps_per_epoch = math.ceil(len(train_set) / settings.batch_size)
+    total_steps = max(1, steps_per_epoch * settings.epochs)
+    options = methods.MethodOptions(
+        rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout,
+        target_modules=tuple(settings.target_modules), modules_to_save=(HEAD_NAME,),
+        total_step=total_steps)
+
+    model = build_classifier(len(splits.label_names), seed=settings.seed)
+    _, base_parameters = methods.count_parameters(model)
+    # The base model's fp32 footprint, the reference the methods are compared to.
+    base_weight_bytes = methods.weight_bytes(model)
+    # Adapter initialisation draws from the global generator: seed it so every
+    # run with the same seed starts identically, whatever ran before.
+    torch.manual_seed(settings.seed)
+    if resume_info:
+        module = methods.load(model, settings.method, Path(settings.resume), options)
+    else:
+        module = methods.prepare(model, settings.method, options)
+    module.to(device)
+    trainable, _ = methods.count_parameters(module)
+    stored_weight_bytes = methods.weight_bytes(module)
+    setup_seconds = time.perf_counter() - wall_start
+
+    before = {name: evaluate(module, tokenized[name], 2 * settings.batch_size, device)
+              for name in ("validation", "test")}
+
+    learning_rate = settings.resolved_learning_rate()
+    head, encoder = [], []
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            (head if f"{HEAD_NAME}." in name else encoder).append(parameter)
+    parameters = head + encoder
+    head_learning_rate = learning_rate if settings.learning_rate is not None else HEAD_LEARNING_RATE
+    optimizer = torch.optim.AdamW([{"params": encoder, "lr": learning_rate},
+                                   {"params": head, "lr": head_learning_rate}],
+                                  weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(total_steps))
+    methods.attach_optimizer(module, settings.method, optimizer)
+    order_generator = torch.Generator().manual_seed(settings.seed)
+
+    peak_activation_bytes = training_state_bytes = 0
+    history = History(validation_steps=[0], validation_loss=[before["validation"].loss],
+                      validation_accuracy=[before["validation"].accuracy])
+    progress = reporting.progress_bar(total_steps, settings.method, settings.progress)
+    step = 0
+    samples = 0
+    train_seconds = 0.0
+    module.train()
+    with PeakMemory(device) as peak_memory:
+        for _ in range(settings.epochs):
+            epoch_start = time.perf_counter()
+            for indices in torch.randperm(len(train_set), generator=order_generator).split(
+                    settings.batch_size):
+                batch = tokenized["train"].batch(indices).to(device)
+                # Looked up every step: AdaLoRA swaps its factors for smaller ones.
+                resident = methods.weight_storages(module)
+                with SavedActivations(resident) as saved:
+                    logits = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                    loss = functional.cross_entropy(logits.float(), batch.labels)
+                    regularization = methods.regularization_loss(module, settings.method)
+                    objective = loss if regularization is None else loss + regularization
+                peak_activation_bytes = max(peak_activation_bytes, saved.bytes)
+                objective.backward()
+                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+                optimizer.step()
+                training_state_bytes = max(training_state_bytes,
+                                           gradient_and_optimizer_bytes(optimizer))
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                samples += len(indices)
+                history.train_steps.append(step)
+                history.train_loss.append(loss.item())
+                elapsed = train_seconds + time.perf_counter() - epoch_start
+                progress.set_postfix(loss=f"{loss.item():.3f}",
+                                     samples_per_s=f"{samples / max(elapsed, 1e-9):.1f}")
+                progress.update(1)
+            train_seconds += time.perf_counter() - epoch_start
+            validation = evaluate(module, tokenized["validation"], 2 * settings.batch_size, device)
+            history.validation_steps.append(step)
+            history.validation_loss.append(validation.loss)
+            history.validation_accuracy.append(validation.accuracy)
+    progress.close()
+    # AdaLoRA shrinks its factors in place at the end: count what is left.
+    trainable_after, _ = methods.count_parameters(module)
+
+    after = {"validation": validation if settings.epochs else before["validation"],
+             "test": evaluate(module, tokenized["test"], 2 * settings.batch_size, device)}
+
+    adapter_dir = output_dir / "adapter"
+    run_info = {"method": settings.method, "labels": splits.label_names,
+                "max_length": settings.max_length, "rank": settings.rank,
+                "alpha": settings.alpha, "target_modules": list(settings.target_modules)}
+    methods.save(module, settings.method, adapter_dir, run_info)
+
+    report = {
+        "method": settings.method,
+        "settings": {**asdict(settings), "learning_rate": learning_rate,
+                     "head_learning_rate": head_learning_rate,
+                     "target_modules": list(settings.target_modules)},
+        "data": {**splits.summary(), "train_used": len(train_set)},
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "before": {name: asdict(value) for name, value in before.items()},
+        "after": {name: asdict(value) for name, value in after.items()},
+        "trainable_parameters": trainable_after,
+        "trainable_parameters_at_start": trainable,
+        "base_parameters": base_parameters,
+        "weight_bytes": stored_weight_bytes,
+        "base_weight_bytes": base_weight_bytes,
+        "train_memory_bytes": peak_activation_bytes + training_state_bytes,
+        "activation_bytes": peak_activation_bytes,
+        "gradient_and_optimizer_bytes": training_state_bytes,
+        "peak_memory_bytes": peak_memory.peak_bytes,
+        "peak_memory_measures": peak_memory.kind,
+        "steps": step,
+        "train_seconds": train_seconds,
+        "train_samples_per_second": samples / max(train_seconds, 1e-9),
+        "setup_seconds": setup_seconds,
+        "history": asdict(history),
+        "adapter_dir": str(adapter_dir),
+        "resumed_from": settings.resume,
+    }
+    report["wall_seconds"] = time.perf_counter() - wall_start
+    # CPU time of this process (all threads) since it started, model loading
+    # included: next to the wall time it shows how contended the machine was.
+    report["process_cpu_seconds"] = time.process_time()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    reporting.plot_history(history, output_dir / "loss.png", settings.method)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
