@@ -43,6 +43,13 @@ py::dict build_info() {
   info["cuda_archs"] = std::string();
 #endif
   info["cpu_isa"] = lowrank::cpu::isa_name(lowrank::cpu::active_isa());
+  // at::parallel_for only runs in parallel when this library itself was built
+  // with the parallel backend torch uses (OpenMP in the official wheels).
+#ifdef _OPENMP
+  info["cpu_parallel"] = "openmp";
+#else
+  info["cpu_parallel"] = "none";
+#endif
   info["cpu_isas_supported"] = supported_isas();
   return info;
 }

@@ -311,6 +311,15 @@ def test_unknown_isa_is_rejected():
         lowrank_ext.set_cpu_isa("sse9")
 
 
+def test_ops_use_torchs_parallel_backend():
+    # Built without it, at::parallel_for silently runs every op on one thread.
+    if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert lowrank_ext.build_info()["cpu_parallel"] == "openmp"
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
+        assert len(runtimes) == 1, f"two OpenMP runtimes loaded: {runtimes}"
+
+
 def test_build_info_names_backends_and_isa():
     info = lowrank_ext.build_info()
     assert "cpu" in info["backends"]
