@@ -144,6 +144,50 @@ def test_simd_paths_match_scalar(simd, rows):
                         grad_output.double().abs() @ dense.abs(), torch.float32, 2 * 45)
 
 
+# (rows, out_features, in_features, blocksize, double_quant, bias) for bf16
+# GEMVs on the AVX-512 kernels: in_features a multiple of 64 takes the
+# AVX512-BF16 kernel where the CPU has it (blocks of 128 and 4096 straddle
+# rows, blocks of 32 are half a 64-weight step, 70 outputs span several
+# tasks); odd in_features fall back to the plain AVX-512 kernel.
+BF16_GEMV_CASES = [
+    (1, 37, 320, 64, True, True),
+    (2, 19, 128, 32, False, False),
+    (3, 33, 192, 4096, True, False),
+    (4, 21, 192, 128, False, True),
+    (5, 70, 640, 32, True, False),
+    (6, 13, 64, 4096, False, True),
+    (1, 9, 301, 64, True, False),
+    (6, 5, 97, 32, False, True),
+]
+
+
+@pytest.mark.skipif("avx512" not in ISAS, reason="needs the AVX-512 kernels")
+@pytest.mark.parametrize("case", BF16_GEMV_CASES,
+                         ids=lambda case: "x{}-{}x{}-bs{}{}{}".format(
+                             *case[:4], "-dq" if case[4] else "", "-bias" if case[5] else ""))
+def test_bf16_gemv_matches_reference_and_fp32_kernel(case):
+    # The AVX512-BF16 kernel rounds each weight's codebook value to bf16 (one
+    # u) and the output once (another u), inside the usual bf16 bound. The
+    # fp32 run is the plain AVX-512 GEMV on the same activation values.
+    rows, out_features, in_features, blocksize, double_quant, with_bias = case
+    weight = make_weight(out_features, in_features, blocksize, double_quant, seed=9)
+    x = random((rows, in_features), torch.bfloat16, seed=10)
+    bias = random((out_features,), torch.bfloat16, seed=11) if with_bias else None
+    with cpu_isa("avx512"):
+        y = ops.nf4_linear(x, *weight.linear_args(), bias=bias)
+        y_fp32 = ops.nf4_linear(x.float(), *weight.linear_args(),
+                                bias=None if bias is None else bias.float())
+    dense = weight.dequantize(torch.float32).double()
+    reference = x.double() @ dense.T
+    magnitude = x.double().abs() @ dense.abs().T
+    if bias is not None:
+        reference = reference + bias.double()
+        magnitude = magnitude + bias.double().abs()
+    assert y.dtype == torch.bfloat16
+    assert_within_bound(y, reference, magnitude, torch.bfloat16, in_features)
+    assert_within_bound(y, y_fp32.double(), magnitude, torch.bfloat16, in_features)
+
+
 def lora_factors(rank, out_features, in_features, dtype, seed):
     return (random((rank, in_features), dtype, seed) * 0.1,
             random((out_features, rank), dtype, seed + 1) * 0.1)

@@ -258,9 +258,44 @@ void parallel_dynamic(int64_t count, Worker&& worker) {
   });
 }
 
-// rows [M, in] (contiguous) -> [M, out] by the fused GEMV.
+// rows [M, in] (contiguous bf16) -> [M, out] by the AVX512-BF16 GEMV.
+at::Tensor nf4_gemv_bf16_rows(const CpuKernels& kernels, const KernelWeight& weight,
+                              const at::Tensor& rows, const float* bias_data) {
+  const int64_t count = rows.size(0);
+  at::Tensor buffer = at::empty({count, weight.in_features}, rows.options());
+  prepare_gemv_input_bf16(static_cast<const uint16_t*>(rows.const_data_ptr()), count,
+                          weight.in_features, static_cast<uint16_t*>(buffer.mutable_data_ptr()));
+  GemvBf16Input layout;
+  layout.data = static_cast<const uint16_t*>(buffer.const_data_ptr());
+  layout.rows = count;
+  layout.in_features = weight.in_features;
+  at::Tensor out = at::empty({count, weight.out_features}, rows.options());
+  const int64_t tasks = (weight.out_features + kGemvGrain - 1) / kGemvGrain;
+  parallel_dynamic(tasks, [&](auto next) {
+    for (int64_t task = next(); task >= 0; task = next()) {
+      const int64_t begin = task * kGemvGrain;
+      kernels.nf4_gemv_bf16(layout, weight.data(), weight.scales, weight.out_features,
+                            weight.in_features, weight.blocksize, bias_data, begin,
+                            std::min(begin + kGemvGrain, weight.out_features),
+                            out.mutable_data_ptr(), Dtype::BFloat16);
+    }
+  });
+  return out;
+}
+
+// rows [M, in] (contiguous) -> [M, out] by the fused GEMV; bf16 rows take
+// the AVX512-BF16 kernel where the active table has one and the row length
+// suits it.
 at::Tensor nf4_gemv_rows(const KernelWeight& weight, const at::Tensor& rows,
                          const std::optional<at::Tensor>& bias) {
+  const CpuKernels& kernels = active_kernels();
+  at::Tensor bias_fp32;
+  if (bias.has_value()) bias_fp32 = bias->to(at::kFloat).contiguous();
+  const float* bias_data = bias.has_value() ? bias_fp32.const_data_ptr<float>() : nullptr;
+  if (rows.scalar_type() == at::kBFloat16 && kernels.nf4_gemv_bf16 != nullptr &&
+      weight.in_features % kGemvBf16Group == 0) {
+    return nf4_gemv_bf16_rows(kernels, weight, rows, bias_data);
+  }
   const int64_t count = rows.size(0);
   GemvInput layout;
   layout.rows = count;
@@ -270,11 +305,7 @@ at::Tensor nf4_gemv_rows(const KernelWeight& weight, const at::Tensor& rows,
   prepare_gemv_input(rows.const_data_ptr(), to_kernel_dtype(rows.scalar_type()), count,
                      weight.in_features, buffer.mutable_data_ptr<float>());
   layout.data = buffer.const_data_ptr<float>();
-  at::Tensor bias_fp32;
-  if (bias.has_value()) bias_fp32 = bias->to(at::kFloat).contiguous();
-  const float* bias_data = bias.has_value() ? bias_fp32.const_data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({count, weight.out_features}, rows.options());
-  const CpuKernels& kernels = active_kernels();
   const Dtype out_dtype = to_kernel_dtype(out.scalar_type());
   const int64_t tasks = (weight.out_features + kGemvGrain - 1) / kGemvGrain;
   parallel_dynamic(tasks, [&](auto next) {

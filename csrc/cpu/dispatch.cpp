@@ -54,6 +54,14 @@ bool isa_supported(Isa isa) {
 #endif
 }
 
+bool bf16_dot_product_supported() {
+#if defined(__x86_64__) || defined(__i386__)
+  return isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 Isa best_supported_isa() {
   if (isa_supported(Isa::Avx512)) return Isa::Avx512;
   if (isa_supported(Isa::Avx2)) return Isa::Avx2;

@@ -66,6 +66,35 @@ static inline const float* gemv_odd(const GemvInput& input, std::int64_t row, st
   return gemv_even(input, row, parity) + gemv_half(input);
 }
 
+// bf16 activations for nf4_gemv_bf16 (in_features a multiple of
+// kGemvBf16Group), prepared once per call by prepare_gemv_input_bf16. Row r
+// starts at data + r * in_features and holds the row's bf16 bit patterns,
+// each group of kGemvBf16Group columns permuted so that position p of the
+// group holds column gemv_bf16_column(p): the order in which the AVX512-BF16
+// kernel's byte-shuffle decode produces 64 weights from 32 packed bytes
+// (see gemv_bf16_column), so the kernel needs no shuffles for activations.
+struct GemvBf16Input {
+  const std::uint16_t* data = nullptr;
+  std::int64_t rows = 0;
+  std::int64_t in_features = 0;
+};
+
+static constexpr std::int64_t kGemvBf16Group = 64;
+
+// Column (within a group of 64) held at position `position` of the permuted
+// bf16 activation group. The decode reads 32 bytes into both 256-bit halves
+// of a register, high nibbles (even columns) in 128-bit lanes 0-1 and low
+// nibbles (odd columns) in lanes 2-3; lane L, byte b stands for packed byte
+// b + 16 * (L & 1). Unpacking the looked-up low and high bf16 bytes gives
+// two registers of 32 words: word q of lane L is byte q of lane L in the
+// first register (positions 0..31), byte 8 + q in the second (32..63).
+static inline std::int64_t gemv_bf16_column(std::int64_t position) {
+  const std::int64_t second = position / 32;
+  const std::int64_t lane = (position % 32) / 8;
+  const std::int64_t byte = position % 8 + 8 * second + 16 * (lane & 1);
+  return 2 * byte + (lane >> 1);
+}
+
 // Widest column range one nf4_gemv_transposed call takes.
 static constexpr std::int64_t kGemvTransposedMaxColumns = 1024;
 
@@ -111,6 +140,17 @@ struct CpuKernels {
   void (*nf4_dequantize_range)(const std::uint8_t* packed, const BlockScales& scales,
                                std::int64_t blocksize, std::int64_t begin, std::int64_t end,
                                void* out, Dtype dtype);
+
+  // nf4_gemv for bf16 activations with AVX512-BF16 dot products: each weight
+  // is bf16(codebook value) * fp32 block scale (within one bf16 rounding of
+  // the dequantized weight), products summed in fp32. Needs in_features to
+  // be a multiple of kGemvBf16Group. Null unless the table is AVX-512 and
+  // the CPU has AVX512-BF16.
+  void (*nf4_gemv_bf16)(const GemvBf16Input& input, const std::uint8_t* packed,
+                        const BlockScales& scales, std::int64_t out_features,
+                        std::int64_t in_features, std::int64_t blocksize, const float* bias,
+                        std::int64_t out_begin, std::int64_t out_end, void* out,
+                        Dtype out_dtype);
 };
 
 const CpuKernels& scalar_kernels();
@@ -121,6 +161,22 @@ const CpuKernels& avx512_kernels();
 // `rows` contiguous rows of `in_features` values of type `dtype`.
 void prepare_gemv_input(const void* input, Dtype dtype, std::int64_t rows,
                         std::int64_t in_features, float* buffer);
+
+// Fills a GemvBf16Input buffer of rows * in_features bf16 values from `rows`
+// contiguous rows of bf16 `input` (in_features a multiple of kGemvBf16Group).
+void prepare_gemv_input_bf16(const std::uint16_t* input, std::int64_t rows,
+                             std::int64_t in_features, std::uint16_t* buffer);
+
+// Whether this CPU has AVX512-BF16 (baseline code, __builtin_cpu_supports).
+bool bf16_dot_product_supported();
+
+// The AVX512-BF16 GEMV (nf4_gemv_bf16 of the AVX-512 table when the CPU has
+// AVX512-BF16); call only after bf16_dot_product_supported().
+void nf4_gemv_avx512bf16(const GemvBf16Input& input, const std::uint8_t* packed,
+                         const BlockScales& scales, std::int64_t out_features,
+                         std::int64_t in_features, std::int64_t blocksize, const float* bias,
+                         std::int64_t out_begin, std::int64_t out_end, void* out,
+                         Dtype out_dtype);
 
 // 8-bit blockwise quantization with a 256-entry sorted code map (used for
 // double quantization of NF4 absmax). Scalar only: it runs on numel/blocksize

@@ -307,7 +307,7 @@ void nf4_gemv_transposed_avx2(const float* grad, std::int64_t rows, const std::u
 
 const CpuKernels& avx2_kernels() {
   static const CpuKernels table{Isa::Avx2, nf4_quantize_avx2, nf4_dequantize_avx2, nf4_gemv_avx2,
-                                nf4_gemv_transposed_avx2, nf4_dequantize_range_avx2};
+                                nf4_gemv_transposed_avx2, nf4_dequantize_range_avx2, nullptr};
   return table;
 }
 

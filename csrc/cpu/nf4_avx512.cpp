@@ -12,6 +12,7 @@ namespace lowrank {
 namespace cpu {
 namespace {
 
+using avx512::block_scale16;
 using avx512::to_bf16;
 
 constexpr std::int64_t kLanes = 16;
@@ -157,17 +158,6 @@ inline void gemv_step(const std::uint8_t* bytes, __m512 lut, const float* const*
     acc_even[r] = _mm512_fmadd_ps(weight_high, _mm512_loadu_ps(even[r] + pair), acc_even[r]);
     acc_odd[r] = _mm512_fmadd_ps(weight_low, _mm512_loadu_ps(odd[r] + pair), acc_odd[r]);
   }
-}
-
-// A block's scale broadcast to all lanes, computed in vector registers from
-// broadcast loads: the same fp32 roundings as block_scale (every lane does
-// the scalar computation), without moving a scalar result into a vector,
-// which would take a shuffle slot that the decode steps need.
-inline __m512 block_scale16(const BlockScales& scales, std::int64_t block, __m512 offset) {
-  if (scales.nested_codes == nullptr) return _mm512_set1_ps(scales.absmax[block]);
-  __m512 code = _mm512_set1_ps(scales.nested_code[scales.nested_codes[block]]);
-  __m512 nested = _mm512_set1_ps(scales.nested_absmax[block / 256]);
-  return _mm512_add_ps(_mm512_mul_ps(code, nested), offset);
 }
 
 // GEMV over outputs [out_begin, out_end) for activation rows [first_row, first_row + Rows).
@@ -327,7 +317,8 @@ void nf4_gemv_transposed_avx512(const float* grad, std::int64_t rows, const std:
 const CpuKernels& avx512_kernels() {
   static const CpuKernels table{Isa::Avx512, nf4_quantize_avx512, nf4_dequantize_avx512,
                                 nf4_gemv_avx512, nf4_gemv_transposed_avx512,
-                                nf4_dequantize_range_avx512};
+                                nf4_dequantize_range_avx512,
+                                bf16_dot_product_supported() ? nf4_gemv_avx512bf16 : nullptr};
   return table;
 }
 

@@ -96,7 +96,7 @@ void nf4_gemv_transposed_scalar(const float* grad, std::int64_t rows, const std:
 const CpuKernels& scalar_kernels() {
   static const CpuKernels table{Isa::Scalar, nf4_quantize_scalar, nf4_dequantize_scalar,
                                 nf4_gemv_scalar, nf4_gemv_transposed_scalar,
-                                nf4_dequantize_range_scalar};
+                                nf4_dequantize_range_scalar, nullptr};
   return table;
 }
 
@@ -120,6 +120,15 @@ void prepare_gemv_input(const void* input, Dtype dtype, std::int64_t rows,
         even[j] = k < in_features ? natural[k] : 0.0f;
         odd[j] = k + 1 < in_features ? natural[k + 1] : 0.0f;
       }
+    }
+  }
+}
+
+void prepare_gemv_input_bf16(const std::uint16_t* input, std::int64_t rows,
+                             std::int64_t in_features, std::uint16_t* buffer) {
+  for (std::int64_t group = 0; group < rows * in_features; group += kGemvBf16Group) {
+    for (std::int64_t position = 0; position < kGemvBf16Group; ++position) {
+      buffer[group + position] = input[group + gemv_bf16_column(position)];
     }
   }
 }

@@ -1,9 +1,11 @@
 // AVX-512 helpers shared by the AVX-512 kernel files. Include only from
-// *_avx512.cpp: everything here needs those flags, and is `static` so no
+// *_avx512.cpp and *_avx512bf16.cpp: everything here needs those flags, and is `static` so no
 // AVX-512 code is shared across translation units (see kernels.h).
 #pragma once
 
 #include <immintrin.h>
+
+#include "cpu/kernels.h"
 
 namespace lowrank {
 namespace cpu {
@@ -19,6 +21,17 @@ static inline __m256i to_bf16(__m512 values) {
   __mmask16 is_nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
   rounded = _mm512_mask_mov_epi32(rounded, is_nan, _mm512_set1_epi32(0x7fc0));
   return _mm512_cvtepi32_epi16(rounded);
+}
+
+// A block's scale broadcast to all lanes, computed in vector registers from
+// broadcast loads: the same fp32 roundings as block_scale (every lane does
+// the scalar computation), without moving a scalar result into a vector,
+// which would take a shuffle slot that the decode steps need.
+static inline __m512 block_scale16(const BlockScales& scales, std::int64_t block, __m512 offset) {
+  if (scales.nested_codes == nullptr) return _mm512_set1_ps(scales.absmax[block]);
+  __m512 code = _mm512_set1_ps(scales.nested_code[scales.nested_codes[block]]);
+  __m512 nested = _mm512_set1_ps(scales.nested_absmax[block / 256]);
+  return _mm512_add_ps(_mm512_mul_ps(code, nested), offset);
 }
 
 }  // namespace avx512

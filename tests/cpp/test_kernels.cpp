@@ -163,6 +163,82 @@ void test_blockwise_8bit() {
   expect(worst <= 1.0f / 255.0f + 1e-6f, "8-bit round trip within half a step");
 }
 
+// The AVX512-BF16 GEMV against the scalar GEMV on the same bf16 activations:
+// each weight may differ by one bf16 rounding of its codebook value (2^-9
+// relative), the sums by fp32 reordering, so per output
+// |y - expected| <= (2^-8 + in_features 2^-23) * sum |x| |w|.
+void test_gemv_bf16(const CpuKernels& kernels, std::mt19937& rng) {
+  const CpuKernels& reference = lowrank::cpu::scalar_kernels();
+  struct Shape { std::int64_t rows, out_features, in_features, blocksize; bool double_quant; };
+  const Shape shapes[] = {{1, 37, 320, 64, true}, {2, 19, 128, 32, false}, {3, 33, 192, 4096, true},
+                          {4, 21, 192, 128, false}, {6, 70, 640, 32, true}};
+  for (const Shape& shape : shapes) {
+    const std::int64_t numel = shape.out_features * shape.in_features;
+    auto weight = random_values(rng, Dtype::Float32, numel, 1.0f);
+    const std::int64_t blocks = lowrank::nf4::num_blocks(numel, shape.blocksize);
+    std::vector<std::uint8_t> packed(lowrank::nf4::packed_bytes(numel));
+    std::vector<float> absmax(blocks);
+    reference.nf4_quantize(weight.data(), Dtype::Float32, numel, shape.blocksize, 0, blocks,
+                           packed.data(), absmax.data());
+    // Double quantization: one 8-bit code per block on a linear code map.
+    std::vector<float> nested_code(256);
+    for (int i = 0; i < 256; ++i) nested_code[i] = static_cast<float>(i) / 255.0f;
+    std::vector<std::uint8_t> nested_codes(blocks);
+    std::vector<float> nested_absmax((blocks + 255) / 256, 2.0f);
+    for (std::int64_t block = 0; block < blocks; ++block) nested_codes[block] = rng() & 0xff;
+    lowrank::cpu::BlockScales scales;
+    if (shape.double_quant) {
+      scales.nested_codes = nested_codes.data();
+      scales.nested_absmax = nested_absmax.data();
+      scales.nested_code = nested_code.data();
+      scales.offset = 0.25f;
+    } else {
+      scales.absmax = absmax.data();
+    }
+    auto input = random_values(rng, Dtype::BFloat16, shape.rows * shape.in_features, 1.0f);
+    const auto* input_bf16 = reinterpret_cast<const std::uint16_t*>(input.data());
+    std::vector<std::uint16_t> permuted(shape.rows * shape.in_features);
+    lowrank::cpu::prepare_gemv_input_bf16(input_bf16, shape.rows, shape.in_features, permuted.data());
+    lowrank::cpu::GemvBf16Input fast_input;
+    fast_input.data = permuted.data();
+    fast_input.rows = shape.rows;
+    fast_input.in_features = shape.in_features;
+    std::vector<float> fp32_input(shape.rows * (shape.in_features + 4 * ((shape.in_features + 1) / 2)));
+    lowrank::cpu::prepare_gemv_input(input_bf16, Dtype::BFloat16, shape.rows, shape.in_features,
+                                     fp32_input.data());
+    lowrank::cpu::GemvInput plain_input;
+    plain_input.data = fp32_input.data();
+    plain_input.rows = shape.rows;
+    plain_input.in_features = shape.in_features;
+    std::vector<float> result(shape.rows * shape.out_features);
+    std::vector<float> expected(result.size());
+    kernels.nf4_gemv_bf16(fast_input, packed.data(), scales, shape.out_features,
+                          shape.in_features, shape.blocksize, nullptr, 0, shape.out_features,
+                          result.data(), Dtype::Float32);
+    reference.nf4_gemv(plain_input, packed.data(), scales, shape.out_features, shape.in_features,
+                       shape.blocksize, nullptr, 0, shape.out_features, expected.data(),
+                       Dtype::Float32);
+    bool within = true;
+    for (std::int64_t r = 0; r < shape.rows; ++r) {
+      for (std::int64_t o = 0; o < shape.out_features; ++o) {
+        double magnitude = 0.0;
+        for (std::int64_t k = 0; k < shape.in_features; ++k) {
+          const std::int64_t flat = o * shape.in_features + k;
+          const double w = lowrank::nf4::kCodebook[(packed[flat / 2] >> ((flat & 1) ? 0 : 4)) & 0x0f] *
+                           lowrank::cpu::block_scale(scales, flat / shape.blocksize);
+          magnitude += std::fabs(w * lowrank::bf16_to_float(input_bf16[r * shape.in_features + k]));
+        }
+        const double bound = (std::ldexp(1.0, -8) + shape.in_features * std::ldexp(1.0, -23)) * magnitude;
+        const std::int64_t index = r * shape.out_features + o;
+        within &= std::fabs(static_cast<double>(result[index]) - expected[index]) <= bound;
+      }
+    }
+    expect(within, "bf16 gemv rows=" + std::to_string(shape.rows) + " in=" +
+                       std::to_string(shape.in_features) + " blocksize=" +
+                       std::to_string(shape.blocksize));
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -177,6 +253,7 @@ int main() {
     const CpuKernels& kernels = lowrank::cpu::kernels_for(isa);
     test_nf4_against_scalar(kernels, rng);
     test_non_finite_is_reported(kernels);
+    if (kernels.nf4_gemv_bf16 != nullptr) test_gemv_bf16(kernels, rng);
   }
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
