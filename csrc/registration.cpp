@@ -10,6 +10,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(lowrank_ext, m) {
+  // Inverted dropout with a counter-based mask: element i is kept iff
+  // hash(seed, i) >= p * 2^32, so the same (p, seed) gives the same mask
+  // (its own backward) and nothing is stored. seed: CPU int64, one element.
+  m.def("dropout(Tensor input, float p, Tensor seed) -> Tensor");
+
   // NF4 blockwise quantization of a float tensor (flattened).
   m.def("nf4_quantize(Tensor input, int blocksize) -> (Tensor packed, Tensor absmax)");
   m.def(

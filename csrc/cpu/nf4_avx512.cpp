@@ -13,43 +13,12 @@ namespace cpu {
 namespace {
 
 using avx512::block_scale16;
-using avx512::to_bf16;
+using avx512::load16;
+using avx512::store16;
 
 constexpr std::int64_t kLanes = 16;
 
-inline __m512 load16(const void* data, Dtype dtype, std::int64_t index) {
-  switch (dtype) {
-    case Dtype::Float32:
-      return _mm512_loadu_ps(static_cast<const float*>(data) + index);
-    case Dtype::BFloat16: {
-      __m256i half = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(static_cast<const std::uint16_t*>(data) + index));
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-    }
-    case Dtype::Float16: {
-      __m256i half = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(static_cast<const std::uint16_t*>(data) + index));
-      return _mm512_cvtph_ps(half);
-    }
-  }
-  return _mm512_setzero_ps();
-}
 
-inline void store16(void* data, Dtype dtype, std::int64_t index, __m512 values) {
-  switch (dtype) {
-    case Dtype::Float32:
-      _mm512_storeu_ps(static_cast<float*>(data) + index, values);
-      return;
-    case Dtype::BFloat16:
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<std::uint16_t*>(data) + index),
-                          to_bf16(values));
-      return;
-    case Dtype::Float16:
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<std::uint16_t*>(data) + index),
-                          _mm512_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT));
-      return;
-  }
-}
 
 // Binary search over the 15 midpoints: the code is the number of midpoints
 // strictly below the value (steps 8, 4, 2, 1 reach every code 0..15).

@@ -5,6 +5,8 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
+
 #include "cpu/kernels.h"
 
 namespace lowrank {
@@ -21,6 +23,40 @@ static inline __m256i to_bf16(__m512 values) {
   __mmask16 is_nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
   rounded = _mm512_mask_mov_epi32(rounded, is_nan, _mm512_set1_epi32(0x7fc0));
   return _mm512_cvtepi32_epi16(rounded);
+}
+
+static inline __m512 load16(const void* data, Dtype dtype, std::int64_t index) {
+  switch (dtype) {
+    case Dtype::Float32:
+      return _mm512_loadu_ps(static_cast<const float*>(data) + index);
+    case Dtype::BFloat16: {
+      __m256i half = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(static_cast<const std::uint16_t*>(data) + index));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+    }
+    case Dtype::Float16: {
+      __m256i half = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(static_cast<const std::uint16_t*>(data) + index));
+      return _mm512_cvtph_ps(half);
+    }
+  }
+  return _mm512_setzero_ps();
+}
+
+static inline void store16(void* data, Dtype dtype, std::int64_t index, __m512 values) {
+  switch (dtype) {
+    case Dtype::Float32:
+      _mm512_storeu_ps(static_cast<float*>(data) + index, values);
+      return;
+    case Dtype::BFloat16:
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<std::uint16_t*>(data) + index),
+                          to_bf16(values));
+      return;
+    case Dtype::Float16:
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<std::uint16_t*>(data) + index),
+                          _mm512_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT));
+      return;
+  }
 }
 
 // A block's scale broadcast to all lanes, computed in vector registers from

@@ -34,6 +34,7 @@ __all__ = [
     "qlora_linear",
     "multi_lora_linear",
     "stack_lora_factors",
+    "dropout",
 ]
 
 
@@ -279,6 +280,27 @@ def multi_lora_linear(
                                   adapter_indices)
 
 
+def dropout(input: torch.Tensor, p: float, seed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Inverted dropout whose mask is a hash of ``(seed, element index)``.
+
+    ``out = input * keep / (1 - p)`` with ``keep[i] = hash(seed, i) >= p * 2**32``
+    (computed in fp32, rounded once to input's dtype). Because the mask is a
+    pure function of the seed, the backward pass regenerates it instead of
+    storing it, every ISA and thread count gives the same result, and the
+    mask costs a few integer operations per element instead of a call to the
+    global generator for each one. CPU only (CUDA layers use ``F.dropout``).
+
+    Args:
+        input: float32 / bfloat16 / float16, any shape.
+        p: drop probability in [0, 1).
+        seed: CPU int64 tensor with one element; by default drawn from torch's
+            global generator, so ``torch.manual_seed`` makes runs repeatable.
+    """
+    if seed is None:
+        seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
+    return _ops.dropout(input, float(p), seed)
+
+
 def stack_lora_factors(
     lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -398,6 +420,27 @@ def _multi_lora_linear_backward_fake(grad_output, input, lora_A, lora_B, ranks, 
 
 
 # ----------------------------------------------------------------- autograd --
+
+
+@torch.library.register_fake("lowrank_ext::dropout")
+def _dropout_fake(input, p, seed):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _dropout_setup(ctx, inputs, output):
+    _, ctx.probability, seed = inputs
+    ctx.save_for_backward(seed)
+
+
+def _dropout_backward(ctx, grad_output):
+    (seed,) = ctx.saved_tensors
+    # The mask is a function of (seed, index): applying the op to the gradient
+    # multiplies it by exactly the forward's keep / (1 - p).
+    return _ops.dropout(grad_output.contiguous(), ctx.probability, seed), None, None
+
+
+torch.library.register_autograd("lowrank_ext::dropout", _dropout_backward,
+                                setup_context=_dropout_setup)
 
 
 def _bias_grad(grad_output, bias):

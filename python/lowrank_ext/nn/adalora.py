@@ -15,12 +15,11 @@ import math
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from ..quant import NF4Weight
-from .adapter_layer import AdapterLayer
+from .adapter_layer import AdapterLayer, adapter_dropout
 from .lora import _adapter_dtype, is_transformers_conv1d, validate_adapter_arguments
 from .nf4_linear import NF4Linear
 
@@ -308,11 +307,7 @@ class AdaLoRALinear(AdapterLayer):
         return factor_A @ factor_A.T - identity, factor_B.T @ factor_B - identity
 
     def _lora_input(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
-        # None tells the fused op to reuse x for the adapter branch (no copy).
-        probability = self.lora_dropout[adapter_name]
-        if probability > 0.0 and self.training:
-            return F.dropout(x, p=probability, training=True)
-        return None
+        return adapter_dropout(x, self.lora_dropout[adapter_name], self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         active = self._unmerged_active()

@@ -15,6 +15,27 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .. import ops
+
+
+_FAST_DROPOUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def adapter_dropout(x: torch.Tensor, probability: float, training: bool) -> Optional[torch.Tensor]:
+    """The adapter branch's input: ``dropout(x)`` in training with ``probability > 0``,
+    else None (which tells the fused ops to reuse ``x``: no copy, no cost).
+
+    On CPU it uses :func:`lowrank_ext.ops.dropout`, whose mask is hashed from a
+    seed instead of drawn element by element from the global generator (the
+    generator made dropout about a fifth of a LoRA training step); elsewhere
+    ``F.dropout``.
+    """
+    if probability <= 0.0 or not training:
+        return None
+    if x.device.type == "cpu" and x.dtype in _FAST_DROPOUT_DTYPES:
+        return ops.dropout(x, probability)
+    return nn.functional.dropout(x, p=probability, training=True)
+
 
 class AdapterLayer(nn.Module):
     """Base class: a frozen ``base_layer`` plus named adapters.

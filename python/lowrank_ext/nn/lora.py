@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .adapter_layer import AdapterLayer
+from .adapter_layer import AdapterLayer, adapter_dropout
 
 Init = Union[bool, str]
 _INIT_CHOICES = (True, False, "default", "gaussian", "pissa")
@@ -193,11 +193,7 @@ class LoRALayer(AdapterLayer):
         raise NotImplementedError
 
     def _lora_input(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
-        # None tells the fused op to reuse x for the adapter branch (no copy).
-        p = self.lora_dropout[adapter_name]
-        if p > 0.0 and self.training:
-            return F.dropout(x, p=p, training=True)
-        return None
+        return adapter_dropout(x, self.lora_dropout[adapter_name], self.training)
 
     # Merging into a dense weight (Linear, Conv, Embedding); QLoRA overrides it.
     def _dense_base_weight(self) -> torch.Tensor:
