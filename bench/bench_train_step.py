@@ -135,8 +135,8 @@ def main():
         print(f"{label:36s} {results[label]:9.3f} {results[label] / floor:8.2f}")
     lora = results["lowrank_ext LoRA"] / results["PEFT LoRA"]
     qlora = results["lowrank_ext QLoRA"] / results["PEFT + bitsandbytes QLoRA"]
-    print(f"ours/PEFT LoRA  = {lora:.2f} (target <= 0.75)")
-    print(f"ours/PEFT QLoRA = {qlora:.2f} (target <= 0.75)")
+    print(f"ours/PEFT LoRA  = {lora:.3f} (target <= 0.75)")
+    print(f"ours/PEFT QLoRA = {qlora:.3f} (target <= 0.75)")
 
 
 if __name__ == "__main__":
