@@ -118,11 +118,9 @@ at::Tensor qlora_linear(const at::Tensor& input, const std::optional<at::Tensor>
                         const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                         const at::Tensor& lora_B, double scaling) {
   constexpr const char* op = "qlora_linear";
-  Nf4WeightArgs weight{packed, absmax, nested_absmax, nested_code, offset,
-                       out_features.expect_int(), in_features.expect_int(), blocksize};
-  check_linear_input(op, input, weight.in_features);
-  weight.validate(op, input);
-  check_bias(op, bias, input, weight.out_features);
+  Nf4WeightArgs weight = checked_linear_weight(op, input, packed, absmax, nested_absmax,
+                                               nested_code, offset, out_features, in_features,
+                                               blocksize, bias);
   check_lora_input(op, lora_input, input);
   check_lora_factors(op, input, lora_A, lora_B, weight.out_features, weight.in_features);
   at::Tensor out = call_nf4_linear(input, weight, bias);

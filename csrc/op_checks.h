@@ -132,4 +132,35 @@ inline void check_lora_input(const char* op, const std::optional<at::Tensor>& lo
   check_same_device(op, "lora_input", *lora_input, input, "input");
 }
 
+// nf4_linear's arguments, validated: input [..., in_features] and bias against
+// the NF4 weight group.
+inline Nf4WeightArgs checked_linear_weight(
+    const char* op, const at::Tensor& input, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+    double offset, const c10::SymInt& out_features, const c10::SymInt& in_features,
+    int64_t blocksize, const std::optional<at::Tensor>& bias) {
+  Nf4WeightArgs weight{packed, absmax, nested_absmax, nested_code, offset,
+                       out_features.expect_int(), in_features.expect_int(), blocksize};
+  check_linear_input(op, input, weight.in_features);
+  weight.validate(op, input);
+  check_bias(op, bias, input, weight.out_features);
+  return weight;
+}
+
+// nf4_linear_grad_input's arguments, validated: grad_output [..., out_features].
+inline Nf4WeightArgs checked_grad_input_weight(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& packed,
+    const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+    const std::optional<at::Tensor>& nested_code, double offset,
+    const c10::SymInt& out_features, const c10::SymInt& in_features, int64_t blocksize) {
+  Nf4WeightArgs weight{packed, absmax, nested_absmax, nested_code, offset,
+                       out_features.expect_int(), in_features.expect_int(), blocksize};
+  check_float_tensor(op, "grad_output", grad_output);
+  TORCH_CHECK(grad_output.dim() >= 1 && grad_output.size(-1) == weight.out_features, op,
+              ": grad_output's last dimension must be out_features=", weight.out_features,
+              ", got shape ", grad_output.sizes());
+  weight.validate(op, grad_output);
+  return weight;
+}
+
 }  // namespace lowrank

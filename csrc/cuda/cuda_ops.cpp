@@ -237,11 +237,9 @@ at::Tensor nf4_linear_cuda(const at::Tensor& input, const at::Tensor& packed,
                            c10::SymInt out_features, c10::SymInt in_features, int64_t blocksize,
                            const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "nf4_linear";
-  Nf4WeightArgs args{packed, absmax, nested_absmax, nested_code, offset,
-                     out_features.expect_int(), in_features.expect_int(), blocksize};
-  check_linear_input(op, input, args.in_features);
-  args.validate(op, input);
-  check_bias(op, bias, input, args.out_features);
+  Nf4WeightArgs args = checked_linear_weight(op, input, packed, absmax, nested_absmax,
+                                             nested_code, offset, out_features, in_features,
+                                             blocksize, bias);
   c10::cuda::CUDAGuard guard(input.device());
   DeviceWeight weight(args);
   at::Tensor rows = flatten_rows(input).contiguous();
@@ -278,13 +276,9 @@ at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_output, const at::T
                                       c10::SymInt out_features, c10::SymInt in_features,
                                       int64_t blocksize) {
   constexpr const char* op = "nf4_linear_grad_input";
-  Nf4WeightArgs args{packed, absmax, nested_absmax, nested_code, offset,
-                     out_features.expect_int(), in_features.expect_int(), blocksize};
-  check_float_tensor(op, "grad_output", grad_output);
-  TORCH_CHECK(grad_output.dim() >= 1 && grad_output.size(-1) == args.out_features, op,
-              ": grad_output's last dimension must be out_features=", args.out_features,
-              ", got shape ", grad_output.sizes());
-  args.validate(op, grad_output);
+  Nf4WeightArgs args = checked_grad_input_weight(op, grad_output, packed, absmax, nested_absmax,
+                                                 nested_code, offset, out_features, in_features,
+                                                 blocksize);
   c10::cuda::CUDAGuard guard(grad_output.device());
   DeviceWeight weight(args);
   at::Tensor dense = weight.dequantize(op, grad_output.scalar_type());
