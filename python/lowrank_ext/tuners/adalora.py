@@ -20,7 +20,8 @@ from torch import nn
 from ..nn import NF4Linear, is_transformers_conv1d
 from ..nn.adalora import AdaLoRALinear, RankAllocator
 from ..nn.lora import validate_adapter_arguments
-from .config import _BIAS_MODES, _UNSUPPORTED_PEFT_OPTIONS, LoRAConfig, TargetSpec
+from .config import (_BIAS_MODES, _UNSUPPORTED_PEFT_OPTIONS, LoRAConfig, TargetSpec,
+                     normalized_target_modules)
 from .model import AdapterModel
 from .serialization import register_adapter_type
 
@@ -136,13 +137,7 @@ class AdaLoRAConfig:
         if self.init_lora_weights not in _INIT_CHOICES:
             raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES} for AdaLoRA, "
                              f"got {self.init_lora_weights!r}")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
-            raise ValueError(f"target_modules must be a list of names, a regex string or "
-                             f"'all-linear', got {self.target_modules!r}")
-        if isinstance(self.target_modules, list) and not self.target_modules:
-            raise ValueError("target_modules is an empty list; name at least one module")
+        self.target_modules = normalized_target_modules(self.target_modules)
         if self.rank_pattern == {}:
             self.rank_pattern = None
         for key, pattern in (self.rank_pattern or {}).items():

@@ -33,6 +33,22 @@ _UNSUPPORTED_PEFT_OPTIONS = {
 }
 
 
+
+def normalized_target_modules(target_modules):
+    """``target_modules`` as a config stores it: None, a regex / ``"all-linear"``
+    string, or a non-empty list (sets and tuples are sorted into one).
+
+    Raises ``ValueError`` for any other type or an empty list.
+    """
+    if isinstance(target_modules, (set, tuple)):
+        target_modules = sorted(target_modules)
+    if target_modules is not None and not isinstance(target_modules, (str, list)):
+        raise ValueError(f"target_modules must be a list of names, a regex string or "
+                         f"'all-linear', got {target_modules!r}")
+    if isinstance(target_modules, list) and not target_modules:
+        raise ValueError("target_modules is an empty list; name at least one module")
+    return target_modules
+
 @dataclass
 class LoRAConfig:
     """Settings of one LoRA adapter (field names and defaults as PEFT's ``LoraConfig``).
@@ -79,13 +95,7 @@ class LoRAConfig:
         if self.init_lora_weights not in _INIT_CHOICES:
             raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES}, "
                              f"got {self.init_lora_weights!r}")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
-            raise ValueError(f"target_modules must be a list of names, a regex string or "
-                             f"'all-linear', got {self.target_modules!r}")
-        if isinstance(self.target_modules, list) and not self.target_modules:
-            raise ValueError("target_modules is an empty list; name at least one module")
+        self.target_modules = normalized_target_modules(self.target_modules)
         for pattern, rank in self.rank_pattern.items():
             try:
                 validate_adapter_arguments(rank, 1, 0.0)
