@@ -169,24 +169,11 @@ void nf4_gemv_avx512bf16(const GemvBf16Input& input, const std::uint8_t* packed,
     const std::int64_t chunk_end = chunk + kOutputChunk < out_end ? chunk + kOutputChunk : out_end;
     for (std::int64_t row = 0; row < input.rows; row += kRowGroup) {
       const std::int64_t count = input.rows - row < kRowGroup ? input.rows - row : kRowGroup;
-      switch (count) {
-        case 1:
-          gemv_rows<1>(input, row, packed, scales, out_features, in_features, blocksize, bias,
-                       chunk, chunk_end, out, out_dtype);
-          break;
-        case 2:
-          gemv_rows<2>(input, row, packed, scales, out_features, in_features, blocksize, bias,
-                       chunk, chunk_end, out, out_dtype);
-          break;
-        case 3:
-          gemv_rows<3>(input, row, packed, scales, out_features, in_features, blocksize, bias,
-                       chunk, chunk_end, out, out_dtype);
-          break;
-        default:
-          gemv_rows<4>(input, row, packed, scales, out_features, in_features, blocksize, bias,
-                       chunk, chunk_end, out, out_dtype);
-          break;
-      }
+      tail::with_row_count(count, [&](auto row_count) {
+        gemv_rows<decltype(row_count)::value>(input, row, packed, scales, out_features,
+                                              in_features, blocksize, bias, chunk,
+                                              chunk_end, out, out_dtype);
+      });
     }
   }
 }

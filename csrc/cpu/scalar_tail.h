@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "core/float_convert.h"
 #include "core/nf4.h"
@@ -130,6 +131,27 @@ static inline float dot_range(const std::uint8_t* packed, float scale, std::int6
     sum += (nf4::kCodebook[code_at(packed, i)] * scale) * x[i - begin];
   }
   return sum;
+}
+
+// Calls body(std::integral_constant<int, N>{}) with N = count for 1..3 and 4
+// for anything larger: the GEMV kernels keep up to four activation rows in
+// registers per pass and are instantiated once per row count.
+template <class Body>
+static inline void with_row_count(std::int64_t count, Body&& body) {
+  switch (count) {
+    case 1:
+      body(std::integral_constant<int, 1>{});
+      return;
+    case 2:
+      body(std::integral_constant<int, 2>{});
+      return;
+    case 3:
+      body(std::integral_constant<int, 3>{});
+      return;
+    default:
+      body(std::integral_constant<int, 4>{});
+      return;
+  }
 }
 
 }  // namespace tail
