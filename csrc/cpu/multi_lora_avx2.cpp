@@ -16,7 +16,6 @@ namespace cpu {
 namespace {
 
 using avx2::load8;
-using avx2::to_bf16;
 
 constexpr std::int64_t kLanes = 8;
 // Rows of one adapter that share each load of an A row in the shrink.
@@ -40,19 +39,7 @@ inline void store8_partial(void* data, Dtype dtype, std::int64_t index, __m256 v
     for (std::int64_t i = 0; i < count; ++i) tail::store_float(data, dtype, index + i, buffer[i]);
     return;
   }
-  switch (dtype) {
-    case Dtype::Float32:
-      _mm256_storeu_ps(static_cast<float*>(data) + index, values);
-      return;
-    case Dtype::BFloat16:
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<std::uint16_t*>(data) + index),
-                       to_bf16(values));
-      return;
-    case Dtype::Float16:
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<std::uint16_t*>(data) + index),
-                       _mm256_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT));
-      return;
-  }
+  avx2::store8(data, dtype, index, values);
 }
 
 inline float reduce_add(__m256 values) {
