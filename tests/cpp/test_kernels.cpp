@@ -12,6 +12,7 @@
 
 #include "core/float_convert.h"
 #include "core/nf4.h"
+#include "check.h"
 #include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 
@@ -21,17 +22,8 @@ using lowrank::cpu::CpuKernels;
 using lowrank::cpu::Dtype;
 using lowrank::cpu::Isa;
 
-int g_passed = 0;
-int g_failed = 0;
-
-void expect(bool condition, const std::string& what) {
-  if (condition) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
+using lowrank_test::dtype_name;
+using lowrank_test::expect;
 
 // Random values of a given dtype, stored as raw 16/32-bit patterns.
 std::vector<std::uint8_t> random_values(std::mt19937& rng, Dtype dtype, std::int64_t count,
@@ -50,10 +42,6 @@ std::vector<std::uint8_t> random_values(std::mt19937& rng, Dtype dtype, std::int
     }
   }
   return bytes;
-}
-
-const char* dtype_name(Dtype dtype) {
-  return dtype == Dtype::Float32 ? "fp32" : (dtype == Dtype::BFloat16 ? "bf16" : "fp16");
 }
 
 void test_nf4_against_scalar(const CpuKernels& kernels, std::mt19937& rng) {
@@ -255,6 +243,5 @@ int main() {
     test_non_finite_is_reported(kernels);
     if (kernels.nf4_gemv_bf16 != nullptr) test_gemv_bf16(kernels, rng);
   }
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return lowrank_test::report();
 }

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/float_convert.h"
+#include "check.h"
 #include "cpu/dispatch.h"
 #include "cpu/multi_lora_kernels.h"
 
@@ -23,21 +24,8 @@ using lowrank::cpu::Isa;
 using lowrank::cpu::MultiLoraBatch;
 using lowrank::cpu::MultiLoraKernels;
 
-int g_passed = 0;
-int g_failed = 0;
-
-void expect(bool condition, const std::string& what) {
-  if (condition) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
-
-const char* dtype_name(Dtype dtype) {
-  return dtype == Dtype::Float32 ? "fp32" : (dtype == Dtype::BFloat16 ? "bf16" : "fp16");
-}
+using lowrank_test::dtype_name;
+using lowrank_test::expect;
 
 // Exactly `count` elements (no slack), so ASan catches any read past the end.
 struct Buffer {
@@ -213,6 +201,5 @@ int main() {
       for (const Case& shape : cases) test_case(kernels, dtype, shape, rng);
     }
   }
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return lowrank_test::report();
 }
