@@ -26,7 +26,8 @@ import torch
 
 import lowrank_ext
 from lowrank_ext import ops
-from test_multi_lora import TOLERANCES, make_problem, reference
+from test_multi_lora import (TOLERANCES, check_compile_fullgraph_equals_eager, make_problem,
+                             reference)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -217,22 +218,7 @@ def test_opcheck(generator):
 
 
 def test_compile_fullgraph_equals_eager(generator):
-    weight = torch.randn(18, 24, generator=generator).cuda()
-    args = to_cuda(make_problem(generator, (16,), 24, 18, 5, 8))
-
-    def mixed_batch(x, lora_A, lora_B, ranks, scalings, indices):
-        return ops.multi_lora_linear(x, torch.nn.functional.linear(x, weight), lora_A, lora_B,
-                                     ranks, scalings, indices)
-
-    inputs = (args[0], *args[2:])
-    compiled = torch.compile(mixed_batch, fullgraph=True)
-    torch.testing.assert_close(compiled(*inputs), mixed_batch(*inputs), rtol=0, atol=0)
-
-    eager_A = args[2].clone().requires_grad_()
-    compiled_A = args[2].clone().requires_grad_()
-    mixed_batch(args[0], eager_A, *args[3:]).sum().backward()
-    compiled(args[0], compiled_A, *args[3:]).sum().backward()
-    torch.testing.assert_close(compiled_A.grad, eager_A.grad, rtol=0, atol=0)
+    check_compile_fullgraph_equals_eager(generator, "cuda")
 
 
 NAMES = ["input", "base_output", "lora_A", "lora_B", "ranks", "scalings", "adapter_indices"]
