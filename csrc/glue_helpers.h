@@ -19,4 +19,20 @@ inline std::vector<int64_t> output_shape(const at::Tensor& input, int64_t featur
   return shape;
 }
 
+// The kernels' element-type enum (cpu::Dtype or cuda::Dtype: same members) for
+// a float tensor dtype the op already validated.
+template <class KernelDtype>
+inline KernelDtype kernel_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat:
+      return KernelDtype::Float32;
+    case at::kBFloat16:
+      return KernelDtype::BFloat16;
+    case at::kHalf:
+      return KernelDtype::Float16;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", type);
+  }
+}
+
 }  // namespace lowrank

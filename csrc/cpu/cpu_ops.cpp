@@ -19,19 +19,6 @@ namespace lowrank {
 namespace cpu {
 namespace {
 
-Dtype to_kernel_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat:
-      return Dtype::Float32;
-    case at::kBFloat16:
-      return Dtype::BFloat16;
-    case at::kHalf:
-      return Dtype::Float16;
-    default:
-      TORCH_CHECK(false, "unsupported dtype ", type);
-  }
-}
-
 // Large fresh outputs are page-faulted in 4 KiB pages on first write, which
 // costs more than the dequantization itself (a 64 MiB weight: ~16K faults).
 // Asking for transparent huge pages on the 2 MiB-aligned interior of a new
@@ -67,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& input, int
   at::Tensor packed = at::empty({nf4::packed_bytes(numel)}, input.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
   const CpuKernels& kernels = active_kernels();
-  const Dtype dtype = to_kernel_dtype(contiguous.scalar_type());
+  const Dtype dtype = kernel_dtype<Dtype>(contiguous.scalar_type());
   std::atomic<bool> finite{true};
   at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
     bool ok = kernels.nf4_quantize(contiguous.const_data_ptr(), dtype, numel, blocksize, begin,
@@ -111,7 +98,7 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
   at::Tensor out =
       empty_for_streaming_write(C10_AS_INTARRAYREF_SLOW(shape), packed.options().dtype(dtype));
   const CpuKernels& kernels = active_kernels();
-  const Dtype out_dtype = to_kernel_dtype(dtype);
+  const Dtype out_dtype = kernel_dtype<Dtype>(dtype);
   at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
     kernels.nf4_dequantize(packed_c.const_data_ptr<uint8_t>(), absmax_c.const_data_ptr<float>(),
                            numel, blocksize, begin, end, out.mutable_data_ptr(), out_dtype);
@@ -302,11 +289,11 @@ at::Tensor nf4_gemv_rows(const KernelWeight& weight, const at::Tensor& rows,
   layout.in_features = weight.in_features;
   at::Tensor buffer =
       at::empty({count * gemv_row_stride(layout)}, rows.options().dtype(at::kFloat));
-  prepare_gemv_input(rows.const_data_ptr(), to_kernel_dtype(rows.scalar_type()), count,
+  prepare_gemv_input(rows.const_data_ptr(), kernel_dtype<Dtype>(rows.scalar_type()), count,
                      weight.in_features, buffer.mutable_data_ptr<float>());
   layout.data = buffer.const_data_ptr<float>();
   at::Tensor out = at::empty({count, weight.out_features}, rows.options());
-  const Dtype out_dtype = to_kernel_dtype(out.scalar_type());
+  const Dtype out_dtype = kernel_dtype<Dtype>(out.scalar_type());
   const int64_t tasks = (weight.out_features + kGemvGrain - 1) / kGemvGrain;
   parallel_dynamic(tasks, [&](auto next) {
     for (int64_t task = next(); task >= 0; task = next()) {
@@ -356,7 +343,7 @@ at::Tensor nf4_gemm_rows(const KernelWeight& weight, const at::Tensor& rows,
   at::Tensor panel = at::empty({panel_rows, in_features}, rows.options());
   at::Tensor out = at::empty({rows.size(0), out_features}, rows.options());
   const CpuKernels& kernels = active_kernels();
-  const Dtype dtype = to_kernel_dtype(rows.scalar_type());
+  const Dtype dtype = kernel_dtype<Dtype>(rows.scalar_type());
   char* panel_data = static_cast<char*>(panel.mutable_data_ptr());
   const int64_t item = rows.element_size();
   for (int64_t first = 0; first < out_features; first += panel_rows) {
@@ -390,7 +377,7 @@ at::Tensor nf4_gemm_grad_rows(const KernelWeight& weight, const at::Tensor& grad
   at::Tensor slab_storage = at::empty({out_features * slab_columns}, grad_rows.options());
   at::Tensor grad_input = at::empty({grad_rows.size(0), in_features}, grad_rows.options());
   const CpuKernels& kernels = active_kernels();
-  const Dtype dtype = to_kernel_dtype(grad_rows.scalar_type());
+  const Dtype dtype = kernel_dtype<Dtype>(grad_rows.scalar_type());
   char* slab_data = static_cast<char*>(slab_storage.mutable_data_ptr());
   const int64_t item = grad_rows.element_size();
   for (int64_t first = 0; first < in_features; first += slab_columns) {

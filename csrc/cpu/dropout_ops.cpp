@@ -7,16 +7,12 @@
 
 #include "cpu/dispatch.h"
 #include "cpu/dropout_kernels.h"
+#include "glue_helpers.h"
 #include "op_checks.h"
 
 namespace lowrank {
 namespace cpu {
 namespace {
-
-Dtype dropout_dtype(at::ScalarType type) {
-  return type == at::kFloat ? Dtype::Float32
-                            : (type == at::kBFloat16 ? Dtype::BFloat16 : Dtype::Float16);
-}
 
 at::Tensor dropout_cpu(const at::Tensor& input, double p, const at::Tensor& seed) {
   constexpr const char* op = "dropout";
@@ -32,7 +28,7 @@ at::Tensor dropout_cpu(const at::Tensor& input, double p, const at::Tensor& seed
       static_cast<std::uint32_t>(std::min(std::ldexp(p, 32), 4294967295.0));
   const auto scale = static_cast<float>(1.0 / (1.0 - p));
   const DropoutKernels& kernels = dropout_kernels_for(active_isa());
-  const Dtype dtype = dropout_dtype(input_c.scalar_type());
+  const Dtype dtype = kernel_dtype<Dtype>(input_c.scalar_type());
   constexpr int64_t kIndexWindow = int64_t{1} << 32;  // kernels keep index >> 32 fixed
   at::parallel_for(0, input_c.numel(), 32768, [&](int64_t begin, int64_t end) {
     while (begin < end) {

@@ -11,6 +11,7 @@
 
 #include "cpu/dispatch.h"
 #include "cpu/multi_lora_kernels.h"
+#include "glue_helpers.h"
 #include "multi_lora_checks.h"
 
 namespace lowrank {
@@ -22,17 +23,6 @@ namespace {
 constexpr int64_t kShrinkRankChunk = 4;
 // Output features per expand task at least (one task reads out*rank of B).
 constexpr int64_t kExpandGrain = 256;
-
-Dtype kernel_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat:
-      return Dtype::Float32;
-    case at::kBFloat16:
-      return Dtype::BFloat16;
-    default:
-      return Dtype::Float16;
-  }
-}
 
 // Rows grouped by adapter: rows of adapter a are
 // sorted_rows[group_offsets[a] .. group_offsets[a + 1]), in ascending order.
@@ -83,7 +73,7 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base
   at::Tensor ranks_c = ranks.contiguous();
   at::Tensor scalings_c = scalings.contiguous();
   MultiLoraBatch batch;
-  batch.dtype = kernel_dtype(input.scalar_type());
+  batch.dtype = kernel_dtype<Dtype>(input.scalar_type());
   batch.in_features = shapes.in_features;
   batch.out_features = shapes.out_features;
   batch.max_rank = shapes.max_rank;

@@ -35,19 +35,6 @@ namespace {
 // to win (cuBLAS' Hopper kernels outrun a WMMA kernel).
 constexpr int64_t kFusedGemmMaxRows = 256;
 
-Dtype to_kernel_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat:
-      return Dtype::Float32;
-    case at::kBFloat16:
-      return Dtype::BFloat16;
-    case at::kHalf:
-      return Dtype::Float16;
-    default:
-      TORCH_CHECK(false, "unsupported dtype ", type);
-  }
-}
-
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 void check_launch(const char* op, cudaError_t status) {
@@ -78,8 +65,8 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& input, in
   at::Tensor absmax =
       at::empty({nf4::num_blocks(numel, blocksize)}, input.options().dtype(at::kFloat));
   at::Tensor nonfinite = at::zeros({1}, input.options().dtype(at::kInt));
-  check_launch(op, nf4_quantize(contiguous.const_data_ptr(), to_kernel_dtype(input.scalar_type()),
-                                numel, blocksize, packed.mutable_data_ptr<uint8_t>(),
+  check_launch(op, nf4_quantize(contiguous.const_data_ptr(),
+                                kernel_dtype<Dtype>(input.scalar_type()), numel, blocksize, packed.mutable_data_ptr<uint8_t>(),
                                 absmax.mutable_data_ptr<float>(),
                                 nonfinite.mutable_data_ptr<int>(), current_stream()));
   // The CPU op raises on non-finite input too; this costs one sync.
@@ -110,7 +97,7 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
   BlockScales scales;
   scales.absmax = absmax_c.const_data_ptr<float>();
   check_launch(op, nf4_dequantize(packed_c.const_data_ptr<uint8_t>(), scales, numel, blocksize,
-                                  out.mutable_data_ptr(), to_kernel_dtype(dtype),
+                                  out.mutable_data_ptr(), kernel_dtype<Dtype>(dtype),
                                   current_stream()));
   return out;
 }
@@ -198,7 +185,7 @@ struct DeviceWeight {
     at::Tensor dense =
         at::empty({matrix.out_features, matrix.in_features}, packed.options().dtype(dtype));
     check_launch(op, nf4_dequantize(matrix.packed, matrix.scales, dense.numel(), matrix.blocksize,
-                                    dense.mutable_data_ptr(), to_kernel_dtype(dtype),
+                                    dense.mutable_data_ptr(), kernel_dtype<Dtype>(dtype),
                                     current_stream()));
     return dense;
   }
@@ -252,13 +239,14 @@ at::Tensor nf4_linear_cuda(const at::Tensor& input, const at::Tensor& packed,
   } else if (row_count <= kGemvMaxRows) {
     out = at::empty({row_count, args.out_features}, input.options());
     check_launch(op, nf4_gemv(rows.const_data_ptr(), row_count, weight.matrix, bias_pointer,
-                              out.mutable_data_ptr(), to_kernel_dtype(input.scalar_type()),
+                              out.mutable_data_ptr(), kernel_dtype<Dtype>(input.scalar_type()),
                               current_stream()));
   } else if (use_fused_gemm(input, row_count)) {
     out = at::empty({row_count, args.out_features}, input.options());
     check_launch(op, nf4_gemm_tensor_core(rows.const_data_ptr(), row_count, weight.matrix,
                                           bias_pointer, out.mutable_data_ptr(),
-                                          to_kernel_dtype(input.scalar_type()), current_stream()));
+                                          kernel_dtype<Dtype>(input.scalar_type()),
+                                          current_stream()));
   } else {
     at::Tensor dense = weight.dequantize(op, input.scalar_type());
     out = bias.has_value() ? at::addmm(bias_c, rows, dense.t()) : at::mm(rows, dense.t());

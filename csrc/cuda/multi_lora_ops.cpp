@@ -25,6 +25,7 @@
 #include <tuple>
 
 #include "cuda/kernels.h"
+#include "glue_helpers.h"
 #include "multi_lora_checks.h"
 
 namespace lowrank {
@@ -35,17 +36,6 @@ void check_values_unless_capturing(const char* op, const MultiLoraShapes& shapes
                                    const at::Tensor& ranks, const at::Tensor& adapter_indices) {
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
     check_multi_lora_values(op, shapes, ranks, adapter_indices);
-  }
-}
-
-Dtype kernel_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat:
-      return Dtype::Float32;
-    case at::kBFloat16:
-      return Dtype::BFloat16;
-    default:
-      return Dtype::Float16;
   }
 }
 
@@ -82,7 +72,7 @@ at::Tensor multi_lora_linear_cuda(const at::Tensor& input, const at::Tensor& bas
     return base_output.clone(at::MemoryFormat::Contiguous);
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const Dtype dtype = kernel_dtype(input.scalar_type());
+  const Dtype dtype = kernel_dtype<Dtype>(input.scalar_type());
   at::Tensor input_c = input.contiguous();
   at::Tensor base_c = base_output.contiguous();
   at::Tensor lora_A_c = lora_A.contiguous();
@@ -131,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_backward_cuda(
             at::zeros(lora_B.sizes(), lora_B.options())};
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const Dtype kernel_type = kernel_dtype(dtype);
+  const Dtype kernel_type = kernel_dtype<Dtype>(dtype);
   const at::TensorOptions fp32 = input.options().dtype(at::kFloat);
   at::Tensor x = input.reshape({shapes.rows, shapes.in_features}).contiguous();
   at::Tensor dy = grad_output.reshape({shapes.rows, shapes.out_features}).contiguous();
