@@ -354,13 +354,10 @@ class AdaLoRALinear(AdapterLayer):
         base = self.base_layer
         exact = base.dequantize(torch.float32) + self.delta_weight(adapter_name)
         self._check_finite(exact, adapter_name, safe_merge)
-        quantized = NF4Weight.from_float(exact, base.blocksize,
-                                         base.weight_nested_absmax is not None)
-        quantized.dtype = base.weight_dtype
+        previous, error = base.requantize(exact)
         if self._unmerged_base is None:
-            self._unmerged_base = base.quantized_weight()
-        base.set_quantized_weight(quantized)
-        return (quantized.dequantize(torch.float32) - exact).abs().max().item()
+            self._unmerged_base = previous
+        return error
 
     def _check_finite(self, exact: torch.Tensor, adapter_name: str, safe_merge: bool) -> None:
         if safe_merge and not torch.isfinite(exact).all():

@@ -90,6 +90,20 @@ class NF4Linear(nn.Module):
                              f"of shape {(self.out_features, self.in_features)}")
         self._set_quantized(weight.to(self.weight.device))
 
+    def requantize(self, dense: torch.Tensor) -> tuple[NF4Weight, float]:
+        """Store ``dense`` (fp32 ``[out, in]``) as the new 4-bit weight, with this
+        layer's blocksize, double quantization and original dtype.
+
+        Returns the weight it replaced and the largest absolute rounding error
+        the quantization introduced.
+        """
+        quantized = NF4Weight.from_float(dense, self.blocksize,
+                                         self.weight_nested_absmax is not None)
+        quantized.dtype = self.weight_dtype
+        previous = self.quantized_weight()
+        self.set_quantized_weight(quantized)
+        return previous, (quantized.dequantize(torch.float32) - dense).abs().max().item()
+
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense ``[out, in]`` weight (default dtype: the original weight's)."""
         return self.quantized_weight().dequantize(dtype)

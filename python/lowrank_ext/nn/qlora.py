@@ -152,13 +152,9 @@ class QLoRALinear(LoRALayer):
             self.merged_weight = exact.to(merged_dtype)
             error = (self.merged_weight.float() - exact).abs().max().item()
         else:
-            quantized = NF4Weight.from_float(exact, base.blocksize,
-                                             base.weight_nested_absmax is not None)
-            quantized.dtype = base.weight_dtype
+            previous, error = base.requantize(exact)
             if self._unmerged_base is None:
-                self._unmerged_base = base.quantized_weight()
-            base.set_quantized_weight(quantized)
-            error = (quantized.dequantize(torch.float32) - exact).abs().max().item()
+                self._unmerged_base = previous
         self.merged_adapters.extend(names)
         return {name: error for name in names}
 
