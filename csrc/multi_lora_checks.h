@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -85,18 +86,31 @@ inline MultiLoraShapes check_multi_lora_args(const char* op, const at::Tensor& i
 
 // Ranks in [0, max_rank] and indices in [-1, num_adapters). Reads the values:
 // a host synchronization for device tensors.
+// Smallest and largest value of a non-empty int64 tensor: a host scan on the
+// CPU (cheaper than two ATen reductions and their dispatch), one aminmax and
+// one device-to-host copy elsewhere.
+inline std::pair<int64_t, int64_t> int64_range(const at::Tensor& values) {
+  if (values.is_cpu()) {
+    const at::Tensor contiguous = values.contiguous();
+    const int64_t* data = contiguous.const_data_ptr<int64_t>();
+    const auto [smallest, largest] = std::minmax_element(data, data + contiguous.numel());
+    return {*smallest, *largest};
+  }
+  const auto [smallest, largest] = at::aminmax(values);
+  const at::Tensor both = at::stack({smallest, largest}).cpu();
+  return {both[0].item<int64_t>(), both[1].item<int64_t>()};
+}
+
 inline void check_multi_lora_values(const char* op, const MultiLoraShapes& shapes,
                                     const at::Tensor& ranks, const at::Tensor& adapter_indices) {
   if (ranks.numel() > 0) {
-    const int64_t smallest = ranks.min().item<int64_t>();
-    const int64_t largest = ranks.max().item<int64_t>();
+    const auto [smallest, largest] = int64_range(ranks);
     TORCH_CHECK(smallest >= 0 && largest <= shapes.max_rank, op,
                 ": ranks must lie in [0, max_rank=", shapes.max_rank,
                 "] (max_rank is lora_A.size(1)), got values in [", smallest, ", ", largest, "]");
   }
   if (adapter_indices.numel() > 0) {
-    const int64_t smallest = adapter_indices.min().item<int64_t>();
-    const int64_t largest = adapter_indices.max().item<int64_t>();
+    const auto [smallest, largest] = int64_range(adapter_indices);
     TORCH_CHECK(smallest >= -1 && largest < shapes.num_adapters, op,
                 ": adapter_indices must lie in [-1, num_adapters=", shapes.num_adapters,
                 ") (-1 = base model only), got values in [", smallest, ", ", largest, "]");

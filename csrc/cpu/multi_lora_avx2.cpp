@@ -22,8 +22,7 @@ constexpr std::int64_t kLanes = 8;
 constexpr int kShrinkRows = 4;
 
 // The first `count` (<= 8) elements from `index` on; the other lanes are zero.
-inline __m256 load8_partial(const void* data, Dtype dtype, std::int64_t index,
-                            std::int64_t count) {
+inline __m256 load8_partial(const void* data, Dtype dtype, std::int64_t index, std::int64_t count) {
   if (count >= kLanes) return load8(data, dtype, index);
   alignas(32) float buffer[kLanes] = {};
   for (std::int64_t i = 0; i < count; ++i) buffer[i] = tail::load_float(data, dtype, index + i);
@@ -79,10 +78,18 @@ void shrink_avx2(const MultiLoraBatch& batch, std::int64_t adapter, std::int64_t
       for (int i = 0; i < rows; ++i) x_offsets[i] = batch.sorted_rows[p + i] * batch.in_features;
       float sums[kShrinkRows];
       switch (rows) {
-        case 4: dot_rows<4>(batch, x_offsets, a_offset, sums); break;
-        case 3: dot_rows<3>(batch, x_offsets, a_offset, sums); break;
-        case 2: dot_rows<2>(batch, x_offsets, a_offset, sums); break;
-        default: dot_rows<1>(batch, x_offsets, a_offset, sums); break;
+        case 4:
+          dot_rows<4>(batch, x_offsets, a_offset, sums);
+          break;
+        case 3:
+          dot_rows<3>(batch, x_offsets, a_offset, sums);
+          break;
+        case 2:
+          dot_rows<2>(batch, x_offsets, a_offset, sums);
+          break;
+        default:
+          dot_rows<1>(batch, x_offsets, a_offset, sums);
+          break;
       }
       for (int i = 0; i < rows; ++i) hidden[(p + i) * batch.max_rank + k] = scaling * sums[i];
     }
@@ -117,8 +124,8 @@ inline void transpose8(__m256 rows[8]) {
 void expand_avx2(const MultiLoraBatch& batch, const float* hidden, std::int64_t out_begin,
                  std::int64_t out_end, void* out) {
   const std::int64_t max_rank = batch.max_rank;
-  std::vector<float> columns(static_cast<std::size_t>((max_rank + kLanes - 1) / kLanes * kLanes *
-                                                      kLanes));
+  std::vector<float> columns(
+      static_cast<std::size_t>((max_rank + kLanes - 1) / kLanes * kLanes * kLanes));
   for (std::int64_t adapter = 0; adapter < batch.num_adapters; ++adapter) {
     const std::int64_t rank = batch.ranks[adapter];
     const std::int64_t group_begin = batch.group_offsets[adapter];
@@ -135,7 +142,8 @@ void expand_avx2(const MultiLoraBatch& batch, const float* hidden, std::int64_t 
                               : _mm256_setzero_ps();
         }
         transpose8(tile);
-        for (std::int64_t l = 0; l < kLanes; ++l) _mm256_storeu_ps(&columns[(k + l) * kLanes], tile[l]);
+        for (std::int64_t l = 0; l < kLanes; ++l)
+          _mm256_storeu_ps(&columns[(k + l) * kLanes], tile[l]);
       }
       for (std::int64_t p = group_begin; p < group_end; ++p) {
         const float* h = hidden + p * max_rank;
@@ -144,8 +152,10 @@ void expand_avx2(const MultiLoraBatch& batch, const float* hidden, std::int64_t 
           sum = _mm256_fmadd_ps(_mm256_set1_ps(h[k]), _mm256_loadu_ps(&columns[k * kLanes]), sum);
         }
         const std::int64_t y_offset = batch.sorted_rows[p] * batch.out_features + o;
-        store8_partial(out, batch.dtype, y_offset,
-                       _mm256_add_ps(load8_partial(out, batch.dtype, y_offset, width), sum), width);
+        store8_partial(
+            out, batch.dtype, y_offset,
+            _mm256_add_ps(load8_partial(batch.base_output, batch.dtype, y_offset, width), sum),
+            width);
       }
     }
   }

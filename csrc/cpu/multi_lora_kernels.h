@@ -28,6 +28,9 @@ struct MultiLoraBatch {
   const void* input = nullptr;   // [rows, in_features]
   const void* lora_A = nullptr;  // [num_adapters, max_rank, in_features]
   const void* lora_B = nullptr;  // [num_adapters, out_features, max_rank]
+  // [rows, out_features]: the base output the expand adds to. It may be the
+  // expand's `out` itself (in place) or a separate buffer.
+  const void* base_output = nullptr;
   const std::int64_t* ranks = nullptr;  // [num_adapters], each in [0, max_rank]
   const float* scalings = nullptr;      // [num_adapters]
   // Rows of adapter a are sorted_rows[group_offsets[a] .. group_offsets[a + 1]);
@@ -46,10 +49,10 @@ struct MultiLoraKernels {
   void (*shrink)(const MultiLoraBatch& batch, std::int64_t adapter, std::int64_t rank_begin,
                  std::int64_t rank_end, float* hidden);
 
-  // For output features [out_begin, out_end) of every row that has an adapter,
-  // out[row, o] = round(out[row, o] + sum_k hidden[p, k] * B[a, o, k]), the sum
-  // in fp32 and one rounding to `batch.dtype`. `out` is [rows, out_features]
-  // and holds the base output on entry; rows without an adapter stay as they are.
+  // For output features [out_begin, out_end) of every row whose adapter has a
+  // nonzero rank, out[row, o] = round(base_output[row, o] + sum_k hidden[p, k] *
+  // B[a, o, k]), the sum in fp32 and one rounding to `batch.dtype`. `out` is
+  // [rows, out_features]; other rows (no adapter, or rank 0) are not written.
   void (*expand)(const MultiLoraBatch& batch, const float* hidden, std::int64_t out_begin,
                  std::int64_t out_end, void* out);
 };

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -20,7 +21,7 @@ namespace {
 
 // Ranks one shrink task covers: small enough that 64 rows over a few
 // adapters still give every thread work, large enough to amortize a task.
-constexpr int64_t kShrinkRankChunk = 4;
+constexpr int64_t kShrinkRankChunk = 8;
 // Output features per expand task at least (one task reads out*rank of B).
 constexpr int64_t kExpandGrain = 256;
 
@@ -63,14 +64,54 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base
   const MultiLoraShapes shapes = check_multi_lora_args(
       op, input, base_output, "base_output", lora_A, lora_B, ranks, scalings, adapter_indices);
   check_multi_lora_values(op, shapes, ranks, adapter_indices);
-  at::Tensor out = base_output.clone(at::MemoryFormat::Contiguous);
   const RowGroups groups = group_rows(adapter_indices, shapes);
-  if (groups.sorted_rows.empty() || shapes.max_rank == 0 || shapes.out_features == 0) return out;
+  at::Tensor ranks_c = ranks.contiguous();
+  const int64_t* rank = ranks_c.const_data_ptr<int64_t>();
+  // Tasks of the shrink: (adapter, chunk of its ranks) for adapters with rows.
+  struct ShrinkTask {
+    int64_t adapter, rank_begin, rank_end;
+  };
+  std::vector<ShrinkTask> tasks;
+  for (int64_t a = 0; a < shapes.num_adapters; ++a) {
+    if (groups.group_offsets[a] == groups.group_offsets[a + 1]) continue;
+    for (int64_t k = 0; k < rank[a]; k += kShrinkRankChunk) {
+      tasks.push_back({a, k, std::min(rank[a], k + kShrinkRankChunk)});
+    }
+  }
+  if (tasks.empty() || shapes.out_features == 0) {
+    return base_output.clone(at::MemoryFormat::Contiguous);
+  }
+
+  // The expand writes base + delta straight into `out` (no copy of the base
+  // output first); rows it does not cover (no adapter, or rank 0) are copied.
+  at::Tensor base_c = base_output.contiguous();
+  at::Tensor out = at::empty(base_output.sizes(), base_output.options());
+  std::vector<int64_t> uncovered;
+  {
+    std::vector<bool> covered(static_cast<size_t>(shapes.rows), false);
+    for (int64_t a = 0; a < shapes.num_adapters; ++a) {
+      if (rank[a] == 0) continue;
+      for (int64_t p = groups.group_offsets[a]; p < groups.group_offsets[a + 1]; ++p) {
+        covered[groups.sorted_rows[p]] = true;
+      }
+    }
+    for (int64_t row = 0; row < shapes.rows; ++row) {
+      if (!covered[row]) uncovered.push_back(row);
+    }
+  }
+  const int64_t row_bytes = shapes.out_features * base_output.element_size();
+  const auto* base_bytes = static_cast<const char*>(base_c.const_data_ptr());
+  auto* out_bytes = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, static_cast<int64_t>(uncovered.size()), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      std::memcpy(out_bytes + uncovered[i] * row_bytes, base_bytes + uncovered[i] * row_bytes,
+                  static_cast<size_t>(row_bytes));
+    }
+  });
 
   at::Tensor input_c = input.contiguous();
   at::Tensor lora_A_c = lora_A.contiguous();
   at::Tensor lora_B_c = lora_B.contiguous();
-  at::Tensor ranks_c = ranks.contiguous();
   at::Tensor scalings_c = scalings.contiguous();
   MultiLoraBatch batch;
   batch.dtype = kernel_dtype<Dtype>(input.scalar_type());
@@ -80,7 +121,8 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base
   batch.input = input_c.const_data_ptr();
   batch.lora_A = lora_A_c.const_data_ptr();
   batch.lora_B = lora_B_c.const_data_ptr();
-  batch.ranks = ranks_c.const_data_ptr<int64_t>();
+  batch.base_output = base_c.const_data_ptr();
+  batch.ranks = rank;
   batch.scalings = scalings_c.const_data_ptr<float>();
   batch.group_offsets = groups.group_offsets.data();
   batch.sorted_rows = groups.sorted_rows.data();
@@ -88,28 +130,16 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base
 
   // hidden [rows with an adapter (sorted order), max_rank] fp32; entries past
   // an adapter's rank are never written nor read.
-  at::Tensor hidden = at::empty({static_cast<int64_t>(groups.sorted_rows.size()), shapes.max_rank},
-                                input.options().dtype(at::kFloat));
-  struct ShrinkTask {
-    int64_t adapter, rank_begin, rank_end;
-  };
-  std::vector<ShrinkTask> tasks;
-  for (int64_t a = 0; a < shapes.num_adapters; ++a) {
-    if (groups.group_offsets[a] == groups.group_offsets[a + 1]) continue;
-    for (int64_t k = 0; k < batch.ranks[a]; k += kShrinkRankChunk) {
-      tasks.push_back({a, k, std::min(batch.ranks[a], k + kShrinkRankChunk)});
-    }
-  }
-  if (tasks.empty()) return out;
+  std::vector<float> hidden(groups.sorted_rows.size() * static_cast<size_t>(shapes.max_rank));
   const MultiLoraKernels& kernels = multi_lora_kernels_for(active_isa());
-  float* hidden_data = hidden.mutable_data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      kernels.shrink(batch, tasks[t].adapter, tasks[t].rank_begin, tasks[t].rank_end, hidden_data);
+      kernels.shrink(batch, tasks[t].adapter, tasks[t].rank_begin, tasks[t].rank_end,
+                     hidden.data());
     }
   });
   at::parallel_for(0, shapes.out_features, kExpandGrain, [&](int64_t begin, int64_t end) {
-    kernels.expand(batch, hidden_data, begin, end, out.mutable_data_ptr());
+    kernels.expand(batch, hidden.data(), begin, end, out_bytes);
   });
   return out;
 }
@@ -133,7 +163,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_backward_cpu(
   const RowGroups groups = group_rows(adapter_indices, shapes);
   if (!groups.sorted_rows.empty()) {
     at::Tensor order = at::tensor(groups.sorted_rows, input.options().dtype(at::kLong));
-    at::Tensor x = input.reshape({shapes.rows, shapes.in_features}).index_select(0, order).to(at::kFloat);
+    at::Tensor x =
+        input.reshape({shapes.rows, shapes.in_features}).index_select(0, order).to(at::kFloat);
     at::Tensor dy = grad_output.reshape({shapes.rows, shapes.out_features})
                         .index_select(0, order)
                         .to(at::kFloat);

@@ -42,7 +42,7 @@ void expand_scalar(const MultiLoraBatch& batch, const float* hidden, std::int64_
         for (std::int64_t k = 0; k < rank; ++k) {
           sum += h[k] * tail::load_float(batch.lora_B, batch.dtype, b_offset + o * max_rank + k);
         }
-        float base = tail::load_float(out, batch.dtype, y_offset + o);
+        float base = tail::load_float(batch.base_output, batch.dtype, y_offset + o);
         tail::store_float(out, batch.dtype, y_offset + o, base + sum);
       }
     }

@@ -69,9 +69,11 @@ struct Case {
 };
 
 // Runs shrink over every (adapter, rank chunk) and expand over the output
-// split in two uneven ranges, as the glue would with two threads.
-void run(const MultiLoraKernels& kernels, const MultiLoraBatch& batch, std::vector<float>& hidden,
-         Buffer& out) {
+// split in two uneven ranges, as the glue would with two threads. The
+// expand adds to `base` (which may be `out` itself).
+void run(const MultiLoraKernels& kernels, MultiLoraBatch batch, std::vector<float>& hidden,
+         const Buffer& base, Buffer& out) {
+  batch.base_output = base.bytes.data();
   for (std::int64_t a = 0; a < batch.num_adapters; ++a) {
     for (std::int64_t k = 0; k < batch.ranks[a]; k += 3) {
       kernels.shrink(batch, a, k, std::min(batch.ranks[a], k + 3), hidden.data());
@@ -127,9 +129,12 @@ void test_case(const MultiLoraKernels& kernels, Dtype dtype, const Case& shape, 
 
   const std::size_t hidden_size = static_cast<std::size_t>(sorted.size() * shape.max_rank);
   std::vector<float> hidden(hidden_size, 0.0f), expected_hidden(hidden_size, 0.0f);
-  Buffer out = base, expected = base;
-  run(kernels, batch, hidden, out);
-  run(lowrank::cpu::multi_lora_scalar_kernels(), batch, expected_hidden, expected);
+  // The kernel under test writes a separate buffer, whose rows without an
+  // adapter must keep their old contents; the reference works in place.
+  const Buffer untouched = random_buffer(rng, dtype, shape.rows * shape.out_features);
+  Buffer out = untouched, expected = base;
+  run(kernels, batch, hidden, base, out);
+  run(lowrank::cpu::multi_lora_scalar_kernels(), batch, expected_hidden, expected, expected);
 
   // fp32 sums of `in_features` products in another order (and with FMA):
   // relative error ~ in_features * 2^-24 of the sum of |products|, bounded here
@@ -162,7 +167,8 @@ void test_case(const MultiLoraKernels& kernels, Dtype dtype, const Case& shape, 
       const std::int64_t i = row * shape.out_features + o;
       if (index[row] < 0 || ranks[index[row]] == 0) {
         rows_without_adapter_kept &=
-            std::memcmp(&out.bytes[i * width], &base.bytes[i * width], width) == 0;
+            std::memcmp(&out.bytes[i * width], &untouched.bytes[i * width], width) == 0 &&
+            std::memcmp(&expected.bytes[i * width], &base.bytes[i * width], width) == 0;
         continue;
       }
       const std::int64_t a = index[row];
@@ -176,7 +182,7 @@ void test_case(const MultiLoraKernels& kernels, Dtype dtype, const Case& shape, 
       worst = std::max(worst, std::fabs(double(out.get(i)) - expected.get(i)) / tolerance);
     }
   }
-  expect(rows_without_adapter_kept, where + ": a row without adapter (or rank 0) changed");
+  expect(rows_without_adapter_kept, where + ": a row without adapter (or rank 0) was written");
   expect(worst <= 1.0, where + ": expand differs by " + std::to_string(worst) +
                            " times the tolerance");
 }
