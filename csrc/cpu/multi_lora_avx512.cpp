@@ -26,21 +26,26 @@ namespace {
 using avx512::to_bf16;
 
 constexpr std::int64_t kLanes = 16;
-// This machine's hardware prefetchers barely follow the factor streams (many
-// short rows, one adapter after another), so the kernels prefetch in
-// software: the expand a few B tiles ahead, the shrink a few cache lines
-// ahead in every row it reads. Without it a cold pass over 32 adapters'
-// factors ran at a fifth of the memory bandwidth.
+// Hardware prefetchers follow the factor streams poorly (many short rows, a
+// new stream at every adapter: a cold expand over 32 adapters ran at a fifth
+// of the memory bandwidth), so both steps prefetch in software, spread evenly
+// over the work that precedes the use: the shrink fetches the next block of A
+// rows while it works on the current one, the expand stays a few tiles ahead
+// in its slice of B.
 constexpr std::int64_t kPrefetchTiles = 8;
-constexpr std::int64_t kPrefetchElements = 512;
 
-// Prefetches the cache lines of elements [index, index + count) of `data`.
+// Prefetches the cache lines of elements [index, index + count) of `data`
+// that lie below element `size`.
 template <Dtype D>
-inline void prefetch_lines(const void* data, std::int64_t index, std::int64_t count) {
+inline void prefetch_lines(const void* data, std::int64_t index, std::int64_t count,
+                           std::int64_t size) {
   constexpr std::int64_t bytes = D == Dtype::Float32 ? 4 : 2;
+  count = std::min(count, size - index);
+  if (count <= 0) return;
   const char* begin = static_cast<const char*>(data) + index * bytes;
-  for (std::int64_t line = 0; line < count * bytes; line += 64)
+  for (std::int64_t line = 0; line < count * bytes; line += 64) {
     _mm_prefetch(begin + line, _MM_HINT_T0);
+  }
 }
 
 inline __mmask16 first_lanes(std::int64_t count) {
@@ -77,10 +82,12 @@ inline void store16(void* data, std::int64_t index, __m512 values, __mmask16 mas
 
 // sums[i * Ranks + r] = dot(input row at x_offsets[i], A row at a_offsets[r])
 // over `length` elements: Rows * Ranks independent accumulators, each input
-// load shared by Ranks FMAs and each A load by Rows FMAs.
+// load shared by Ranks FMAs and each A load by Rows FMAs. Meanwhile the
+// Ranks rows of A from element `next` on (the next block) are prefetched.
 template <Dtype D, int Rows, int Ranks>
 void dot_block(const MultiLoraBatch& batch, const std::int64_t* x_offsets,
-               const std::int64_t* a_offsets, float* sums) {
+               const std::int64_t* a_offsets, std::int64_t next, float* sums) {
+  const std::int64_t a_size = batch.num_adapters * batch.max_rank * batch.in_features;
   __m512 accumulators[Rows][Ranks];
   for (int i = 0; i < Rows; ++i) {
     for (int r = 0; r < Ranks; ++r) accumulators[i][r] = _mm512_setzero_ps();
@@ -90,12 +97,7 @@ void dot_block(const MultiLoraBatch& batch, const std::int64_t* x_offsets,
     const __mmask16 mask = first_lanes(length - j);
     __m512 x[Rows];
     for (int i = 0; i < Rows; ++i) x[i] = load16<D>(batch.input, x_offsets[i] + j, mask);
-    if (j + kPrefetchElements < length) {
-      for (int r = 0; r < Ranks; ++r)
-        prefetch_lines<D>(batch.lora_A, a_offsets[r] + j + kPrefetchElements, 1);
-      for (int i = 0; i < Rows; ++i)
-        prefetch_lines<D>(batch.input, x_offsets[i] + j + kPrefetchElements, 1);
-    }
+    prefetch_lines<D>(batch.lora_A, next + j * Ranks, kLanes * Ranks, a_size);
     for (int r = 0; r < Ranks; ++r) {
       const __m512 a = load16<D>(batch.lora_A, a_offsets[r] + j, mask);
       for (int i = 0; i < Rows; ++i) {
@@ -129,7 +131,8 @@ void shrink_rows(const MultiLoraBatch& batch, std::int64_t adapter, std::int64_t
           (adapter * batch.max_rank + k + std::min<std::int64_t>(r, ranks - 1)) * batch.in_features;
     }
     float sums[Rows * Ranks];
-    dot_block<D, Rows, Ranks>(batch, x_offsets, a_offsets, sums);
+    dot_block<D, Rows, Ranks>(batch, x_offsets, a_offsets,
+                              (adapter * batch.max_rank + k + Ranks) * batch.in_features, sums);
     for (std::int64_t i = 0; i < std::min<std::int64_t>(Rows, row_count); ++i) {
       for (std::int64_t r = 0; r < ranks; ++r) {
         hidden[(p + i) * batch.max_rank + k + r] = scaling * sums[i * Ranks + r];
@@ -214,7 +217,7 @@ template <Dtype D>
 void expand_impl(const MultiLoraBatch& batch, const float* hidden, std::int64_t out_begin,
                  std::int64_t out_end, void* out) {
   const std::int64_t max_rank = batch.max_rank;
-  const std::int64_t padded_rank = (max_rank + kLanes - 1) / kLanes * kLanes;
+  const std::int64_t b_size = batch.num_adapters * batch.out_features * max_rank;
   std::vector<float> padded;
   std::vector<float> partial;
   for (std::int64_t adapter = 0; adapter < batch.num_adapters; ++adapter) {
@@ -232,14 +235,14 @@ void expand_impl(const MultiLoraBatch& batch, const float* hidden, std::int64_t 
       const std::int64_t width = std::min(kLanes, out_end - o);
       const __mmask16 out_mask = first_lanes(width);
       const std::int64_t b_offset = (adapter * batch.out_features + o) * max_rank;
+      if (o + kPrefetchTiles * kLanes < out_end) {
+        prefetch_lines<D>(batch.lora_B, b_offset + kPrefetchTiles * kLanes * max_rank,
+                          kLanes * max_rank, b_size);
+      }
       for (std::int64_t t = 0; t < tiles; ++t) {
         const std::int64_t k = t * kLanes;
         const __mmask16 rank_mask = first_lanes(rank - k);
         __m512 columns[16];
-        if (t == 0 && o + kPrefetchTiles * kLanes < out_end) {
-          prefetch_lines<D>(batch.lora_B, b_offset + kPrefetchTiles * kLanes * max_rank,
-                            kLanes * max_rank);
-        }
         for (std::int64_t l = 0; l < kLanes; ++l) {
           columns[l] = load16<D>(batch.lora_B, b_offset + l * max_rank + k,
                                  l < width ? rank_mask : static_cast<__mmask16>(0));
