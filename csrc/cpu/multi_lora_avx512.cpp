@@ -1,21 +1,11 @@
-// AVX-512 (F/BW/VL/DQ) multi-adapter LoRA kernels. Compiled with those flags
-// for this file only and reached only through multi_lora_kernels_for() after
-// the dispatcher's runtime CPU check. Tails use masked loads and stores, so
-// no element outside a row is ever read or written.
-//
-// Both steps are written for the few-rows-per-adapter case (64 rows over 32
-// adapters is two rows each), where the work is a pass over the adapter's
-// factors and the arithmetic must keep up with memory:
-//   shrink: a block of input rows x a block of A rows in independent
-//           accumulators, so the FMA latency is hidden and every load is
-//           shared by a whole row or column of the block;
-//   expand: each 16x16 tile of B is transposed once in registers and then
-//           serves every row of the adapter.
+// AVX-512 (F/BW/VL/DQ) multi-adapter LoRA kernels: the loops of
+// multi_lora_blocked.h over 16-lane vectors. Compiled with those flags for
+// this file only and reached only through multi_lora_kernels_for() after the
+// dispatcher's runtime CPU check. Tails use masked loads and stores, so no
+// element outside a row is ever read or written.
 #include <immintrin.h>
 
-#include <algorithm>
-#include <vector>
-
+#include "cpu/multi_lora_blocked.h"
 #include "cpu/multi_lora_kernels.h"
 #include "cpu/simd_avx512.h"
 
@@ -26,29 +16,10 @@ namespace {
 using avx512::to_bf16;
 
 constexpr std::int64_t kLanes = 16;
-// Hardware prefetchers follow the factor streams poorly (many short rows, a
-// new stream at every adapter: a cold expand over 32 adapters ran at a fifth
-// of the memory bandwidth), so both steps prefetch in software, spread evenly
-// over the work that precedes the use: the shrink fetches the next block of A
-// rows while it works on the current one, the expand stays a few tiles ahead
-// in its slice of B.
-constexpr std::int64_t kPrefetchTiles = 8;
 
-// Prefetches the cache lines of elements [index, index + count) of `data`
-// that lie below element `size`.
-template <Dtype D>
-inline void prefetch_lines(const void* data, std::int64_t index, std::int64_t count,
-                           std::int64_t size) {
-  constexpr std::int64_t bytes = D == Dtype::Float32 ? 4 : 2;
-  count = std::min(count, size - index);
-  if (count <= 0) return;
-  const char* begin = static_cast<const char*>(data) + index * bytes;
-  for (std::int64_t line = 0; line < count * bytes; line += 64) {
-    _mm_prefetch(begin + line, _MM_HINT_T0);
-  }
-}
-
+// The first `count` lanes (none for count <= 0).
 inline __mmask16 first_lanes(std::int64_t count) {
+  if (count <= 0) return 0;
   return count >= kLanes ? static_cast<__mmask16>(0xffff)
                          : static_cast<__mmask16>((1u << count) - 1u);
 }
@@ -77,87 +48,6 @@ inline void store16(void* data, std::int64_t index, __m512 values, __mmask16 mas
   } else {
     _mm256_mask_storeu_epi16(static_cast<std::uint16_t*>(data) + index, mask,
                              _mm512_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT));
-  }
-}
-
-// sums[i * Ranks + r] = dot(input row at x_offsets[i], A row at a_offsets[r])
-// over `length` elements: Rows * Ranks independent accumulators, each input
-// load shared by Ranks FMAs and each A load by Rows FMAs. Meanwhile the
-// Ranks rows of A from element `next` on (the next block) are prefetched.
-template <Dtype D, int Rows, int Ranks>
-void dot_block(const MultiLoraBatch& batch, const std::int64_t* x_offsets,
-               const std::int64_t* a_offsets, std::int64_t next, float* sums) {
-  const std::int64_t a_size = batch.num_adapters * batch.max_rank * batch.in_features;
-  __m512 accumulators[Rows][Ranks];
-  for (int i = 0; i < Rows; ++i) {
-    for (int r = 0; r < Ranks; ++r) accumulators[i][r] = _mm512_setzero_ps();
-  }
-  const std::int64_t length = batch.in_features;
-  for (std::int64_t j = 0; j < length; j += kLanes) {
-    const __mmask16 mask = first_lanes(length - j);
-    __m512 x[Rows];
-    for (int i = 0; i < Rows; ++i) x[i] = load16<D>(batch.input, x_offsets[i] + j, mask);
-    prefetch_lines<D>(batch.lora_A, next + j * Ranks, kLanes * Ranks, a_size);
-    for (int r = 0; r < Ranks; ++r) {
-      const __m512 a = load16<D>(batch.lora_A, a_offsets[r] + j, mask);
-      for (int i = 0; i < Rows; ++i) {
-        accumulators[i][r] = _mm512_fmadd_ps(x[i], a, accumulators[i][r]);
-      }
-    }
-  }
-  for (int i = 0; i < Rows; ++i) {
-    for (int r = 0; r < Ranks; ++r) sums[i * Ranks + r] = _mm512_reduce_add_ps(accumulators[i][r]);
-  }
-}
-
-// Rows [p, p + row_count) of the group against ranks [rank_begin, rank_end)
-// in blocks of Rows x Ranks. A short block repeats its last row or rank (a
-// cache hit) and drops the repeat's results, so three shapes cover all.
-template <Dtype D, int Rows, int Ranks>
-void shrink_rows(const MultiLoraBatch& batch, std::int64_t adapter, std::int64_t p,
-                 std::int64_t row_count, std::int64_t rank_begin, std::int64_t rank_end,
-                 float* hidden) {
-  const float scaling = batch.scalings[adapter];
-  std::int64_t x_offsets[Rows];
-  for (int i = 0; i < Rows; ++i) {
-    x_offsets[i] =
-        batch.sorted_rows[p + std::min<std::int64_t>(i, row_count - 1)] * batch.in_features;
-  }
-  for (std::int64_t k = rank_begin; k < rank_end; k += Ranks) {
-    const std::int64_t ranks = std::min<std::int64_t>(Ranks, rank_end - k);
-    std::int64_t a_offsets[Ranks];
-    for (int r = 0; r < Ranks; ++r) {
-      a_offsets[r] =
-          (adapter * batch.max_rank + k + std::min<std::int64_t>(r, ranks - 1)) * batch.in_features;
-    }
-    float sums[Rows * Ranks];
-    dot_block<D, Rows, Ranks>(batch, x_offsets, a_offsets,
-                              (adapter * batch.max_rank + k + Ranks) * batch.in_features, sums);
-    for (std::int64_t i = 0; i < std::min<std::int64_t>(Rows, row_count); ++i) {
-      for (std::int64_t r = 0; r < ranks; ++r) {
-        hidden[(p + i) * batch.max_rank + k + r] = scaling * sums[i * Ranks + r];
-      }
-    }
-  }
-}
-
-template <Dtype D>
-void shrink_impl(const MultiLoraBatch& batch, std::int64_t adapter, std::int64_t rank_begin,
-                 std::int64_t rank_end, float* hidden) {
-  const std::int64_t group_end = batch.group_offsets[adapter + 1];
-  for (std::int64_t p = batch.group_offsets[adapter]; p < group_end;) {
-    const std::int64_t rows = group_end - p;
-    if (rows >= 3) {
-      shrink_rows<D, 4, 4>(batch, adapter, p, std::min<std::int64_t>(rows, 4), rank_begin, rank_end,
-                           hidden);
-      p += std::min<std::int64_t>(rows, 4);
-    } else if (rows == 2) {
-      shrink_rows<D, 2, 8>(batch, adapter, p, 2, rank_begin, rank_end, hidden);
-      p += 2;
-    } else {
-      shrink_rows<D, 1, 8>(batch, adapter, p, 1, rank_begin, rank_end, hidden);
-      p += 1;
-    }
   }
 }
 
@@ -194,105 +84,39 @@ inline void transpose16(__m512 rows[16]) {
   }
 }
 
-// sum_k h[k] * columns[k] over 16 ranks; h is zero past the adapter's rank
-// (as are those columns). Four accumulators keep the FMA chains short.
-inline __m512 combine16(const __m512 columns[16], const float* h) {
-  __m512 sums[4];
-  for (int i = 0; i < 4; ++i) sums[i] = _mm512_mul_ps(_mm512_set1_ps(h[i]), columns[i]);
-  for (int k = 4; k < 16; ++k) {
-    sums[k % 4] = _mm512_fmadd_ps(_mm512_set1_ps(h[k]), columns[k], sums[k % 4]);
-  }
-  return _mm512_add_ps(_mm512_add_ps(sums[0], sums[1]), _mm512_add_ps(sums[2], sums[3]));
-}
+struct Avx512 {
+  using Vec = __m512;
+  static constexpr std::int64_t kLanes = 16;
+  // Accumulators per shrink block: 16, 16 and 8 of the 32 registers.
+  static constexpr int kRanksOf4Rows = 4;
+  static constexpr int kRanksOf2Rows = 8;
+  static constexpr int kRanksOf1Row = 8;
 
-// B is [out, max_rank]: a rank's values for 16 consecutive outputs are
-// strided. Per adapter, its rows' hidden values are first copied into a
-// zero-padded buffer (so the tiles can always use all 16 lanes); then each
-// 16x16 tile of B is loaded once, transposed in registers, and every row of
-// the adapter costs 16 FMAs per tile. With more than 16 ranks the partial
-// sums of each row wait in `partial` between rank tiles. Adapters are the
-// outer loop: each adapter's slice of B is one sequential stream (rows of
-// different adapters are disjoint, so no output is revisited).
-template <Dtype D>
-void expand_impl(const MultiLoraBatch& batch, const float* hidden, std::int64_t out_begin,
-                 std::int64_t out_end, void* out) {
-  const std::int64_t max_rank = batch.max_rank;
-  const std::int64_t b_size = batch.num_adapters * batch.out_features * max_rank;
-  std::vector<float> padded;
-  std::vector<float> partial;
-  for (std::int64_t adapter = 0; adapter < batch.num_adapters; ++adapter) {
-    const std::int64_t rank = batch.ranks[adapter];
-    const std::int64_t group_begin = batch.group_offsets[adapter];
-    const std::int64_t rows = batch.group_offsets[adapter + 1] - group_begin;
-    if (rank == 0 || rows == 0) continue;
-    const std::int64_t tiles = (rank + kLanes - 1) / kLanes;
-    padded.assign(static_cast<std::size_t>(rows * tiles * kLanes), 0.0f);
-    for (std::int64_t i = 0; i < rows; ++i) {
-      std::copy_n(hidden + (group_begin + i) * max_rank, rank, &padded[i * tiles * kLanes]);
-    }
-    if (tiles > 1) partial.resize(static_cast<std::size_t>(rows * kLanes));
-    for (std::int64_t o = out_begin; o < out_end; o += kLanes) {
-      const std::int64_t width = std::min(kLanes, out_end - o);
-      const __mmask16 out_mask = first_lanes(width);
-      const std::int64_t b_offset = (adapter * batch.out_features + o) * max_rank;
-      if (o + kPrefetchTiles * kLanes < out_end) {
-        prefetch_lines<D>(batch.lora_B, b_offset + kPrefetchTiles * kLanes * max_rank,
-                          kLanes * max_rank, b_size);
-      }
-      for (std::int64_t t = 0; t < tiles; ++t) {
-        const std::int64_t k = t * kLanes;
-        const __mmask16 rank_mask = first_lanes(rank - k);
-        __m512 columns[16];
-        for (std::int64_t l = 0; l < kLanes; ++l) {
-          columns[l] = load16<D>(batch.lora_B, b_offset + l * max_rank + k,
-                                 l < width ? rank_mask : static_cast<__mmask16>(0));
-        }
-        transpose16(columns);
-        for (std::int64_t i = 0; i < rows; ++i) {
-          __m512 sum = combine16(columns, &padded[(i * tiles + t) * kLanes]);
-          if (t > 0) sum = _mm512_add_ps(sum, _mm512_loadu_ps(&partial[i * kLanes]));
-          if (t + 1 < tiles) {
-            _mm512_storeu_ps(&partial[i * kLanes], sum);
-            continue;
-          }
-          const std::int64_t y_offset = batch.sorted_rows[group_begin + i] * batch.out_features + o;
-          store16<D>(out, y_offset,
-                     _mm512_add_ps(load16<D>(batch.base_output, y_offset, out_mask), sum),
-                     out_mask);
-        }
-      }
-    }
+  using Lanes = __mmask16;
+  static Lanes first(std::int64_t count) { return first_lanes(count); }
+  template <Dtype D>
+  static Vec load(const void* data, std::int64_t index, Lanes lanes) {
+    return load16<D>(data, index, lanes);
   }
-}
-
-void shrink_avx512(const MultiLoraBatch& batch, std::int64_t adapter, std::int64_t rank_begin,
-                   std::int64_t rank_end, float* hidden) {
-  switch (batch.dtype) {
-    case Dtype::Float32:
-      return shrink_impl<Dtype::Float32>(batch, adapter, rank_begin, rank_end, hidden);
-    case Dtype::BFloat16:
-      return shrink_impl<Dtype::BFloat16>(batch, adapter, rank_begin, rank_end, hidden);
-    case Dtype::Float16:
-      return shrink_impl<Dtype::Float16>(batch, adapter, rank_begin, rank_end, hidden);
+  template <Dtype D>
+  static void store(void* data, std::int64_t index, Vec values, Lanes lanes) {
+    store16<D>(data, index, values, lanes);
   }
-}
-
-void expand_avx512(const MultiLoraBatch& batch, const float* hidden, std::int64_t out_begin,
-                   std::int64_t out_end, void* out) {
-  switch (batch.dtype) {
-    case Dtype::Float32:
-      return expand_impl<Dtype::Float32>(batch, hidden, out_begin, out_end, out);
-    case Dtype::BFloat16:
-      return expand_impl<Dtype::BFloat16>(batch, hidden, out_begin, out_end, out);
-    case Dtype::Float16:
-      return expand_impl<Dtype::Float16>(batch, hidden, out_begin, out_end, out);
-  }
-}
+  static Vec zero() { return _mm512_setzero_ps(); }
+  static Vec set1(float value) { return _mm512_set1_ps(value); }
+  static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  static Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static float reduce_add(Vec values) { return _mm512_reduce_add_ps(values); }
+  static Vec loadu(const float* data) { return _mm512_loadu_ps(data); }
+  static void storeu(float* data, Vec values) { _mm512_storeu_ps(data, values); }
+  static void transpose(Vec rows[16]) { transpose16(rows); }
+};
 
 }  // namespace
 
 const MultiLoraKernels& multi_lora_avx512_kernels() {
-  static const MultiLoraKernels table{Isa::Avx512, &shrink_avx512, &expand_avx512};
+  static const MultiLoraKernels table = blocked_kernels<Avx512>(Isa::Avx512);
   return table;
 }
 
