@@ -533,23 +533,5 @@ torch.library.register_autograd(
     "lowrank_ext::qlora_linear", _qlora_linear_backward, setup_context=_qlora_linear_setup)
 
 
-def _multi_lora_linear_setup(ctx, inputs, output):
-    input, base_output, lora_A, lora_B, ranks, scalings, adapter_indices = inputs
-    ctx.save_for_backward(input, lora_A, lora_B, ranks, scalings, adapter_indices)
-
-
-def _multi_lora_linear_backward(ctx, grad_output):
-    input, lora_A, lora_B, ranks, scalings, adapter_indices = ctx.saved_tensors
-    grad_input = grad_A = grad_B = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-        grad_input, grad_A, grad_B = _ops.multi_lora_linear_backward(
-            grad_output, input, lora_A, lora_B, ranks, scalings, adapter_indices)
-    return (grad_input if ctx.needs_input_grad[0] else None,
-            grad_output if ctx.needs_input_grad[1] else None,
-            grad_A if ctx.needs_input_grad[2] else None,
-            grad_B if ctx.needs_input_grad[3] else None, None, None, None)
-
-
-torch.library.register_autograd(
-    "lowrank_ext::multi_lora_linear", _multi_lora_linear_backward,
-    setup_context=_multi_lora_linear_setup)
+# multi_lora_linear's autograd is registered in C++ (csrc/multi_lora_autograd.cpp):
+# a Python autograd kernel would add its interpreter overhead to every call.
