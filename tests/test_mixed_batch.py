@@ -98,6 +98,74 @@ def test_inference_reuses_stacked_factors_until_they_change():
     torch.testing.assert_close(second, expected, atol=1e-5, rtol=1e-5)
 
 
+def _replace_parameter(wrapper):
+    layer = wrapper.model.up
+    layer.lora_A["second"].weight = nn.Parameter(torch.randn_like(layer.lora_A["second"].weight))
+
+
+def _replace_module(wrapper):
+    layer = wrapper.model.up
+    old = layer.lora_B["third"]
+    new = nn.Linear(old.in_features, old.out_features, bias=False)
+    nn.init.normal_(new.weight)
+    layer.lora_B["third"] = new
+
+
+def _swap_modules(wrapper):
+    layer = wrapper.model.up
+    # Modules built before the cache: no parameter registration happens.
+    for factors in (layer.lora_A, layer.lora_B):
+        factors["second"], factors["default"] = factors["default"], factors["second"]
+
+
+def _load_with_assign(wrapper):
+    state = {name: torch.randn_like(value) for name, value in wrapper.model.state_dict().items()
+             if "lora_B" in name}
+    wrapper.model.load_state_dict(state, strict=False, assign=True)
+
+
+def _copy_state(wrapper):
+    state = {name: torch.randn_like(value) for name, value in wrapper.model.state_dict().items()
+             if "lora_A" in name}
+    wrapper.model.load_state_dict(state, strict=False)
+
+
+def _change_scale(wrapper):
+    wrapper.model.down.scaling["third"] *= 3.0
+
+
+def _write_through_data(wrapper):
+    # Swapping .data changes the factor's data address (its version stays).
+    weight = wrapper.model.down.lora_B["default"].weight
+    weight.data = torch.randn_like(weight)
+
+
+def _round_trip_dtype(wrapper):
+    wrapper.model.to(torch.float64)
+    with torch.no_grad():
+        for name, parameter in wrapper.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(-1.0)  # changes the content too, so a stale stack would show
+    wrapper.model.to(torch.float32)
+
+
+@pytest.mark.parametrize("change", [_replace_parameter, _replace_module, _swap_modules,
+                                    _load_with_assign, _copy_state, _change_scale,
+                                    _write_through_data, _round_trip_dtype])
+def test_stacked_factor_cache_notices_every_kind_of_change(change):
+    """The inference cache of stacked factors never serves factors that changed."""
+    wrapper = wrapped("lora")
+    names = ["second", "default", "third", "__base__"]
+    x = torch.randn(len(names), 24)
+    with torch.no_grad():
+        before = wrapper(x, adapter_names=names)
+        change(wrapper)
+        after = wrapper(x, adapter_names=names)
+        expected = reference_rows(wrapper, x, names)
+    assert not torch.allclose(before, expected, atol=1e-4)  # the change matters
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_adapter_names_are_rejected():
     wrapper = wrapped("lora")
     x = torch.randn(3, 24)

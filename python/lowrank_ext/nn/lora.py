@@ -10,19 +10,37 @@ and ``lora_embedding_B[name]`` ``[embedding_dim, r]``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import _C, ops
 from .adapter_layer import AdapterLayer, adapter_dropout
 
 Init = Union[bool, str]
 _INIT_CHOICES = (True, False, "default", "gaussian", "pissa")
 # Per-row adapter name meaning "no adapter" in mixed-adapter batches (PEFT's name).
 BASE_ROW = "__base__"
+
+
+# Parameters registered (or replaced) on any module since the first
+# mixed-adapter batch, counted by one global hook installed then; the LoRA
+# layers' stacked-factor caches compare it instead of visiting every factor.
+_registrations = [0]
+_registration_hook = None
+
+
+def _parameter_registrations() -> int:
+    global _registration_hook
+    if _registration_hook is None:
+        def count(module, name, parameter):
+            _registrations[0] += 1
+
+        _registration_hook = torch.nn.modules.module.register_module_parameter_registration_hook(
+            count)
+    return _registrations[0]
 
 
 def is_transformers_conv1d(module: nn.Module) -> bool:
@@ -69,10 +87,11 @@ class LoRALayer(AdapterLayer):
         self.lora_dropout: dict[str, float] = {}
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
-        self.row_adapter_names: Optional[list[str]] = None
-        self._stacked_factors: Optional[tuple] = None
+        self.row_adapter_names: Optional[tuple[str, ...]] = None
+        self._row_indices: Optional[tuple] = None
+        self._row_stack: Optional[tuple] = None
 
-    def set_row_adapters(self, names: Optional[list[str]]) -> None:
+    def set_row_adapters(self, names: Optional[Sequence[str]]) -> None:
         """Use adapter ``names[i]`` for row ``i`` of the next inputs (None: back to normal).
 
         A row named :data:`BASE_ROW` (``"__base__"``) or an adapter this layer
@@ -83,17 +102,20 @@ class LoRALayer(AdapterLayer):
             raise NotImplementedError(
                 f"per-row adapter names are supported on linear LoRA layers, not on "
                 f"{type(self).__name__}")
-        self.row_adapter_names = None if names is None else list(names)
+        # A plain attribute (not a parameter or module): skip nn.Module.__setattr__'s checks.
+        self.__dict__["row_adapter_names"] = (
+            None if names is None else names if isinstance(names, tuple) else tuple(names))
 
     supports_row_adapters = False
 
     def _row_adapter_forward(self, inputs: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
         """``base_output`` plus each row's own adapter, in one multi-adapter op.
 
-        Every held adapter's factors are stacked once (and again only when a
-        factor changes), so the cost does not grow with a per-adapter loop.
-        Dropout does not apply here. Raises ``ValueError`` when the number of
-        names differs from the batch size or an adapter is merged.
+        Every held adapter's factors are stacked once and reused until a factor
+        changes, and the row -> adapter indices once per batch of names, so the
+        per-call work does not grow with a per-adapter loop. Dropout does not
+        apply here. Raises ``ValueError`` when the number of names differs from
+        the batch size or an adapter is merged.
         """
         names = self.row_adapter_names
         if len(names) != inputs.shape[0]:
@@ -102,28 +124,74 @@ class LoRALayer(AdapterLayer):
         if self.merged_adapters:
             raise ValueError(f"unmerge adapters {self.merged_adapters} before running "
                              f"mixed-adapter batches")
-        held = list(self.lora_A.keys())
-        position = {name: index for index, name in enumerate(held)}
-        indices = torch.tensor([position.get(name, -1) for name in names], dtype=torch.int64,
-                               device=inputs.device)
-        if not held or bool((indices < 0).all()):
+        held, lora_A, lora_B, ranks, scalings = self._stacked(inputs.dtype, inputs.device)
+        indices = self._indices(names, held, inputs.device)
+        if indices is None:
             return base_output
-        lora_A, lora_B, ranks = self._stacked(held, inputs.dtype)
-        scalings = torch.tensor([self.scaling[name] for name in held], dtype=torch.float32,
-                                device=inputs.device)
         return ops.multi_lora_linear(inputs, base_output, lora_A, lora_B, ranks, scalings, indices)
 
-    def _stacked(self, held: list[str], dtype: torch.dtype):
+    def _indices(self, names: tuple[str, ...], held: tuple[str, ...],
+                 device: torch.device) -> Optional[torch.Tensor]:
+        """int64 index of each row's adapter in ``held`` (-1: none); None when no row has one.
+
+        Remembered for the last (names, held, device): a model's layers share
+        one names tuple per call, and a server often repeats a batch's names.
+        """
+        cached = self._row_indices
+        if (cached is not None and (cached[0] is names or cached[0] == names)
+                and cached[1] == held and cached[2] == device):
+            return cached[3]
+        position = {name: index for index, name in enumerate(held)}
+        values = [position.get(name, -1) for name in names]
+        indices = None
+        if any(value >= 0 for value in values):
+            indices = torch.tensor(values, dtype=torch.int64, device=device)
+        self.__dict__["_row_indices"] = (names, held, device, indices)
+        return indices
+
+    def _stacked(self, dtype: torch.dtype, device: torch.device) -> tuple:
+        """(held names, lora_A, lora_B, ranks, scalings) of every held adapter, stacked.
+
+        In training (grad mode on and a parameter requires grad) the stack is
+        part of this step's graph and is built anew. Otherwise it is reused
+        while nothing it was built from changed, checked in two cheap steps (a
+        walk over the factors' Python objects right after a large GEMM, with
+        them out of the caches, cost a third of the multi-adapter op):
+        the structure, by identity (the factor modules, names and scale
+        objects, and the count of parameter registrations anywhere, which
+        moves when a factor parameter is replaced); then the contents, by the
+        factors' version counters and data addresses in one C++ pass.
+        Replacements that bypass both (``_apply``) drop the cache explicitly.
+        """
+        if torch.is_grad_enabled() and any(
+                parameter.requires_grad for parameter in self.parameters()):
+            return self._stack_factors(dtype, device)
+        structure = (_parameter_registrations(), tuple(self.lora_A._modules.items()),
+                     tuple(self.lora_B._modules.values()), tuple(self.scaling.values()),
+                     dtype, device)
+        cached = self._row_stack
+        if cached is not None and cached[0] == structure and \
+                _C.tensor_fingerprint(cached[1]) == cached[2]:
+            return cached[3]
+        stacked = self._stack_factors(dtype, device)
+        factors = [factor for name in stacked[0] for factor in self._factor_tensors(name)]
+        self.__dict__["_row_stack"] = (structure, factors, _C.tensor_fingerprint(factors), stacked)
+        return stacked
+
+    def _stack_factors(self, dtype: torch.dtype, device: torch.device) -> tuple:
+        held = tuple(self.lora_A.keys())
         factors = [self._factor_tensors(name) for name in held]
-        stack = lambda: ops.stack_lora_factors([a.to(dtype) for a, _ in factors],  # noqa: E731
-                                               [b.to(dtype) for _, b in factors])
-        if torch.is_grad_enabled() and any(t.requires_grad for pair in factors for t in pair):
-            return stack()  # part of this step's graph: never reused across steps
-        # Inference: reuse the stack until a factor is modified (its version moves).
-        key = (tuple(held), dtype, tuple((t._version, t.data_ptr()) for pair in factors for t in pair))
-        if self._stacked_factors is None or self._stacked_factors[0] != key:
-            self._stacked_factors = (key, stack())
-        return self._stacked_factors[1]
+        lora_A, lora_B, ranks = ops.stack_lora_factors([a.to(dtype) for a, _ in factors],
+                                                       [b.to(dtype) for _, b in factors])
+        scalings = torch.tensor([self.scaling[name] for name in held], dtype=torch.float32,
+                                device=device)
+        return held, lora_A, lora_B, ranks, scalings
+
+    def _apply(self, *args, **kwargs):
+        # .to() / .half() / to_empty() may swap parameters in place of the
+        # module's (bypassing the registration count): forget the stack.
+        self.__dict__["_row_stack"] = None
+        return super()._apply(*args, **kwargs)
 
     def update_layer(self, adapter_name: str, r: int, alpha: float, dropout: float = 0.0,
                      use_rslora: bool = False, init: Init = True) -> None:

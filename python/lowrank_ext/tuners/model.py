@@ -86,8 +86,11 @@ class AdapterModel(nn.Module):
         """
         if adapter_names is None:
             return self.model(*args, **kwargs)
-        with self.row_adapters(adapter_names):
+        layers = self._enter_row_adapters(adapter_names)
+        try:
             return self.model(*args, **kwargs)
+        finally:
+            self._leave_row_adapters(layers)
 
     @contextlib.contextmanager
     def row_adapters(self, adapter_names: Sequence[str]) -> Iterator[None]:
@@ -96,26 +99,54 @@ class AdapterModel(nn.Module):
         Raises ``KeyError`` for a name no layer holds, ``NotImplementedError``
         when the model has adapter layers that cannot mix adapters per row
         (convolution, embedding, AdaLoRA), and ``ValueError`` (at call time)
-        when the batch size differs from ``len(adapter_names)``.
+        when the batch size differs from ``len(adapter_names)``. The adapter
+        layers are looked up once and remembered (a model walk per call would
+        cost more than the adapters themselves); this wrapper's own methods
+        that add, remove or replace layers or adapters refresh that.
         """
-        names = list(adapter_names)
-        layers = [layer for _, layer in self.adapter_layers()]
-        known = {name for layer in layers for name in layer.adapter_names}
-        unknown = sorted({name for name in names if name != BASE_ROW and name not in known})
-        if unknown:
-            raise KeyError(f"adapter_names: no adapter named {unknown}; known: {sorted(known)}")
-        unsupported = sorted({type(layer).__name__ for layer in layers
-                              if not getattr(layer, "supports_row_adapters", False)})
+        layers = self._enter_row_adapters(adapter_names)
+        try:
+            yield
+        finally:
+            self._leave_row_adapters(layers)
+
+    def _enter_row_adapters(self, adapter_names: Sequence[str]) -> list[AdapterLayer]:
+        """Checks the names and hands them to every adapter layer; returns the layers."""
+        names = tuple(adapter_names)
+        layers, known, unsupported = self._row_layers()
+        unknown = {name for name in set(names) if name != BASE_ROW and name not in known}
+        if unknown:  # maybe added to a layer directly: look again before refusing
+            self._forget_row_layers()
+            layers, known, unsupported = self._row_layers()
+            unknown = sorted(name for name in unknown if name not in known)
+            if unknown:
+                raise KeyError(f"adapter_names: no adapter named {unknown}; known: {sorted(known)}")
         if unsupported:
             raise NotImplementedError(f"per-row adapter_names need linear LoRA/QLoRA layers; this "
                                       f"model also has {unsupported}")
         for layer in layers:
             layer.set_row_adapters(names)
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.set_row_adapters(None)
+        return layers
+
+    @staticmethod
+    def _leave_row_adapters(layers: list[AdapterLayer]) -> None:
+        for layer in layers:
+            layer.set_row_adapters(None)
+
+    def _row_layers(self) -> tuple[list[AdapterLayer], frozenset, list[str]]:
+        """(adapter layers, every adapter name they hold, kinds that cannot mix rows), remembered."""
+        cached = self.__dict__.get("_row_layers_cache")
+        if cached is None:
+            layers = [layer for _, layer in self.adapter_layers()]
+            known = frozenset(name for layer in layers for name in layer.adapter_names)
+            unsupported = sorted({type(layer).__name__ for layer in layers
+                                  if not getattr(layer, "supports_row_adapters", False)})
+            cached = (layers, known, unsupported)
+            self.__dict__["_row_layers_cache"] = cached
+        return cached
+
+    def _forget_row_layers(self) -> None:
+        self.__dict__.pop("_row_layers_cache", None)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (adapter layers included)."""
@@ -167,6 +198,7 @@ class AdapterModel(nn.Module):
         self.set_adapter(adapter_name)
 
     def _inject(self, adapter_name: str, config) -> None:
+        self._forget_row_layers()
         targets = match_targets(self.model, config.target_modules)
         save_paths = (match_targets(self.model, config.modules_to_save, "modules_to_save")
                       if config.modules_to_save else [])
@@ -209,6 +241,7 @@ class AdapterModel(nn.Module):
         """
         if adapter_name not in self.peft_config:
             raise KeyError(f"no adapter named {adapter_name!r}; have {list(self.peft_config)}")
+        self._forget_row_layers()
         for path, layer in list(self.adapter_layers()):
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
@@ -334,6 +367,7 @@ class AdapterModel(nn.Module):
         Modules in ``modules_to_save`` are replaced by the active adapter's copy.
         """
         self.merge(safe_merge=safe_merge, **layer_options)
+        self._forget_row_layers()
         for path, layer in list(self.adapter_layers()):
             parent, name = get_submodule_parent(self.model, path)
             setattr(parent, name, layer.base_layer)
