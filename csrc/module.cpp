@@ -73,9 +73,10 @@ py::bytes tensor_fingerprint(const py::list& tensors) {
     }
     const at::Tensor& tensor = THPVariable_Unpack(item.ptr());
     *fields++ = static_cast<std::int64_t>(tensor._version());
-    *fields++ = tensor.has_storage() ? static_cast<std::int64_t>(reinterpret_cast<std::intptr_t>(
-                                           tensor.const_data_ptr()))
-                                     : 0;
+    *fields++ =
+        tensor.has_storage()
+            ? static_cast<std::int64_t>(reinterpret_cast<std::intptr_t>(tensor.const_data_ptr()))
+            : 0;
   }
   return py::bytes(bytes);
 }

@@ -24,9 +24,8 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 at::Tensor call_forward(const at::Tensor& input, const at::Tensor& base_output,
-                        const at::Tensor& lora_A, const at::Tensor& lora_B,
-                        const at::Tensor& ranks, const at::Tensor& scalings,
-                        const at::Tensor& adapter_indices) {
+                        const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& ranks,
+                        const at::Tensor& scalings, const at::Tensor& adapter_indices) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("lowrank_ext::multi_lora_linear", "")

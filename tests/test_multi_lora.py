@@ -141,6 +141,30 @@ def test_results_do_not_depend_on_thread_count(generator):
     assert torch.equal(ops.multi_lora_linear(*args), single)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("spread", ["one adapter", "two of nine", "even", "even, ragged ranks"])
+def test_every_split_between_threads_matches_reference(generator, threads, spread):
+    """The CPU glue gives each thread whole adapters when the work splits evenly
+    and splits ranks / outputs otherwise; both must give the reference."""
+    input, base_output, lora_A, lora_B, ranks, scalings, _ = make_problem(
+        generator, (40,), 70, 50, 9, 12)
+    rows = torch.arange(40)
+    indices = {"one adapter": torch.full((40,), 3),
+               "two of nine": torch.where(rows < 30, 0, 5),
+               "even": rows % 9,
+               "even, ragged ranks": rows % 9}[spread]
+    if spread == "even":
+        ranks = torch.full((9,), 12)
+    expected = reference(input, base_output, lora_A, lora_B, ranks, scalings, indices)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        result = ops.multi_lora_linear(input, base_output, lora_A, lora_B, ranks, scalings, indices)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(result, expected.float(), **TOLERANCES[torch.float32])
+
+
 def test_matches_separate_lora_per_adapter(generator):
     """Stacked adapters of different ranks equal running each adapter on its rows."""
     in_features, out_features = 24, 20

@@ -168,15 +168,16 @@ inline typename Simd::Vec combine(const typename Simd::Vec columns[], const floa
 // sequential stream (rows of different adapters are disjoint, so no output is
 // revisited).
 template <class Simd, Dtype D>
-void expand_blocked(const MultiLoraBatch& batch, const float* hidden, std::int64_t out_begin,
-                    std::int64_t out_end, void* out) {
+void expand_blocked(const MultiLoraBatch& batch, const float* hidden, std::int64_t adapter_begin,
+                    std::int64_t adapter_end, std::int64_t out_begin, std::int64_t out_end,
+                    void* out) {
   using Vec = typename Simd::Vec;
   constexpr std::int64_t lanes = Simd::kLanes;
   const std::int64_t max_rank = batch.max_rank;
   const std::int64_t b_size = batch.num_adapters * batch.out_features * max_rank;
   std::vector<float> padded;
   std::vector<float> partial;
-  for (std::int64_t adapter = 0; adapter < batch.num_adapters; ++adapter) {
+  for (std::int64_t adapter = adapter_begin; adapter < adapter_end; ++adapter) {
     const std::int64_t rank = batch.ranks[adapter];
     const std::int64_t group_begin = batch.group_offsets[adapter];
     const std::int64_t rows = batch.group_offsets[adapter + 1] - group_begin;
@@ -238,14 +239,18 @@ MultiLoraKernels blocked_kernels(Isa isa) {
     }
   };
   constexpr auto expand = [](const MultiLoraBatch& batch, const float* hidden,
+                             std::int64_t adapter_begin, std::int64_t adapter_end,
                              std::int64_t out_begin, std::int64_t out_end, void* out) {
     switch (batch.dtype) {
       case Dtype::Float32:
-        return expand_blocked<Simd, Dtype::Float32>(batch, hidden, out_begin, out_end, out);
+        return expand_blocked<Simd, Dtype::Float32>(batch, hidden, adapter_begin, adapter_end,
+                                                    out_begin, out_end, out);
       case Dtype::BFloat16:
-        return expand_blocked<Simd, Dtype::BFloat16>(batch, hidden, out_begin, out_end, out);
+        return expand_blocked<Simd, Dtype::BFloat16>(batch, hidden, adapter_begin, adapter_end,
+                                                     out_begin, out_end, out);
       case Dtype::Float16:
-        return expand_blocked<Simd, Dtype::Float16>(batch, hidden, out_begin, out_end, out);
+        return expand_blocked<Simd, Dtype::Float16>(batch, hidden, adapter_begin, adapter_end,
+                                                    out_begin, out_end, out);
     }
   };
   return MultiLoraKernels{isa, +shrink, +expand};

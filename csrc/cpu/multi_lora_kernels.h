@@ -49,12 +49,16 @@ struct MultiLoraKernels {
   void (*shrink)(const MultiLoraBatch& batch, std::int64_t adapter, std::int64_t rank_begin,
                  std::int64_t rank_end, float* hidden);
 
-  // For output features [out_begin, out_end) of every row whose adapter has a
-  // nonzero rank, out[row, o] = round(base_output[row, o] + sum_k hidden[p, k] *
-  // B[a, o, k]), the sum in fp32 and one rounding to `batch.dtype`. `out` is
-  // [rows, out_features]; other rows (no adapter, or rank 0) are not written.
-  void (*expand)(const MultiLoraBatch& batch, const float* hidden, std::int64_t out_begin,
-                 std::int64_t out_end, void* out);
+  // For output features [out_begin, out_end) of every row whose adapter a is
+  // in [adapter_begin, adapter_end) and has a nonzero rank,
+  // out[row, o] = round(base_output[row, o] + sum_k hidden[p, k] * B[a, o, k]),
+  // the sum in fp32 and one rounding to `batch.dtype`. `out` is
+  // [rows, out_features]; other rows (other adapters, no adapter, rank 0) are
+  // not written, so calls on disjoint output or adapter ranges may run in
+  // parallel.
+  void (*expand)(const MultiLoraBatch& batch, const float* hidden, std::int64_t adapter_begin,
+                 std::int64_t adapter_end, std::int64_t out_begin, std::int64_t out_end,
+                 void* out);
 };
 
 const MultiLoraKernels& multi_lora_scalar_kernels();

@@ -56,6 +56,41 @@ RowGroups group_rows(const at::Tensor& adapter_indices, const MultiLoraShapes& s
   return groups;
 }
 
+// Adapter ranges [parts[i], parts[i + 1]) of about equal work, one per
+// thread, or nothing when the work cannot be split that way within 25% (a
+// few adapters carry most rows). An adapter's work: reading its factors,
+// which costs about as much as kFactorRows rows, plus its rows, times rank.
+std::vector<int64_t> adapter_parts(const RowGroups& groups, const int64_t* rank,
+                                   int64_t num_adapters) {
+  constexpr int64_t kFactorRows = 4;
+  const int64_t threads = at::get_num_threads();
+  std::vector<int64_t> work(static_cast<size_t>(num_adapters));
+  int64_t total = 0;
+  for (int64_t a = 0; a < num_adapters; ++a) {
+    const int64_t rows = groups.group_offsets[a + 1] - groups.group_offsets[a];
+    work[a] = rows == 0 ? 0 : rank[a] * (kFactorRows + rows);
+    total += work[a];
+  }
+  std::vector<int64_t> parts{0};
+  int64_t done = 0;
+  int64_t largest = 0;
+  int64_t part_work = 0;
+  for (int64_t a = 0; a < num_adapters; ++a) {
+    done += work[a];
+    part_work += work[a];
+    const int64_t index = static_cast<int64_t>(parts.size());
+    if (index < threads && done * threads >= total * index) {
+      parts.push_back(a + 1);
+      largest = std::max(largest, part_work);
+      part_work = 0;
+    }
+  }
+  if (parts.back() != num_adapters) parts.push_back(num_adapters);
+  largest = std::max(largest, part_work);
+  if (threads > 1 && largest * threads * 4 > total * 5) return {};
+  return parts;
+}
+
 at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base_output,
                                  const at::Tensor& lora_A, const at::Tensor& lora_B,
                                  const at::Tensor& ranks, const at::Tensor& scalings,
@@ -132,6 +167,24 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base
   // an adapter's rank are never written nor read.
   std::vector<float> hidden(groups.sorted_rows.size() * static_cast<size_t>(shapes.max_rank));
   const MultiLoraKernels& kernels = multi_lora_kernels_for(active_isa());
+  const std::vector<int64_t> parts = adapter_parts(groups, rank, shapes.num_adapters);
+  if (!parts.empty()) {
+    // One parallel region: each thread takes whole adapters, shrink then
+    // expand over every output (their rows are its own), one adapter at a
+    // time, so `hidden` stays in cache and the factors are one stream.
+    at::parallel_for(0, static_cast<int64_t>(parts.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t part = begin; part < end; ++part) {
+        for (int64_t a = parts[part]; a < parts[part + 1]; ++a) {
+          if (rank[a] == 0 || groups.group_offsets[a] == groups.group_offsets[a + 1]) continue;
+          kernels.shrink(batch, a, 0, rank[a], hidden.data());
+          kernels.expand(batch, hidden.data(), a, a + 1, 0, shapes.out_features, out_bytes);
+        }
+      }
+    });
+    return out;
+  }
+  // Work concentrated on few adapters: split the shrink by rank chunks and
+  // the expand by outputs instead.
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       kernels.shrink(batch, tasks[t].adapter, tasks[t].rank_begin, tasks[t].rank_end,
@@ -139,7 +192,7 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base
     }
   });
   at::parallel_for(0, shapes.out_features, kExpandGrain, [&](int64_t begin, int64_t end) {
-    kernels.expand(batch, hidden.data(), begin, end, out_bytes);
+    kernels.expand(batch, hidden.data(), 0, shapes.num_adapters, begin, end, out_bytes);
   });
   return out;
 }

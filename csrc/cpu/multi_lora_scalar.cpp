@@ -26,11 +26,12 @@ void shrink_scalar(const MultiLoraBatch& batch, std::int64_t adapter, std::int64
   }
 }
 
-void expand_scalar(const MultiLoraBatch& batch, const float* hidden, std::int64_t out_begin,
-                   std::int64_t out_end, void* out) {
+void expand_scalar(const MultiLoraBatch& batch, const float* hidden, std::int64_t adapter_begin,
+                   std::int64_t adapter_end, std::int64_t out_begin, std::int64_t out_end,
+                   void* out) {
   const std::int64_t out_features = batch.out_features;
   const std::int64_t max_rank = batch.max_rank;
-  for (std::int64_t adapter = 0; adapter < batch.num_adapters; ++adapter) {
+  for (std::int64_t adapter = adapter_begin; adapter < adapter_end; ++adapter) {
     const std::int64_t rank = batch.ranks[adapter];
     if (rank == 0) continue;
     const std::int64_t b_offset = adapter * out_features * max_rank;

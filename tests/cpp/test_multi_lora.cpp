@@ -68,9 +68,10 @@ struct Case {
   std::int64_t rows, in_features, out_features, num_adapters, max_rank;
 };
 
-// Runs shrink over every (adapter, rank chunk) and expand over the output
-// split in two uneven ranges, as the glue would with two threads. The
-// expand adds to `base` (which may be `out` itself).
+// Runs shrink over every (adapter, rank chunk) and expand split as the glue
+// splits it between threads: over the outputs in two uneven ranges and,
+// for the adapters below the middle one, over the adapters in two ranges.
+// The expand adds to `base` (which may be `out` itself).
 void run(const MultiLoraKernels& kernels, MultiLoraBatch batch, std::vector<float>& hidden,
          const Buffer& base, Buffer& out) {
   batch.base_output = base.bytes.data();
@@ -80,8 +81,13 @@ void run(const MultiLoraKernels& kernels, MultiLoraBatch batch, std::vector<floa
     }
   }
   const std::int64_t split = batch.out_features / 3;
-  kernels.expand(batch, hidden.data(), 0, split, out.bytes.data());
-  kernels.expand(batch, hidden.data(), split, batch.out_features, out.bytes.data());
+  const std::int64_t middle = batch.num_adapters / 2;
+  kernels.expand(batch, hidden.data(), 0, middle / 2, 0, batch.out_features, out.bytes.data());
+  kernels.expand(batch, hidden.data(), middle / 2, middle, 0, batch.out_features,
+                 out.bytes.data());
+  kernels.expand(batch, hidden.data(), middle, batch.num_adapters, 0, split, out.bytes.data());
+  kernels.expand(batch, hidden.data(), middle, batch.num_adapters, split, batch.out_features,
+                 out.bytes.data());
 }
 
 void test_case(const MultiLoraKernels& kernels, Dtype dtype, const Case& shape, std::mt19937& rng) {
