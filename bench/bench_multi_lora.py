@@ -7,14 +7,14 @@ One size x size linear layer and a batch of `rows` rows spread evenly (in
 shuffled order) over 8 and over 32 LoRA adapters of rank `rank`, in fp32 and
 bf16. Prints median times of the base op alone (F.linear), of our whole
 mixed-batch forward (F.linear + multi_lora_linear), of the adapter term alone,
-of the same forward through our model wrapper (a LoRAModule holding the same
-adapters, called with adapter_names=[...]) and of PEFT's (a PEFT LoRA model
-called the same way), each as a ratio to the base op.
-Target (issue 5): ours <= 1.1x the base op. The model columns add what a
-model call costs on top of the op (module calls, the per-row names, checking
-the cached stack of factors), paid with cold caches right after the GEMM.
-LOWRANK_CPU_ISA=avx2 measures the AVX2 kernels (what laptops run). On a machine whose cores are
-busy with other work, multi-threaded timings of every column swing by whole
+each as a ratio to the base op; then model calls: the base model (the same
+one-layer model without adapters), our model wrapper (a LoRAModule holding the
+same adapters, called with adapter_names=[...]) and PEFT's (a PEFT LoRA model
+called the same way), the last two as ratios to the base model.
+Target (issue 5): ours <= 1.1x the base op. A model call adds module calls,
+the per-row names and the check of the cached factor stack, all paid with
+cold caches right after the GEMM. LOWRANK_CPU_ISA=avx2 measures the AVX2
+kernels (what laptops run). On a machine whose cores are busy with other work, multi-threaded timings of every column swing by whole
 milliseconds (a thread waits for a descheduled partner); --threads 1 gives
 stable ratios there.
 """
@@ -105,9 +105,10 @@ def main() -> None:
 
     print(machine.describe())
     print(f"{args.rows} rows, {args.size}x{args.size} layer, rank {args.rank}; "
-          "times are medians in ms, (x) = ratio to the base op")
+          "times are medians in ms, (x) = ratio to the base op / to the base model")
     header = (f"{'dtype':6} {'adapters':>8} | {'base F.linear':>13} | {'ours (whole)':>18} | "
-              f"{'adapter term':>18} | {'ours, model':>18} | {'PEFT model':>18}")
+              f"{'adapter term':>18} | {'base model':>10} | {'ours, model':>18} | "
+              f"{'PEFT model':>18}")
     print(header)
     print("-" * len(header))
     generator = torch.Generator().manual_seed(0)
@@ -131,6 +132,7 @@ def main() -> None:
 
             base_output = F.linear(x, weight)
             wrapper = our_model(weight, layer, names, args.rank)
+            base_model = linear_model(weight).eval()
             with torch.no_grad():
                 expected = model(x, adapter_names=adapter_names)
                 tolerance = 1e-4 if dtype == torch.float32 else 3e-2
@@ -142,16 +144,18 @@ def main() -> None:
                     "ours": ours,
                     "term": lambda: ops.multi_lora_linear(
                         x, base_output, lora_A, lora_B, ranks, scalings, indices),
+                    "base model": lambda: base_model(x),
                     "model": lambda: wrapper(x, adapter_names=adapter_names),
                     "peft": lambda: model(x, adapter_names=adapter_names),
                 }, args.repeats)
-            base_time = times["base"]
-            cell = lambda seconds: f"{seconds * 1e3:8.2f} ({seconds / base_time:5.2f}x)"  # noqa: E731
+            def cell(name, reference="base"):
+                return f"{times[name] * 1e3:8.2f} ({times[name] / times[reference]:5.2f}x)"
+
             print(f"{str(dtype).removeprefix('torch.'):6} {num_adapters:8d} | "
-                  f"{base_time * 1e3:10.2f} ms | {cell(times['ours']):>18} | "
-                  f"{cell(times['term']):>18} | {cell(times['model']):>18} | "
-                  f"{cell(times['peft']):>18}")
-            del model, wrapper
+                  f"{times['base'] * 1e3:10.2f} ms | {cell('ours'):>18} | {cell('term'):>18} | "
+                  f"{times['base model'] * 1e3:7.2f} ms | {cell('model', 'base model'):>18} | "
+                  f"{cell('peft', 'base model'):>18}")
+            del model, wrapper, base_model
 
 
 if __name__ == "__main__":

@@ -82,6 +82,13 @@ at::Tensor multi_lora_linear_autograd(const at::Tensor& input, const at::Tensor&
                                       const at::Tensor& lora_A, const at::Tensor& lora_B,
                                       const at::Tensor& ranks, const at::Tensor& scalings,
                                       const at::Tensor& adapter_indices) {
+  const bool needs_graph =
+      at::GradMode::is_enabled() && (input.requires_grad() || base_output.requires_grad() ||
+                                     lora_A.requires_grad() || lora_B.requires_grad());
+  if (!needs_graph) {  // inference: no autograd node, no saved tensors
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_forward(input, base_output, lora_A, lora_B, ranks, scalings, adapter_indices);
+  }
   return MultiLoraLinear::apply(input, base_output, lora_A, lora_B, ranks, scalings,
                                 adapter_indices);
 }
