@@ -124,11 +124,22 @@ class LoRALayer(AdapterLayer):
         if self.merged_adapters:
             raise ValueError(f"unmerge adapters {self.merged_adapters} before running "
                              f"mixed-adapter batches")
-        held, lora_A, lora_B, ranks, scalings = self._stacked(inputs.dtype, inputs.device)
-        indices = self._indices(names, held, inputs.device)
-        if indices is None:
+        # The stack and indices are host-side cache bookkeeping (Python objects,
+        # a C++ fingerprint): under torch.compile they run outside the graph.
+        prepare = (_prepare_rows_outside_graph if torch.compiler.is_compiling()
+                   else LoRALayer._prepare_rows)
+        operands = prepare(self, names, inputs.dtype, inputs.device)
+        if operands is None:
             return base_output
-        return ops.multi_lora_linear(inputs, base_output, lora_A, lora_B, ranks, scalings, indices)
+        return ops.multi_lora_linear(inputs, base_output, *operands)
+
+    def _prepare_rows(self, names: tuple[str, ...], dtype: torch.dtype,
+                      device: torch.device) -> Optional[tuple]:
+        """(lora_A, lora_B, ranks, scalings, indices) for multi_lora_linear; None if no row
+        has an adapter."""
+        held, lora_A, lora_B, ranks, scalings = self._stacked(dtype, device)
+        indices = self._indices(names, held, device)
+        return None if indices is None else (lora_A, lora_B, ranks, scalings, indices)
 
     def _indices(self, names: tuple[str, ...], held: tuple[str, ...],
                  device: torch.device) -> Optional[torch.Tensor]:
@@ -285,6 +296,9 @@ class LoRALayer(AdapterLayer):
     def extra_repr(self) -> str:
         return ", ".join(f"{name}: r={self.r[name]}, alpha={self.lora_alpha[name]:g}"
                          for name in self.adapter_names)
+
+
+_prepare_rows_outside_graph = torch.compiler.disable(LoRALayer._prepare_rows)
 
 
 class LoRALinear(LoRALayer):
