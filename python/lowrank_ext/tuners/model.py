@@ -84,11 +84,12 @@ class AdapterModel(nn.Module):
         in one multi-adapter op per layer; it works in training too (no
         dropout). See :meth:`row_adapters`.
         """
+        model = self._modules["model"]
         if adapter_names is None:
-            return self.model(*args, **kwargs)
+            return model(*args, **kwargs)
         layers = self._enter_row_adapters(adapter_names)
         try:
-            return self.model(*args, **kwargs)
+            return model(*args, **kwargs)
         finally:
             self._leave_row_adapters(layers)
 
@@ -113,7 +114,14 @@ class AdapterModel(nn.Module):
     def _enter_row_adapters(self, adapter_names: Sequence[str]) -> list[AdapterLayer]:
         """Checks the names and hands them to every adapter layer; returns the layers."""
         names = tuple(adapter_names)
-        layers, known, unsupported = self._row_layers()
+        cached = self._row_layers()
+        layers, known, unsupported = cached
+        checked = self.__dict__.get("_row_names_checked")
+        if checked is not None and checked[0] is cached and checked[1] == names:
+            names = checked[1]  # checked before: the same tuple lets layers reuse their indices
+            for layer in layers:
+                layer.set_row_adapters(names)
+            return layers
         unknown = {name for name in set(names) if name != BASE_ROW and name not in known}
         if unknown:  # maybe added to a layer directly: look again before refusing
             self._forget_row_layers()
@@ -126,6 +134,7 @@ class AdapterModel(nn.Module):
                                       f"model also has {unsupported}")
         for layer in layers:
             layer.set_row_adapters(names)
+        self.__dict__["_row_names_checked"] = (self._row_layers(), names)
         return layers
 
     @staticmethod
