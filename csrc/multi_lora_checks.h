@@ -84,8 +84,6 @@ inline MultiLoraShapes check_multi_lora_args(const char* op, const at::Tensor& i
   return shapes;
 }
 
-// Ranks in [0, max_rank] and indices in [-1, num_adapters). Reads the values:
-// a host synchronization for device tensors.
 // Smallest and largest value of a non-empty int64 tensor: a host scan on the
 // CPU (cheaper than two ATen reductions and their dispatch), one aminmax and
 // one device-to-host copy elsewhere.
@@ -101,6 +99,8 @@ inline std::pair<int64_t, int64_t> int64_range(const at::Tensor& values) {
   return {both[0].item<int64_t>(), both[1].item<int64_t>()};
 }
 
+// Ranks in [0, max_rank] and indices in [-1, num_adapters). Reads the values:
+// a host synchronization for device tensors.
 inline void check_multi_lora_values(const char* op, const MultiLoraShapes& shapes,
                                     const at::Tensor& ranks, const at::Tensor& adapter_indices) {
   if (ranks.numel() > 0) {

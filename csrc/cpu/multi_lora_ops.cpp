@@ -102,25 +102,7 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base
   const RowGroups groups = group_rows(adapter_indices, shapes);
   at::Tensor ranks_c = ranks.contiguous();
   const int64_t* rank = ranks_c.const_data_ptr<int64_t>();
-  // Tasks of the shrink: (adapter, chunk of its ranks) for adapters with rows.
-  struct ShrinkTask {
-    int64_t adapter, rank_begin, rank_end;
-  };
-  std::vector<ShrinkTask> tasks;
-  for (int64_t a = 0; a < shapes.num_adapters; ++a) {
-    if (groups.group_offsets[a] == groups.group_offsets[a + 1]) continue;
-    for (int64_t k = 0; k < rank[a]; k += kShrinkRankChunk) {
-      tasks.push_back({a, k, std::min(rank[a], k + kShrinkRankChunk)});
-    }
-  }
-  if (tasks.empty() || shapes.out_features == 0) {
-    return base_output.clone(at::MemoryFormat::Contiguous);
-  }
-
-  // The expand writes base + delta straight into `out` (no copy of the base
-  // output first); rows it does not cover (no adapter, or rank 0) are copied.
-  at::Tensor base_c = base_output.contiguous();
-  at::Tensor out = at::empty(base_output.sizes(), base_output.options());
+  // Rows the expand does not cover (no adapter, or rank 0) keep the base output.
   std::vector<int64_t> uncovered;
   {
     std::vector<bool> covered(static_cast<size_t>(shapes.rows), false);
@@ -134,6 +116,14 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base
       if (!covered[row]) uncovered.push_back(row);
     }
   }
+  if (static_cast<int64_t>(uncovered.size()) == shapes.rows || shapes.out_features == 0) {
+    return base_output.clone(at::MemoryFormat::Contiguous);
+  }
+
+  // The expand writes base + delta straight into `out` (no copy of the base
+  // output first); the uncovered rows are copied.
+  at::Tensor base_c = base_output.contiguous();
+  at::Tensor out = at::empty(base_output.sizes(), base_output.options());
   const int64_t row_bytes = shapes.out_features * base_output.element_size();
   const auto* base_bytes = static_cast<const char*>(base_c.const_data_ptr());
   auto* out_bytes = static_cast<char*>(out.mutable_data_ptr());
@@ -183,8 +173,18 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base
     });
     return out;
   }
-  // Work concentrated on few adapters: split the shrink by rank chunks and
-  // the expand by outputs instead.
+  // Work concentrated on few adapters: split the shrink by (adapter, chunk of
+  // its ranks) and the expand by outputs instead.
+  struct ShrinkTask {
+    int64_t adapter, rank_begin, rank_end;
+  };
+  std::vector<ShrinkTask> tasks;
+  for (int64_t a = 0; a < shapes.num_adapters; ++a) {
+    if (groups.group_offsets[a] == groups.group_offsets[a + 1]) continue;
+    for (int64_t k = 0; k < rank[a]; k += kShrinkRankChunk) {
+      tasks.push_back({a, k, std::min(rank[a], k + kShrinkRankChunk)});
+    }
+  }
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       kernels.shrink(batch, tasks[t].adapter, tasks[t].rank_begin, tasks[t].rank_end,
