@@ -176,7 +176,7 @@ class LoRALayer(AdapterLayer):
         """
         if torch.is_grad_enabled() and any(
                 parameter.requires_grad for parameter in self.parameters()):
-            return self._stack_factors(dtype, device)
+            return self._stack_factors(self._held_factors(), dtype, device)
         structure = (_parameter_registrations(), tuple(self.lora_A._modules.items()),
                      tuple(self.lora_B._modules.values()), tuple(self.scaling.values()),
                      dtype, device)
@@ -184,14 +184,20 @@ class LoRALayer(AdapterLayer):
         if cached is not None and cached[0] == structure and \
                 _C.tensor_fingerprint(cached[1]) == cached[2]:
             return cached[3]
-        stacked = self._stack_factors(dtype, device)
-        factors = [factor for name in stacked[0] for factor in self._factor_tensors(name)]
+        held_factors = self._held_factors()
+        stacked = self._stack_factors(held_factors, dtype, device)
+        factors = [factor for pair in held_factors.values() for factor in pair]
         self.__dict__["_row_stack"] = (structure, factors, _C.tensor_fingerprint(factors), stacked)
         return stacked
 
-    def _stack_factors(self, dtype: torch.dtype, device: torch.device) -> tuple:
-        held = tuple(self.lora_A.keys())
-        factors = [self._factor_tensors(name) for name in held]
+    def _held_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{name: (A, B)} of every held adapter, in lora_A's order."""
+        return {name: self._factor_tensors(name) for name in self.lora_A.keys()}
+
+    def _stack_factors(self, held_factors: dict, dtype: torch.dtype,
+                       device: torch.device) -> tuple:
+        held = tuple(held_factors)
+        factors = list(held_factors.values())
         lora_A, lora_B, ranks = ops.stack_lora_factors([a.to(dtype) for a, _ in factors],
                                                        [b.to(dtype) for _, b in factors])
         scalings = torch.tensor([self.scaling[name] for name in held], dtype=torch.float32,

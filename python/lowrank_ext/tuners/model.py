@@ -115,27 +115,33 @@ class AdapterModel(nn.Module):
         """Checks the names and hands them to every adapter layer; returns the layers."""
         names = tuple(adapter_names)
         cached = self._row_layers()
-        layers, known, unsupported = cached
         checked = self.__dict__.get("_row_names_checked")
         if checked is not None and checked[0] is cached and checked[1] == names:
             names = checked[1]  # checked before: the same tuple lets layers reuse their indices
-            for layer in layers:
-                layer.set_row_adapters(names)
-            return layers
+        else:
+            cached = self._check_row_names(names, cached)
+            self.__dict__["_row_names_checked"] = (cached, names)
+        layers = cached[0]
+        for layer in layers:
+            layer.set_row_adapters(names)
+        return layers
+
+    def _check_row_names(self, names: tuple[str, ...], cached: tuple) -> tuple:
+        """Raises for names no layer holds or layers that cannot mix rows; returns the
+        (possibly refreshed) _row_layers() entry."""
+        layers, known, unsupported = cached
         unknown = {name for name in set(names) if name != BASE_ROW and name not in known}
         if unknown:  # maybe added to a layer directly: look again before refusing
             self._forget_row_layers()
-            layers, known, unsupported = self._row_layers()
+            cached = self._row_layers()
+            layers, known, unsupported = cached
             unknown = sorted(name for name in unknown if name not in known)
             if unknown:
                 raise KeyError(f"adapter_names: no adapter named {unknown}; known: {sorted(known)}")
         if unsupported:
             raise NotImplementedError(f"per-row adapter_names need linear LoRA/QLoRA layers; this "
                                       f"model also has {unsupported}")
-        for layer in layers:
-            layer.set_row_adapters(names)
-        self.__dict__["_row_names_checked"] = (self._row_layers(), names)
-        return layers
+        return cached
 
     @staticmethod
     def _leave_row_adapters(layers: list[AdapterLayer]) -> None:
