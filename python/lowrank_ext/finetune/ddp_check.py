@@ -24,6 +24,7 @@ a check fails.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -135,6 +136,15 @@ def main(argv=None) -> int:
         module, device_ids=[device.index] if use_cuda else None)
     losses = train(parallel, batches, rank, world_size, device, arguments.learning_rate)
     state = trained_state(module)
+    # Drop DDP's reducer while the process group is still registered. Otherwise
+    # the reducer can hold the group's last reference until the interpreter
+    # frees it with the GIL held; gloo's destructor then joins its worker
+    # thread, which may still need the GIL to release the tensors of the last
+    # collective: a deadlock after all the work is done (seen about one run in
+    # six on two cores). destroy_process_group below frees the group with the
+    # GIL released.
+    del parallel
+    gc.collect()
 
     gathered = [None] * world_size
     distributed.all_gather_object(gathered, state)
