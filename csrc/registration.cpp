@@ -1,6 +1,7 @@
 // The whole op surface of lowrank_ext, in one place. Backends register their
 // kernels with TORCH_LIBRARY_IMPL beside the kernels (cpu/cpu_ops.cpp,
-// cuda/cuda_ops.cpp); fake kernels and autograd live in python/lowrank_ext/ops.py.
+// cuda/cuda_ops.cpp), autograd in autograd.cpp, fake kernels in
+// python/lowrank_ext/ops.py.
 //
 // NF4 weight arguments always come as the same group:
 //   packed (uint8 [ceil(numel/2)]), absmax (fp32 [nblocks], or uint8 codes

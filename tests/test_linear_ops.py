@@ -228,6 +228,81 @@ def test_nf4_linear_gradients_flow_to_input_and_bias(isa):
     torch.testing.assert_close(bias.grad, torch.full((21,), 10.0))
 
 
+def _dense_linear_64(x, dense, bias, lora_input, lora_A, lora_B, scaling):
+    y = x @ dense.T
+    if bias is not None:
+        y = y + bias
+    if lora_A is not None:
+        y = y + scaling * ((x if lora_input is None else lora_input) @ lora_A.T) @ lora_B.T
+    return y
+
+
+@pytest.mark.parametrize("op,with_lora_input", [
+    ("nf4_linear", False), ("lora_linear", False), ("lora_linear", True),
+    ("qlora_linear", False), ("qlora_linear", True)])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_each_gradient_alone_matches_dense_autograd(op, double_quant, with_bias,
+                                                    with_lora_input):
+    # Every tensor argument that can require grad does; torch.autograd.grad
+    # asks for one at a time (and then all), so the op must return exactly the
+    # gradients asked for, at the right places, whichever optional arguments
+    # (bias, lora_input, the nested scales) are absent. fp32 against float64
+    # autograd: the module's bound with K = 67 + 3, as rtol/atol 1e-5.
+    weight = make_weight(21, 67, 32, double_quant, seed=40)
+    dense = weight.dequantize(torch.float32)
+    x = random((3, 67), torch.float32, seed=41).requires_grad_()
+    bias = random((21,), torch.float32, seed=42).requires_grad_() if with_bias else None
+    lora_input = (random((3, 67), torch.float32, seed=43).requires_grad_()
+                  if with_lora_input else None)
+    lora_A, lora_B = lora_factors(4, 21, 67, torch.float32, seed=44)
+    lora_A.requires_grad_()
+    lora_B.requires_grad_()
+    if op == "nf4_linear":
+        lora_A = lora_B = None
+        named = {"input": x, "bias": bias}
+        y = ops.nf4_linear(x, *weight.linear_args(), bias=bias)
+    elif op == "lora_linear":
+        dense.requires_grad_()
+        named = {"input": x, "lora_input": lora_input, "weight": dense, "bias": bias,
+                 "lora_A": lora_A, "lora_B": lora_B}
+        y = ops.lora_linear(x, dense, bias, lora_A, lora_B, 0.5, lora_input=lora_input)
+    else:
+        named = {"input": x, "lora_input": lora_input, "bias": bias, "lora_A": lora_A,
+                 "lora_B": lora_B}
+        y = ops.qlora_linear(x, *weight.linear_args(), bias, lora_A, lora_B, 0.5,
+                             lora_input=lora_input)
+    named = {name: tensor for name, tensor in named.items() if tensor is not None}
+    grad_output = random(y.shape, torch.float32, seed=45)
+
+    leaves = {name: tensor.detach().double().requires_grad_() for name, tensor in named.items()}
+    y64 = _dense_linear_64(leaves["input"], leaves.get("weight", dense.detach().double()),
+                           leaves.get("bias"), leaves.get("lora_input"), leaves.get("lora_A"),
+                           leaves.get("lora_B"), 0.5)
+    reference = dict(zip(leaves, torch.autograd.grad(y64, list(leaves.values()),
+                                                     grad_output.double())))
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    for name in [*named, None]:
+        wanted = list(named) if name is None else [name]
+        grads = torch.autograd.grad(y, [named[n] for n in wanted], grad_output,
+                                    retain_graph=True)
+        for wanted_name, grad in zip(wanted, grads):
+            torch.testing.assert_close(grad.double(), reference[wanted_name], rtol=1e-5,
+                                       atol=1e-5, msg=lambda m: f"{op} d{wanted_name}: {m}")
+
+
+def test_no_autograd_node_when_nothing_needs_a_gradient():
+    weight = make_weight(21, 67, 32, True, seed=46)
+    x = random((3, 67), torch.float32, seed=47).requires_grad_()
+    lora_A, lora_B = lora_factors(4, 21, 67, torch.float32, seed=48)
+    assert ops.qlora_linear(x.detach(), *weight.linear_args(), None, lora_A, lora_B,
+                            0.5).grad_fn is None
+    with torch.no_grad():
+        assert ops.qlora_linear(x, *weight.linear_args(), None, lora_A, lora_B, 0.5).grad_fn is None
+    y = ops.qlora_linear(x, *weight.linear_args(), None, lora_A, lora_B, 0.5)
+    assert y.grad_fn is not None and y.requires_grad
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_lora_linear_matches_float64_reference(dtype):
     x = random((6, 48), dtype, seed=18)

@@ -2,9 +2,9 @@
 
 Every op here is a torch custom op (schema in ``csrc/registration.cpp``) with a
 fake kernel, so ``torch.compile(fullgraph=True)`` can trace it, and the
-differentiable ones have autograd registered with ``torch.library``. CPU and
-CUDA kernels register for the same names; the dispatcher picks the backend
-from the tensors' device.
+differentiable ones have autograd (registered in C++, ``csrc/autograd.cpp``).
+CPU and CUDA kernels register for the same names; the dispatcher picks the
+backend from the tensors' device.
 
 NF4 weight arguments always come as one group (see :class:`lowrank_ext.NF4Weight`):
 ``packed`` (uint8, ``ceil(out*in/2)`` bytes, element 2i in the high nibble),
@@ -419,119 +419,10 @@ def _multi_lora_linear_backward_fake(grad_output, input, lora_A, lora_B, ranks, 
             torch.empty_like(lora_B, memory_format=torch.contiguous_format))
 
 
-# ----------------------------------------------------------------- autograd --
-
-
 @torch.library.register_fake("lowrank_ext::dropout")
 def _dropout_fake(input, p, seed):
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
-def _dropout_setup(ctx, inputs, output):
-    _, ctx.probability, seed = inputs
-    ctx.save_for_backward(seed)
-
-
-def _dropout_backward(ctx, grad_output):
-    (seed,) = ctx.saved_tensors
-    # The mask is a function of (seed, index): applying the op to the gradient
-    # multiplies it by exactly the forward's keep / (1 - p).
-    return _ops.dropout(grad_output.contiguous(), ctx.probability, seed), None, None
-
-
-torch.library.register_autograd("lowrank_ext::dropout", _dropout_backward,
-                                setup_context=_dropout_setup)
-
-
-def _bias_grad(grad_output, bias):
-    if bias is None or not bias.requires_grad:
-        return None
-    return grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
-
-
-def _nf4_linear_setup(ctx, inputs, output):
-    (input, packed, absmax, nested_absmax, nested_code, offset,
-     out_features, in_features, blocksize, bias) = inputs
-    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, bias)
-    ctx.weight_args = (offset, out_features, in_features, blocksize)
-
-
-def _nf4_linear_backward(ctx, grad_output):
-    packed, absmax, nested_absmax, nested_code, bias = ctx.saved_tensors
-    grad_input = None
-    if ctx.needs_input_grad[0]:
-        grad_input = _ops.nf4_linear_grad_input(
-            grad_output, packed, absmax, nested_absmax, nested_code, *ctx.weight_args)
-    return (grad_input, None, None, None, None, None, None, None, None,
-            _bias_grad(grad_output, bias) if ctx.needs_input_grad[9] else None)
-
-
-torch.library.register_autograd(
-    "lowrank_ext::nf4_linear", _nf4_linear_backward, setup_context=_nf4_linear_setup)
-
-
-def _split_lora_grads(ctx, grads, lora_input_index):
-    grad_input, grad_lora_input, grad_A, grad_B = grads
-    if ctx.lora_input_given:
-        grad_lora_input = grad_lora_input if ctx.needs_input_grad[lora_input_index] else None
-    else:
-        grad_lora_input = None
-    return grad_input, grad_lora_input, grad_A, grad_B
-
-
-def _lora_linear_setup(ctx, inputs, output):
-    input, lora_input, weight, bias, lora_A, lora_B, scaling = inputs
-    ctx.save_for_backward(input, lora_input, weight, bias, lora_A, lora_B)
-    ctx.scaling = scaling
-    ctx.lora_input_given = lora_input is not None
-
-
-def _lora_linear_backward(ctx, grad_output):
-    input, lora_input, weight, bias, lora_A, lora_B = ctx.saved_tensors
-    grads = _ops.lora_linear_backward(grad_output, input, lora_input, weight, lora_A, lora_B,
-                                      ctx.scaling)
-    grad_input, grad_lora_input, grad_A, grad_B = _split_lora_grads(ctx, grads, 1)
-    grad_weight = None
-    if ctx.needs_input_grad[2]:
-        grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t() @ input.reshape(
-            -1, input.shape[-1])
-    return (grad_input if ctx.needs_input_grad[0] else None, grad_lora_input, grad_weight,
-            _bias_grad(grad_output, bias) if ctx.needs_input_grad[3] else None,
-            grad_A if ctx.needs_input_grad[4] else None,
-            grad_B if ctx.needs_input_grad[5] else None, None)
-
-
-torch.library.register_autograd(
-    "lowrank_ext::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup)
-
-
-def _qlora_linear_setup(ctx, inputs, output):
-    (input, lora_input, packed, absmax, nested_absmax, nested_code, offset, out_features,
-     in_features, blocksize, bias, lora_A, lora_B, scaling) = inputs
-    ctx.save_for_backward(input, lora_input, packed, absmax, nested_absmax, nested_code, bias,
-                          lora_A, lora_B)
-    ctx.weight_args = (offset, out_features, in_features, blocksize)
-    ctx.scaling = scaling
-    ctx.lora_input_given = lora_input is not None
-
-
-def _qlora_linear_backward(ctx, grad_output):
-    (input, lora_input, packed, absmax, nested_absmax, nested_code, bias, lora_A,
-     lora_B) = ctx.saved_tensors
-    grads = _ops.qlora_linear_backward(
-        grad_output, input, lora_input, packed, absmax, nested_absmax, nested_code,
-        *ctx.weight_args, lora_A, lora_B, ctx.scaling)
-    grad_input, grad_lora_input, grad_A, grad_B = _split_lora_grads(ctx, grads, 1)
-    return (grad_input if ctx.needs_input_grad[0] else None, grad_lora_input,
-            None, None, None, None, None, None, None, None,
-            _bias_grad(grad_output, bias) if ctx.needs_input_grad[10] else None,
-            grad_A if ctx.needs_input_grad[11] else None,
-            grad_B if ctx.needs_input_grad[12] else None, None)
-
-
-torch.library.register_autograd(
-    "lowrank_ext::qlora_linear", _qlora_linear_backward, setup_context=_qlora_linear_setup)
-
-
-# multi_lora_linear's autograd is registered in C++ (csrc/multi_lora_autograd.cpp):
-# a Python autograd kernel would add its interpreter overhead to every call.
+# The ops' autograd is registered in C++ (csrc/autograd.cpp): a Python autograd
+# kernel would add its interpreter overhead to every call, under no_grad too.
