@@ -73,6 +73,19 @@ class AdapterLayer(nn.Module):
                     names.append(name)
         return names
 
+    # The base layer's weight and bias, read through the adapter layer, as
+    # model code expects of the layer it replaced (Hugging Face's T5 reads
+    # ``self.wo.weight.dtype``, CLIP ``patch_embedding.weight.dtype``).
+    @property
+    def weight(self):
+        """The base layer's ``weight`` (merged adapters included)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        """The base layer's ``bias``."""
+        return self.base_layer.bias
+
     @property
     def merged(self) -> bool:
         """True when at least one adapter is merged into the base weight."""
