@@ -21,7 +21,7 @@ from ..nn import NF4Linear, is_transformers_conv1d
 from ..nn.adalora import AdaLoRALinear, RankAllocator
 from ..nn.lora import validate_adapter_arguments
 from .config import (_BIAS_MODES, _UNSUPPORTED_PEFT_OPTIONS, LoRAConfig, TargetSpec,
-                     normalized_target_modules)
+                     check_flags, normalized_modules_to_save, normalized_target_modules)
 from .model import AdapterModel
 from .serialization import register_adapter_type
 
@@ -105,6 +105,9 @@ class AdaLoRAConfig:
                              "steps the budget schedule spans")
         if not _is_int(self.total_step) or self.total_step <= 0:
             raise ValueError(f"total_step must be a positive integer, got {self.total_step!r}")
+        if not _is_int(self.init_r) or self.init_r <= 0:
+            raise ValueError(f"init_r (the initial rank) must be a positive integer, "
+                             f"got {self.init_r!r}")
         validate_adapter_arguments(self.init_r, self.lora_alpha, self.lora_dropout)
         if not _is_int(self.target_r) or not 0 <= self.target_r <= self.init_r:
             raise ValueError(f"target_r must be an integer in [0, init_r={self.init_r}], "
@@ -138,6 +141,8 @@ class AdaLoRAConfig:
             raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES} for AdaLoRA, "
                              f"got {self.init_lora_weights!r}")
         self.target_modules = normalized_target_modules(self.target_modules)
+        self.modules_to_save = normalized_modules_to_save(self.modules_to_save)
+        check_flags(self, "fan_in_fan_out")
         if self.rank_pattern == {}:
             self.rank_pattern = None
         for key, pattern in (self.rank_pattern or {}).items():
@@ -291,7 +296,9 @@ class AdaLoRAModule(AdapterModel):
         or finished when the config carries a ``rank_pattern``.
         """
         super().add_adapter(adapter_name, config, **kwargs)
-        config = self.peft_config[adapter_name]
+
+    def _add_adapter(self, adapter_name: str, config, strict: bool) -> None:
+        super()._add_adapter(adapter_name, config, strict)
         layers = self._adapter_layers_of(adapter_name)
         self.allocators[adapter_name] = RankAllocator(
             layers, adapter_name, config.target_r, config.total_step, config.tinit,

@@ -36,18 +36,75 @@ _UNSUPPORTED_PEFT_OPTIONS = {
 
 def normalized_target_modules(target_modules):
     """``target_modules`` as a config stores it: None, a regex / ``"all-linear"``
-    string, or a non-empty list (sets and tuples are sorted into one).
+    string (any case, as PEFT), or a non-empty list of names (sets and tuples
+    are sorted into one).
 
-    Raises ``ValueError`` for any other type or an empty list.
+    Raises ``ValueError`` for any other type, an empty list, a non-string
+    entry or a regex that does not compile.
     """
     if isinstance(target_modules, (set, tuple)):
-        target_modules = sorted(target_modules)
+        target_modules = sorted(target_modules, key=str)
     if target_modules is not None and not isinstance(target_modules, (str, list)):
         raise ValueError(f"target_modules must be a list of names, a regex string or "
                          f"'all-linear', got {target_modules!r}")
-    if isinstance(target_modules, list) and not target_modules:
-        raise ValueError("target_modules is an empty list; name at least one module")
+    if isinstance(target_modules, list):
+        if not target_modules:
+            raise ValueError("target_modules is an empty list; name at least one module")
+        _check_names("target_modules", target_modules)
+    if isinstance(target_modules, str):
+        if target_modules.lower() == "all-linear":
+            return "all-linear"
+        _check_regex("target_modules", target_modules)
     return target_modules
+
+
+def normalized_modules_to_save(modules_to_save):
+    """``modules_to_save`` as a config stores it: None or a list of names (a
+    single name is put in a list). Raises ``ValueError`` otherwise."""
+    if modules_to_save is None:
+        return None
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
+    if isinstance(modules_to_save, (set, tuple)):
+        modules_to_save = sorted(modules_to_save, key=str)
+    if not isinstance(modules_to_save, list):
+        raise ValueError(f"modules_to_save must be a list of module names, got "
+                         f"{modules_to_save!r}")
+    _check_names("modules_to_save", modules_to_save)
+    return modules_to_save
+
+
+def check_patterns(field_name: str, patterns) -> None:
+    """Raise ``ValueError`` naming the field unless ``patterns`` is a dict whose keys compile."""
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{field_name} must be a dict of {{regex: value}}, got {patterns!r}")
+    for key in patterns:
+        if not isinstance(key, str):
+            raise ValueError(f"{field_name} keys must be strings, got {key!r}")
+        _check_regex(f"{field_name} key", key)
+
+
+def check_flags(config, *names: str) -> None:
+    """Raise ``ValueError`` naming the field unless each field is a bool."""
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(config, name)!r}")
+
+
+def _check_names(field_name: str, names: list) -> None:
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{field_name} entries must be non-empty strings, got {name!r}")
+        # modules_to_save entries are regexes where PEFT keeps them out of the targets.
+        _check_regex(f"{field_name} entry", name)
+
+
+def _check_regex(what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {error}") from None
+
 
 @dataclass
 class LoRAConfig:
@@ -65,7 +122,8 @@ class LoRAConfig:
         modules_to_save: modules (names or suffixes) trained in full and saved.
         rank_pattern / alpha_pattern: ``{regex: value}`` overriding r / alpha
             for modules whose path ends with a match.
-        init_lora_weights: True, False, ``"gaussian"`` or ``"pissa"``.
+        init_lora_weights: True, False, ``"gaussian"`` or ``"pissa"`` (PEFT's
+            ``"pissa_niter_<n>"`` runs as exact PiSSA).
         fan_in_fan_out: weights stored ``[in, out]``; detected for Conv1D anyway.
         base_model_name_or_path, task_type: recorded in ``adapter_config.json``.
 
@@ -92,10 +150,14 @@ class LoRAConfig:
         validate_adapter_arguments(self.r, self.lora_alpha, self.lora_dropout)
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"bias must be one of {_BIAS_MODES}, got {self.bias!r}")
-        if self.init_lora_weights not in _INIT_CHOICES:
-            raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES}, "
-                             f"got {self.init_lora_weights!r}")
+        if self.init_lora_weights not in _INIT_CHOICES and not _is_pissa(self.init_lora_weights):
+            raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES} (or PEFT's "
+                             f"'pissa_niter_<n>'), got {self.init_lora_weights!r}")
         self.target_modules = normalized_target_modules(self.target_modules)
+        self.modules_to_save = normalized_modules_to_save(self.modules_to_save)
+        check_flags(self, "use_rslora", "fan_in_fan_out")
+        check_patterns("rank_pattern", self.rank_pattern)
+        check_patterns("alpha_pattern", self.alpha_pattern)
         for pattern, rank in self.rank_pattern.items():
             try:
                 validate_adapter_arguments(rank, 1, 0.0)
@@ -158,6 +220,8 @@ class LoRAConfig:
                                  "which lowrank_ext does not support")
         names = {f.name for f in dataclasses.fields(LoRAConfig)}
         kept = {k: v for k, v in values.items() if k in names}
+        if "init_lora_weights" in kept:
+            kept["init_lora_weights"] = init_for_loading(kept["init_lora_weights"])
         return LoRAConfig(**kept)
 
 
@@ -172,7 +236,8 @@ class QLoRAConfig(LoRAConfig):
         quantize_modules: which Linear/Conv1D layers to store in 4 bits:
             ``"all-linear"`` (default, as loading a model in 4-bit does; the
             output head stays dense) or a target spec like ``target_modules``;
-            adapted linear layers are always quantized.
+            adapted linear layers are quantized too, except those a Hugging Face
+            model keeps in full precision (``_keep_in_fp32_modules``).
     """
 
     blocksize: int = 64
@@ -189,6 +254,43 @@ class QLoRAConfig(LoRAConfig):
         if self.compute_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"compute_dtype must be None, float32, bfloat16 or float16, "
                              f"got {self.compute_dtype!r}")
+
+
+def _is_pissa(init) -> bool:
+    return init == "pissa" or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)
+                               is not None)
+
+
+def layer_init(init):
+    """The init a layer runs for a config's ``init_lora_weights``: PEFT's fast
+    ``pissa_niter_<n>`` (randomized SVD) runs as exact PiSSA."""
+    return "pissa" if _is_pissa(init) else init
+
+
+# Inits that rewrite the base weights in ways this library cannot rebuild.
+_BASE_REWRITING_INITS = ("olora", "corda", "eva", "loftq")
+
+
+def init_for_loading(init):
+    """A saved adapter's ``init_lora_weights`` as loading needs it.
+
+    The stored factors replace the initial ones, so an init that leaves the
+    base alone ("orthogonal") loads as a plain one; PiSSA (any variant) is
+    kept, its base rebuilt on load. Inits that rewrite the base otherwise
+    raise ``ValueError``.
+    """
+    if _is_pissa(init):
+        return "pissa"
+    if init in _INIT_CHOICES:
+        return init
+    if init == "orthogonal":
+        return True
+    if init in _BASE_REWRITING_INITS or isinstance(init, str):
+        raise ValueError(f"init_lora_weights={init!r}: this adapter was trained on a base that "
+                         "its init rewrote, which lowrank_ext cannot rebuild; convert it to a "
+                         "plain LoRA adapter in PEFT first (save_pretrained with "
+                         "path_initial_model_for_weight_conversion)")
+    raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES}, got {init!r}")
 
 
 def _pattern_value(patterns: dict, module_path: str, default):

@@ -18,9 +18,9 @@ from torch import nn
 from ..nn.lora import BASE_ROW
 from ..nn import (AdapterLayer, LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, NF4Linear,
                   QLoRALinear, is_transformers_conv1d)
-from .config import LoRAConfig, QLoRAConfig
+from .config import LoRAConfig, QLoRAConfig, layer_init
 from .modules_to_save import ModulesToSave
-from .targets import get_submodule_parent, match_targets
+from .targets import get_submodule_parent, match_modules_to_save, match_targets
 
 # Prefix PEFT puts in front of module paths in saved adapter files
 # (PeftModel.base_model -> LoraModel.model -> the user's model).
@@ -111,7 +111,7 @@ class AdapterModel(nn.Module):
         finally:
             self._leave_row_adapters(layers)
 
-    def _enter_row_adapters(self, adapter_names: Sequence[str]) -> list[AdapterLayer]:
+    def _enter_row_adapters(self, adapter_names: Sequence[str]) -> list[nn.Module]:
         """Checks the names and hands them to every adapter layer; returns the layers."""
         names = tuple(adapter_names)
         cached = self._row_layers()
@@ -144,16 +144,21 @@ class AdapterModel(nn.Module):
         return cached
 
     @staticmethod
-    def _leave_row_adapters(layers: list[AdapterLayer]) -> None:
+    def _leave_row_adapters(layers: list[nn.Module]) -> None:
         for layer in layers:
             layer.set_row_adapters(None)
 
-    def _row_layers(self) -> tuple[list[AdapterLayer], frozenset, list[str]]:
-        """(adapter layers, every adapter name they hold, kinds that cannot mix rows), remembered."""
+    def _row_layers(self) -> tuple[list[nn.Module], frozenset, list[str]]:
+        """(adapter layers and modules_to_save wrappers, every adapter name they hold,
+        kinds that cannot mix rows), remembered."""
         cached = self.__dict__.get("_row_layers_cache")
         if cached is None:
             layers = [layer for _, layer in self.adapter_layers()]
             known = frozenset(name for layer in layers for name in layer.adapter_names)
+            # modules_to_save copies take their rows too (their own names).
+            wrappers = [wrapper for _, wrapper in self._modules_to_save()]
+            known |= frozenset(name for wrapper in wrappers for name in wrapper.modules_to_save)
+            layers += wrappers
             unsupported = sorted({type(layer).__name__ for layer in layers
                                   if not getattr(layer, "supports_row_adapters", False)})
             cached = (layers, known, unsupported)
@@ -190,6 +195,9 @@ class AdapterModel(nn.Module):
     def _prepare_model(self, config, targets: list[str], replaced: list) -> None:
         """Hook run before layers are created (QLoRA quantizes here)."""
 
+    def _check_targets(self, targets: list[str], config) -> None:
+        """Hook run before the model changes: raise for targets the config cannot adapt."""
+
     def _replace(self, path: str, new: nn.Module, replaced: list) -> None:
         parent, name = get_submodule_parent(self.model, path)
         replaced.append((parent, name, getattr(parent, name)))
@@ -208,15 +216,25 @@ class AdapterModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
         config = self.config_class.from_kwargs(config, **kwargs)
-        self._inject(adapter_name, config)
+        self._add_adapter(adapter_name, config, strict=True)
+
+    def _add_adapter(self, adapter_name: str, config, strict: bool) -> None:
+        # strict: every target_modules / modules_to_save list entry must match
+        # (a user's typo is an error); loading a saved adapter is as lenient
+        # as PEFT (entries for other architectures are ignored, with a warning
+        # for target_modules).
+        self._inject(adapter_name, config, strict)
         self.peft_config[adapter_name] = config
         self.set_adapter(adapter_name)
 
-    def _inject(self, adapter_name: str, config) -> None:
+    def _inject(self, adapter_name: str, config, strict: bool = True) -> None:
         self._forget_row_layers()
-        targets = match_targets(self.model, config.target_modules)
-        save_paths = (match_targets(self.model, config.modules_to_save, "modules_to_save")
-                      if config.modules_to_save else [])
+        save_names = list(config.modules_to_save or [])
+        targets = match_targets(self.model, config.target_modules, require_all=strict,
+                                exclude=save_names)
+        self._check_targets(targets, config)
+        save_paths = (match_modules_to_save(self.model, save_names, require_all=strict)
+                      if save_names else [])
         replaced: list = []
         extended: list[AdapterLayer] = []
         trainable = {parameter: parameter.requires_grad for parameter in self.model.parameters()}
@@ -451,14 +469,30 @@ class AdapterModel(nn.Module):
 
         All keys and shapes are checked before anything is copied; a mismatch
         raises ``ValueError`` listing the missing, unexpected or misshapen keys.
+        Also accepted, as PEFT writes them: base weights of adapted embedding /
+        output layers (``...embed_tokens.base_layer.weight``, saved with
+        ``save_embedding_layers``) and the original module's tensors of a
+        ``modules_to_save`` entry (``...original_module.bias`` and
+        ``...modules_to_save.bias`` with ``bias="all"``); they are copied into
+        the base model (the copy's under its own key too).
         """
+        destinations = self._state_destinations(adapter_name, state)
+        with torch.no_grad():
+            for key, value in state.items():
+                destinations[key].copy_(value.to(destinations[key].dtype))
+
+    def _state_destinations(self, adapter_name: str,
+                            state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{key: the tensor it loads into}; raises ``ValueError`` if ``state`` does not fit."""
         expected = self.adapter_state_dict(adapter_name)
+        optional = self._optional_state(adapter_name)
         missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
+        unexpected = sorted(set(state) - set(expected) - set(optional))
+        destinations = {**optional, **expected}
         misshapen = [f"{key}: file {tuple(state[key].shape)}, model "
-                     f"{tuple(expected[key].shape)}"
-                     for key in sorted(set(state) & set(expected))
-                     if tuple(state[key].shape) != tuple(expected[key].shape)]
+                     f"{tuple(destinations[key].shape)}"
+                     for key in sorted(set(state) & set(destinations))
+                     if tuple(state[key].shape) != tuple(destinations[key].shape)]
         if missing or unexpected or misshapen:
             problems = []
             if missing:
@@ -469,9 +503,25 @@ class AdapterModel(nn.Module):
                 problems.append(f"shape mismatch {_first(misshapen)}")
             raise ValueError(f"adapter {adapter_name!r} does not fit this model: "
                              + "; ".join(problems))
-        with torch.no_grad():
-            for key, value in state.items():
-                expected[key].copy_(value.to(expected[key].dtype))
+        return destinations
+
+    def _optional_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Base-model tensors a PEFT adapter file may carry (see :meth:`load_adapter_state_dict`)."""
+        optional: dict[str, torch.Tensor] = {}
+        for path, layer in self.adapter_layers():
+            weight = getattr(layer.base_layer, "weight", None)
+            if (adapter_name in layer.adapter_names and isinstance(weight, torch.Tensor)
+                    and weight.is_floating_point()):
+                optional[f"{PEFT_KEY_PREFIX}{path}.base_layer.weight"] = weight
+        for path, wrapper in self._modules_to_save():
+            if adapter_name in wrapper.modules_to_save:
+                for key, value in wrapper.original_module.state_dict(keep_vars=True).items():
+                    optional[f"{PEFT_KEY_PREFIX}{path}.original_module.{key}"] = value
+                # With bias="all" PEFT also writes the copy's biases under this name.
+                copy = wrapper.modules_to_save[adapter_name]
+                for key, value in copy.state_dict(keep_vars=True).items():
+                    optional[f"{PEFT_KEY_PREFIX}{path}.modules_to_save.{key}"] = value
+        return optional
 
     def save_adapter(self, directory: str, adapter_name: Optional[str] = None) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's format.
@@ -521,7 +571,7 @@ class LoRAModule(AdapterModel):
     def _layer_options(self, path: str, adapter_name: str, config) -> dict[str, Any]:
         rank, alpha = config.rank_and_alpha(path)
         return dict(r=rank, alpha=alpha, dropout=config.lora_dropout,
-                    use_rslora=config.use_rslora, init=config.init_lora_weights,
+                    use_rslora=config.use_rslora, init=layer_init(config.init_lora_weights),
                     adapter_name=adapter_name)
 
     def _create_layer(self, module, path, adapter_name, config):
@@ -536,6 +586,16 @@ class LoRAModule(AdapterModel):
             return LoRAEmbedding(module, **options)
         raise ValueError(f"target module {path!r} is a {type(module).__name__}; LoRA supports "
                          "nn.Linear, Conv1D, nn.Conv1d/2d/3d, nn.Embedding and NF4Linear")
+
+    def _check_targets(self, targets, config):
+        # PiSSA rewrites base weights as it goes: refuse before the first one.
+        if layer_init(config.init_lora_weights) == "pissa":
+            for path in targets:
+                module = self.model.get_submodule(path)
+                base = module.base_layer if isinstance(module, AdapterLayer) else module
+                if not (type(base) is nn.Linear or is_transformers_conv1d(base)):
+                    raise ValueError(f"init_lora_weights='pissa' needs linear targets; "
+                                     f"{path!r} is a {type(base).__name__}")
 
     def _add_to_layer(self, layer, path, adapter_name, config):
         if not isinstance(layer, LoRALayer):
@@ -553,7 +613,10 @@ class QLoRAModule(LoRAModule):
     ``double_quant``, ``compute_dtype``, ``quantize_modules``). Every layer
     ``quantize_modules`` selects (default all Linear/Conv1D but the output
     head) becomes a frozen :class:`~lowrank_ext.nn.NF4Linear`; targeted ones
-    are wrapped in :class:`~lowrank_ext.nn.QLoRALinear`.
+    are wrapped in :class:`~lowrank_ext.nn.QLoRALinear`. Modules a Hugging
+    Face model lists in ``_keep_in_fp32_modules`` (T5's ``wo``) stay dense,
+    as transformers keeps them when loading in 4 bits; targeted, they get
+    plain LoRA.
 
     ``merge(keep_merged_weight=False)`` requantizes (reporting the error);
     ``keep_merged_weight=True`` keeps dense merged weights instead.
@@ -566,6 +629,14 @@ class QLoRAModule(LoRAModule):
         if config.quantize_modules is not None:
             quantize |= set(match_targets(self.model, config.quantize_modules,
                                           "quantize_modules", require_all=False))
+        # Layers a Hugging Face model keeps in full precision (T5's "wo") stay
+        # dense, as when the model is loaded in 4 bits: its code reads their
+        # weight dtype to cast activations.
+        keep = list(getattr(self.model, "_keep_in_fp32_modules", None) or []) + list(
+            getattr(self.model, "_keep_in_fp32_modules_strict", None) or [])
+        quantize = {path for path in quantize
+                    if not any(path == name or path.endswith("." + name)
+                               or name in path.split(".") for name in keep)}
         for path in sorted(quantize):
             module = self.model.get_submodule(path)
             if isinstance(module, nn.Linear) or is_transformers_conv1d(module):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Optional, Sequence
 
+import torch
 from torch import nn
 
 
@@ -52,8 +53,51 @@ class ModulesToSave(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
+    # Mixed-adapter batches (AdapterModel(..., adapter_names=[...])): row i of
+    # the first positional input goes through adapter names[i]'s copy (the
+    # original module for "__base__" or an adapter without a copy), as PEFT.
+    supports_row_adapters = True
+
+    def set_row_adapters(self, names: Optional[Sequence[str]]) -> None:
+        """Use adapter ``names[i]``'s copy for row ``i`` of the next inputs (None: back to normal)."""
+        self.__dict__["row_adapter_names"] = None if names is None else tuple(names)
+
     def forward(self, *args, **kwargs):
-        return self.active_module()(*args, **kwargs)
+        names = self.__dict__.get("row_adapter_names")
+        if names is None or self.disabled:
+            return self.active_module()(*args, **kwargs)
+        return self._row_forward(names, args, kwargs)
+
+    def _row_module(self, name: str) -> nn.Module:
+        return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+
+    def _row_forward(self, names: tuple[str, ...], args: tuple, kwargs: dict):
+        inputs = args[0] if args else None
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
+            raise NotImplementedError("per-row adapter_names on modules_to_save need the batch "
+                                      "as the module's first positional tensor argument")
+        if inputs.shape[0] != len(names):
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has "
+                             f"{inputs.shape[0]} rows")
+        groups: dict[int, list[int]] = {}
+        modules: dict[int, nn.Module] = {}
+        for row, name in enumerate(names):
+            module = self._row_module(name)
+            groups.setdefault(id(module), []).append(row)
+            modules[id(module)] = module
+        if len(groups) == 1:
+            return next(iter(modules.values()))(*args, **kwargs)
+        result = None
+        for key, rows in groups.items():
+            index = torch.tensor(rows, dtype=torch.int64, device=inputs.device)
+            output = modules[key](inputs.index_select(0, index), *args[1:], **kwargs)
+            if not isinstance(output, torch.Tensor):
+                raise NotImplementedError(f"per-row adapter_names on modules_to_save need a "
+                                          f"tensor output, got {type(output).__name__}")
+            if result is None:
+                result = output.new_empty((len(names),) + tuple(output.shape[1:]))
+            result = result.index_copy(0, index, output)
+        return result
 
     def __getattr__(self, name: str):
         try:

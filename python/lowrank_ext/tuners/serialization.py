@@ -12,14 +12,15 @@ import dataclasses
 import json
 import os
 import tempfile
+import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from .config import LoRAConfig
+from .config import LoRAConfig, layer_init
 from .model import AdapterModel, LoRAModule
-from .targets import ALL_LINEAR
+from .targets import ALL_LINEAR, match_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -157,9 +158,10 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     """
     config = read_adapter_config(directory)
     tensors = read_adapter_weights(directory)
-    # The stored values overwrite the initial ones; a plain init also keeps
-    # PiSSA-style inits from rewriting the base weights.
-    config = dataclasses.replace(config, init_lora_weights=True)
+    # The layers start plain; the stored values overwrite them. A PiSSA
+    # adapter's base is rebuilt (W minus its top-r SVD part, as PEFT does on
+    # load) once the file is known to fit.
+    pissa = layer_init(config.init_lora_weights) == "pissa"
     if isinstance(model, AdapterModel):
         wrapper = model
     else:
@@ -174,9 +176,12 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
                                          for field in dataclasses.fields(config)})
     previous = wrapper.active_adapter
     trainable = {parameter: parameter.requires_grad for parameter in wrapper.parameters()}
-    wrapper.add_adapter(adapter_name, config)
+    if pissa:
+        wrapper._check_targets(wrapper_targets(wrapper, config), config)
+    wrapper._add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=True),
+                         strict=False)
     try:
-        wrapper.load_adapter_state_dict(adapter_name, tensors)
+        destinations = wrapper._state_destinations(adapter_name, tensors)
     except BaseException:
         wrapper.delete_adapter(adapter_name)
         if previous is not None:
@@ -184,7 +189,23 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         for parameter, requires_grad in trainable.items():
             parameter.requires_grad_(requires_grad)
         raise
+    with torch.no_grad():
+        if pissa:
+            for _, layer in wrapper.adapter_layers():
+                if adapter_name in layer.adapter_names:
+                    layer._initialize(adapter_name, "pissa")
+        for key, value in tensors.items():
+            destinations[key].copy_(value.to(destinations[key].dtype))
+    wrapper.peft_config[adapter_name] = config
     if not is_trainable:
         for parameter in wrapper.parameters():
             parameter.requires_grad_(False)
     return wrapper
+
+
+def wrapper_targets(wrapper: AdapterModel, config) -> list[str]:
+    """The module paths ``config`` would adapt in ``wrapper``'s model (loading rules)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return match_targets(wrapper.model, config.target_modules, require_all=False,
+                             exclude=list(config.modules_to_save or []))

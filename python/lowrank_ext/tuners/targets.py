@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Iterator, Optional, Union
+import warnings
+from typing import Iterator, Optional, Sequence, Union
 
 from torch import nn
 
@@ -49,37 +50,45 @@ def _base_of(module: nn.Module) -> nn.Module:
 
 
 def match_targets(model: nn.Module, spec: TargetSpec, field_name: str = "target_modules",
-                  require_all: bool = True) -> list[str]:
+                  require_all: bool = True, exclude: Sequence[str] = ()) -> list[str]:
     """Paths of the modules ``spec`` selects, in model order.
 
     ``spec`` is a list (entries match a path exactly or as a ``.``-separated
     suffix), a regex string (full match on the path), or ``"all-linear"``
-    (None means the same).
+    (None means the same). Paths :func:`is_excluded` by ``exclude`` (the
+    config's ``modules_to_save``) are never selected, as in PEFT.
 
     Raises ``ValueError`` naming ``field_name`` when nothing matches, or (with
-    ``require_all``) when a list entry matches nothing.
+    ``require_all``) when a list entry matches nothing; without it, unmatched
+    list entries only warn.
     """
     head = output_head(model)
-    candidates = list(candidate_modules(model))
+    every = list(candidate_modules(model))
+    candidates = [(path, module) for path, module in every if not is_excluded(path, exclude)]
     if spec is None or spec == ALL_LINEAR:
         found = [path for path, module in candidates
                  if is_linear_like(_base_of(module)) and _base_of(module) is not head
                  and module is not head]
         if not found:
             raise ValueError(f"{field_name}='all-linear' found no Linear/Conv1D layer "
-                             "in the model (besides its output head)")
+                             "in the model (besides its output head and modules_to_save)")
         return found
     if isinstance(spec, str):
         found = [path for path, _ in candidates if re.fullmatch(spec, path)]
         if not found:
-            raise ValueError(f"{field_name} regex {spec!r} matches no module of the model")
+            raise ValueError(f"{field_name} regex {spec!r} matches no module of the model"
+                             + (" outside modules_to_save" if exclude else ""))
         return found
+    # An entry that names only modules_to_save modules is not unknown (PEFT
+    # accepts it and leaves those modules to modules_to_save).
+    kept = {path for path, _ in candidates}
     found = []
     used = set()
-    for path, _ in candidates:
+    for path, _ in every:
         for name in spec:
             if path == name or path.endswith("." + name):
-                found.append(path)
+                if path in kept:
+                    found.append(path)
                 used.add(name)
                 break
     unknown = [name for name in spec if name not in used]
@@ -87,7 +96,42 @@ def match_targets(model: nn.Module, spec: TargetSpec, field_name: str = "target_
         available = sorted({path.rsplit(".", 1)[-1] for path, module in candidates
                             if is_linear_like(_base_of(module))})
         raise ValueError(f"{field_name} entries {unknown or list(spec)} match no module of "
-                         f"the model; linear layer names it has: {available}")
+                         f"the model{' outside modules_to_save' if exclude else ''}; linear "
+                         f"layer names it has: {available}")
+    if unknown:
+        warnings.warn(f"{field_name} entries {unknown} match no module of the model; "
+                      "they are ignored", UserWarning, stacklevel=3)
+    return found
+
+
+def is_excluded(path: str, modules_to_save: Sequence[str]) -> bool:
+    """True when ``path`` is (inside) a module ``modules_to_save`` names: a whole
+    path component sequence matching an entry (PEFT's rule; entries are regexes)."""
+    return any(re.match(rf"(^|.*\.){name}($|\..*)", path) for name in modules_to_save)
+
+
+def match_modules_to_save(model: nn.Module, names: Sequence[str],
+                          require_all: bool = True) -> list[str]:
+    """Paths ``modules_to_save`` wraps: every module whose path ends with an
+    entry (PEFT's plain suffix rule, so ``"norm"`` also selects
+    ``input_layernorm``), outermost first; none inside an adapter layer.
+
+    Raises ``ValueError`` (only with ``require_all``) when an entry matches
+    nothing; otherwise, as PEFT, unmatched entries are ignored (PEFT's
+    classifier adapters list both ``classifier`` and ``score``).
+    """
+    found: list[str] = []
+    used = set()
+    for path, _ in candidate_modules(model):
+        if any(path.startswith(outer + ".") for outer in found):
+            continue
+        hits = [name for name in names if path.endswith(name)]
+        if hits:
+            found.append(path)
+            used.update(hits)
+    unknown = [name for name in names if name not in used]
+    if require_all and unknown:
+        raise ValueError(f"modules_to_save entries {unknown} match no module of the model")
     return found
 
 

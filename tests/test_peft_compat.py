@@ -1,0 +1,289 @@
+"""Model code and PEFT files that are common in the wild, against the real ``peft``.
+
+Each case was a disagreement with PEFT or a crash found by an independent
+check: adapter layers must look like the layer they replaced (``.weight``),
+PEFT's own files must load (classifier adapters, target lists naming other
+architectures, saved embedding bases, ``bias="all"``, PiSSA), and the rules
+that decide which modules are wrapped must equal PEFT's, so files move both
+ways. Comparisons are fp32 with ``rtol = atol = 1e-5`` on outputs of
+magnitude ~1 (the two libraries differ only in summation order).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_ext
+from lowrank_ext import LoRAModule, QLoRAModule, load_adapter
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+def bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=24, num_labels=3)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def t5():
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=24, num_layers=1,
+                                   num_heads=2, decoder_start_token_id=0)
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+IDS = torch.randint(1, 64, (3, 6), generator=torch.Generator().manual_seed(1))
+
+
+def randomize(model, std=0.3):
+    """Non-zero adapter factors and saved copies, so outputs depend on them."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+
+
+def peft_saved(tmp_path, model, **options):
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(**options))
+    randomize(wrapped)
+    wrapped.save_pretrained(str(tmp_path))
+    return wrapped
+
+
+# ------------------------------------------------------------ layer surface --
+
+
+def test_t5_reads_the_adapted_layers_weight():
+    # T5's feed-forward casts activations to self.wo.weight.dtype.
+    model = LoRAModule(t5(), target_modules="all-linear")
+    wo = model.model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert wo.weight is wo.base_layer.weight and wo.bias is None
+    logits = model(input_ids=IDS, decoder_input_ids=IDS).logits
+    assert logits.shape == (3, 6, 64) and torch.isfinite(logits).all()
+
+
+def test_qlora_keeps_hugging_face_fp32_modules_dense():
+    model = QLoRAModule(t5(), target_modules="all-linear")
+    feed_forward = model.model.encoder.block[0].layer[1].DenseReluDense
+    assert isinstance(feed_forward.wi.base_layer, lowrank_ext.nn.NF4Linear)
+    assert type(feed_forward.wo.base_layer) is nn.Linear  # T5's _keep_in_fp32_modules
+    assert torch.isfinite(model(input_ids=IDS, decoder_input_ids=IDS).logits).all()
+
+
+def test_conv_layer_exposes_weight():
+    model = LoRAModule(nn.Sequential(nn.Conv2d(3, 4, 3)), target_modules=["0"])
+    assert model.model[0].weight.dtype == torch.float32
+    assert model.model[0].weight is model.model[0].base_layer.weight
+
+
+# ------------------------------------------------------- PEFT files loading --
+
+
+def test_peft_sequence_classification_adapter_loads(tmp_path):
+    # PEFT's SEQ_CLS task writes modules_to_save=["classifier", "score"].
+    reference = peft_saved(tmp_path, bert(), task_type="SEQ_CLS",
+                           target_modules=["query", "value"])
+    assert "score" in json.loads((tmp_path / "adapter_config.json").read_text())[
+        "modules_to_save"]
+    ours = load_adapter(bert(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits,
+                                   reference(input_ids=IDS).logits, **TOLERANCE)
+
+
+def test_peft_target_list_with_entries_for_other_models_loads_with_warning(tmp_path):
+    reference = peft_saved(tmp_path, llama(), target_modules=["q_proj", "v_proj", "c_attn"])
+    with pytest.warns(UserWarning, match="c_attn"):
+        ours = load_adapter(llama(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits,
+                                   reference(input_ids=IDS).logits, **TOLERANCE)
+
+
+def test_user_config_with_unknown_target_still_raises():
+    with pytest.raises(ValueError, match="c_attn"):
+        LoRAModule(llama(), target_modules=["q_proj", "c_attn"])
+
+
+def test_peft_adapter_with_saved_embedding_base_loads(tmp_path):
+    # PEFT saves the base embedding (save_embedding_layers="auto"); loading
+    # copies it into the model, as PEFT does.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = peft_saved(tmp_path, llama(), target_modules=["embed_tokens", "q_proj"])
+    with torch.no_grad():
+        reference.base_model.model.model.embed_tokens.base_layer.weight.mul_(2.0)
+    reference.save_pretrained(str(tmp_path))
+    ours = load_adapter(llama(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits,
+                                   reference(input_ids=IDS).logits, **TOLERANCE)
+
+
+def test_peft_bias_all_with_modules_to_save_loads(tmp_path):
+    reference = peft_saved(tmp_path, bert(), target_modules=["query"], bias="all",
+                           modules_to_save=["classifier"])
+    ours = load_adapter(bert(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits,
+                                   reference(input_ids=IDS).logits, **TOLERANCE)
+
+
+@pytest.mark.parametrize("init, saved_as", [("orthogonal", "orthogonal"),
+                                             ("pissa", "pissa"), ("pissa", "pissa_niter_4")])
+def test_peft_inits_that_keep_or_rebuild_the_base_load(tmp_path, init, saved_as):
+    # PiSSA's base is rebuilt on load (W minus its top-r SVD part). PEFT's
+    # fast variant (randomized SVD) loads as exact PiSSA; to compare exactly,
+    # the adapter is trained from exact PiSSA and its config then says
+    # "pissa_niter_4" (a randomized SVD is not reproducible by anyone).
+    reference = peft.get_peft_model(llama(), peft.LoraConfig(
+        target_modules=["q_proj", "o_proj"], r=4, init_lora_weights=init))
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if "lora_" in name:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    reference.save_pretrained(str(tmp_path))
+    config_path = tmp_path / "adapter_config.json"
+    values = json.loads(config_path.read_text())
+    values["init_lora_weights"] = saved_as
+    config_path.write_text(json.dumps(values))
+    ours = load_adapter(llama(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits,
+                                   reference(input_ids=IDS).logits, **TOLERANCE)
+
+
+def test_base_rewriting_init_is_refused_with_a_way_out(tmp_path):
+    model = LoRAModule(llama(), target_modules=["q_proj"])
+    model.save_adapter(str(tmp_path))
+    config_path = tmp_path / "adapter_config.json"
+    values = json.loads(config_path.read_text())
+    values["init_lora_weights"] = "olora"
+    config_path.write_text(json.dumps(values))
+    with pytest.raises(ValueError, match="plain LoRA adapter in PEFT"):
+        load_adapter(llama(), str(tmp_path))
+
+
+def test_pissa_adapter_reloads_with_its_residual_base(tmp_path):
+    model = LoRAModule(llama(), target_modules=["q_proj", "o_proj"], r=4,
+                       init_lora_weights="pissa")
+    randomize(model, 0.05)
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    model.save_adapter(str(tmp_path))
+    with torch.no_grad():
+        ours = load_adapter(llama(), str(tmp_path))(input_ids=IDS).logits
+        theirs = peft.PeftModel.from_pretrained(llama(), str(tmp_path))(input_ids=IDS).logits
+    torch.testing.assert_close(ours, expected, **TOLERANCE)
+    torch.testing.assert_close(theirs, expected, **TOLERANCE)
+
+
+def test_pissa_on_a_non_linear_target_fails_before_touching_the_base():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Embedding(10, 8))
+    before = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="pissa"):
+        LoRAModule(model, target_modules=["0", "1"], init_lora_weights="pissa")
+    assert torch.equal(model[0].weight, before)
+
+
+# ------------------------------------------------- which modules are wrapped --
+
+
+def test_modules_to_save_follow_peft_suffix_rule_both_ways(tmp_path):
+    # PEFT wraps every module whose name *ends with* an entry: "norm" also
+    # selects input_layernorm and post_attention_layernorm.
+    ours = LoRAModule(llama(), target_modules=["q_proj"], modules_to_save=["norm"])
+    theirs = peft.get_peft_model(llama(), peft.LoraConfig(target_modules=["q_proj"],
+                                                          modules_to_save=["norm"]))
+    wrapped = sorted(name for name, module in ours.model.named_modules()
+                     if type(module).__name__ == "ModulesToSave")
+    assert wrapped == sorted(name for name, module in theirs.base_model.model.named_modules()
+                             if type(module).__name__ == "ModulesToSaveWrapper")
+    randomize(ours)
+    ours.save_adapter(str(tmp_path / "ours"))
+    loaded = peft.PeftModel.from_pretrained(llama(), str(tmp_path / "ours"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, ours(input_ids=IDS).logits,
+                                   **TOLERANCE)
+
+
+@pytest.mark.parametrize("targets", [["query", "classifier"], "all-linear"])
+def test_modules_to_save_are_not_targeted_and_save(tmp_path, targets):
+    ours = LoRAModule(bert(), target_modules=targets, modules_to_save=["classifier"])
+    assert type(ours.model.classifier.original_module) is nn.Linear
+    randomize(ours)
+    ours.save_adapter(str(tmp_path))
+    loaded = peft.PeftModel.from_pretrained(bert(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, ours(input_ids=IDS).logits,
+                                   **TOLERANCE)
+
+
+# ----------------------------------------------------- mixed-adapter batches --
+
+
+def test_mixed_batch_uses_each_rows_modules_to_save_copy():
+    model = LoRAModule(bert(), adapter_name="a", target_modules=["query"],
+                       modules_to_save=["classifier"])
+    model.add_adapter("b", target_modules=["query"], modules_to_save=["classifier"])
+    randomize(model)
+    names = ["b", "a", "__base__"]
+    with torch.no_grad():
+        mixed = model(input_ids=IDS, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    single = model(input_ids=IDS[row:row + 1]).logits
+            else:
+                model.set_adapter(name)
+                single = model(input_ids=IDS[row:row + 1]).logits
+            torch.testing.assert_close(mixed[row:row + 1], single, **TOLERANCE)
+
+
+# -------------------------------------------------------- config validation --
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(target_modules="("), "target_modules"),
+    (dict(target_modules=["0"], rank_pattern={"[": 2}), "rank_pattern"),
+    (dict(target_modules=["0"], alpha_pattern={"(": 2.0}), "alpha_pattern"),
+    (dict(target_modules=["0"], use_rslora="yes"), "use_rslora"),
+    (dict(target_modules=["0", 3]), "target_modules"),
+    (dict(target_modules=["0"], modules_to_save=[None]), "modules_to_save"),
+])
+def test_bad_field_values_name_the_field(options, message):
+    with pytest.raises(ValueError, match=message):
+        LoRAModule(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), **options)
+
+
+def test_field_spellings_peft_accepts(tmp_path):
+    model = LoRAModule(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)),
+                       target_modules="ALL-LINEAR", modules_to_save="1")
+    config = model.peft_config["default"]
+    assert config.target_modules == "all-linear" and config.modules_to_save == ["1"]
+    model.save_adapter(str(tmp_path))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["1"]
+
+
+def test_adalora_names_init_r():
+    with pytest.raises(ValueError, match="init_r"):
+        lowrank_ext.AdaLoRAModule(nn.Sequential(nn.Linear(4, 4)), target_modules=["0"],
+                                  init_r=0, total_step=10)
