@@ -227,6 +227,83 @@ def test_from_state_dict_rejects_inconsistent_tensors(generator):
         NF4Weight.from_state_dict(corrupt)
 
 
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_bitsandbytes_quant_storage_checkpoint_loads_into_the_layers(generator, storage):
+    # FSDP-QLoRA checkpoints store the codes as a float dtype (quant_storage);
+    # the layers must load them as NF4Weight does, bit for bit.
+    from lowrank_ext.nn import NF4Linear, QLoRALinear
+
+    dense = torch.randn(40, 96, generator=generator)
+    quantized = bnb.nn.Linear4bit(96, 40, quant_type="nf4", compute_dtype=torch.float32,
+                                  quant_storage=storage)
+    quantized.weight = bnb.nn.Params4bit(dense, requires_grad=False, quant_type="nf4",
+                                         quant_storage=storage, module=quantized)._quantize("cpu")
+    state = quantized.state_dict()
+    assert state["weight"].dtype == storage
+    expected = NF4Weight.from_state_dict(state).dequantize(torch.float32)
+    layer = NF4Linear.from_linear(torch.nn.Linear(96, 40))
+    layer.load_state_dict(state)
+    assert torch.equal(layer.dequantize(torch.float32), expected)
+    wrapped = QLoRALinear(NF4Linear.from_linear(torch.nn.Linear(96, 40)), r=4)
+    wrapped.base_layer.load_state_dict(state)
+    assert torch.equal(wrapped.base_layer.dequantize(torch.float32), expected)
+
+
+def test_bitsandbytes_scales_stored_in_bf16_load(generator):
+    # After a CPU forward bitsandbytes may keep plain (not double-quantized)
+    # scales in the compute dtype; they widen to fp32 exactly.
+    weight = NF4Weight.from_float(torch.randn(8, 64, generator=generator), double_quant=False)
+    state = weight.state_dict()
+    state["weight.absmax"] = state["weight.absmax"].bfloat16()
+    reloaded = NF4Weight.from_state_dict(state)
+    assert reloaded.absmax.dtype == torch.float32
+    assert torch.equal(reloaded.absmax, weight.absmax.bfloat16().float())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda fields: fields.update(blocksize=0), "blocksize"),
+    (lambda fields: fields.update(blocksize=64.5), "blocksize"),
+    (lambda fields: fields.update(shape=None), "shape"),
+    (lambda fields: fields.update(nested_offset=None), "nested_offset"),
+    (lambda fields: [fields], "JSON object"),
+])
+def test_malformed_quant_state_raises_value_error(generator, edit, message):
+    state = NF4Weight.from_float(torch.randn(8, 64, generator=generator)).state_dict()
+    key = "weight.quant_state.bitsandbytes__nf4"
+    fields = json.loads(bytes(state[key].tolist()))
+    edited = edit(fields)
+    encoded = json.dumps(fields if edited is None else edited).encode()
+    state[key] = torch.tensor(list(encoded), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=message):
+        NF4Weight.from_state_dict(state)
+
+
+def test_double_quant_of_weights_near_the_float32_limit_raises_value_error():
+    weight = torch.full((512,), 3e38)
+    with pytest.raises(ValueError, match="double_quant=False"):
+        NF4Weight.from_float(weight, blocksize=64)
+    single = NF4Weight.from_float(weight, blocksize=64, double_quant=False)
+    assert torch.isfinite(single.dequantize()).all()
+
+
+def test_meta_tensor_mixed_with_real_ones_raises(generator):
+    # Any meta argument dispatches to the fake kernel; with the others real it
+    # must refuse rather than return an uninitialized real tensor.
+    weight = NF4Weight.from_float(torch.randn(8, 64, generator=generator), double_quant=False)
+    x = torch.randn(2, 64, generator=generator)
+    with pytest.raises(RuntimeError, match="bias on the meta device"):
+        ops.nf4_linear(x, *weight.linear_args(), bias=torch.zeros(8, device="meta"))
+    with pytest.raises(RuntimeError, match="absmax on the meta device"):
+        ops.nf4_dequantize(weight.packed, weight.absmax.to("meta"), [8, 64], 64)
+    lora_A, lora_B = torch.zeros(2, 64), torch.zeros(8, 2, device="meta")
+    with pytest.raises(RuntimeError, match="lora_B on the meta device"):
+        ops.qlora_linear(x, *weight.linear_args(), None, lora_A, lora_B, 1.0)
+    # All on meta: shapes only, as torch's own ops.
+    meta_args = [arg.to("meta") if isinstance(arg, torch.Tensor) else arg
+                 for arg in weight.linear_args()]
+    assert ops.nf4_linear(x.to("meta"), *meta_args).shape == (2, 8)
+
+
 # --------------------------------------------------------- torch integration
 
 

@@ -15,6 +15,8 @@ NF4 weight arguments always come as one group (see :class:`lowrank_ext.NF4Weight
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -330,9 +332,37 @@ def stack_lora_factors(
 
 
 # ------------------------------------------------------------- fake kernels --
+#
+# A fake kernel also runs, as the Meta kernel, whenever any argument is on the
+# meta device; with the others on a real device it would hand back an
+# uninitialized real tensor. Every fake kernel therefore refuses such a mix.
 
 
-@torch.library.register_fake("lowrank_ext::nf4_quantize")
+def _register_fake(name: str):
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def checked(*args, **kwargs):
+            devices = {}
+            for argument, value in signature.bind(*args, **kwargs).arguments.items():
+                # dropout's seed is a CPU tensor whatever the input's device.
+                if isinstance(value, torch.Tensor) and argument != "seed":
+                    devices[argument] = value.device
+            meta = [argument for argument, device in devices.items() if device.type == "meta"]
+            if meta and len(meta) != len(devices):
+                others = {argument: str(device) for argument, device in devices.items()
+                          if device.type != "meta"}
+                raise RuntimeError(f"{name}: {', '.join(meta)} on the meta device but "
+                                   f"{others}: all tensors must be on one device")
+            return function(*args, **kwargs)
+
+        return torch.library.register_fake(f"lowrank_ext::{name}")(checked)
+
+    return decorate
+
+
+@_register_fake("nf4_quantize")
 def _nf4_quantize_fake(input, blocksize):
     numel = input.numel()
     torch._check(numel > 0, lambda: "nf4_quantize: input must not be empty")
@@ -341,19 +371,19 @@ def _nf4_quantize_fake(input, blocksize):
     return packed, absmax
 
 
-@torch.library.register_fake("lowrank_ext::nf4_dequantize")
+@_register_fake("nf4_dequantize")
 def _nf4_dequantize_fake(packed, absmax, shape, blocksize, dtype):
     return packed.new_empty(shape, dtype=dtype)
 
 
-@torch.library.register_fake("lowrank_ext::quantize_blockwise_8bit")
+@_register_fake("quantize_blockwise_8bit")
 def _quantize_blockwise_8bit_fake(input, code, blocksize):
     codes = torch.empty_like(input, dtype=torch.uint8)
     absmax = input.new_empty((_num_blocks(input.numel(), blocksize),), dtype=torch.float32)
     return codes, absmax
 
 
-@torch.library.register_fake("lowrank_ext::dequantize_blockwise_8bit")
+@_register_fake("dequantize_blockwise_8bit")
 def _dequantize_blockwise_8bit_fake(codes, absmax, code, blocksize):
     return torch.empty_like(codes, dtype=torch.float32)
 
@@ -362,19 +392,19 @@ def _linear_out_fake(input, out_features):
     return input.new_empty((*input.shape[:-1], out_features))
 
 
-@torch.library.register_fake("lowrank_ext::nf4_linear")
+@_register_fake("nf4_linear")
 def _nf4_linear_fake(input, packed, absmax, nested_absmax, nested_code, offset,
                      out_features, in_features, blocksize, bias):
     return _linear_out_fake(input, out_features)
 
 
-@torch.library.register_fake("lowrank_ext::nf4_linear_grad_input")
+@_register_fake("nf4_linear_grad_input")
 def _nf4_linear_grad_input_fake(grad_output, packed, absmax, nested_absmax, nested_code,
                                 offset, out_features, in_features, blocksize):
     return _linear_out_fake(grad_output, in_features)
 
 
-@torch.library.register_fake("lowrank_ext::lora_linear")
+@_register_fake("lora_linear")
 def _lora_linear_fake(input, lora_input, weight, bias, lora_A, lora_B, scaling):
     return _linear_out_fake(input, weight.shape[0])
 
@@ -387,31 +417,31 @@ def _lora_backward_fake(input, lora_input, lora_A, lora_B):
             torch.empty_like(lora_B))
 
 
-@torch.library.register_fake("lowrank_ext::lora_linear_backward")
+@_register_fake("lora_linear_backward")
 def _lora_linear_backward_fake(grad_output, input, lora_input, weight, lora_A, lora_B, scaling):
     return _lora_backward_fake(input, lora_input, lora_A, lora_B)
 
 
-@torch.library.register_fake("lowrank_ext::qlora_linear")
+@_register_fake("qlora_linear")
 def _qlora_linear_fake(input, lora_input, packed, absmax, nested_absmax, nested_code, offset,
                        out_features, in_features, blocksize, bias, lora_A, lora_B, scaling):
     return _linear_out_fake(input, out_features)
 
 
-@torch.library.register_fake("lowrank_ext::qlora_linear_backward")
+@_register_fake("qlora_linear_backward")
 def _qlora_linear_backward_fake(grad_output, input, lora_input, packed, absmax, nested_absmax,
                                 nested_code, offset, out_features, in_features, blocksize,
                                 lora_A, lora_B, scaling):
     return _lora_backward_fake(input, lora_input, lora_A, lora_B)
 
 
-@torch.library.register_fake("lowrank_ext::multi_lora_linear")
+@_register_fake("multi_lora_linear")
 def _multi_lora_linear_fake(input, base_output, lora_A, lora_B, ranks, scalings,
                             adapter_indices):
     return torch.empty_like(base_output, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("lowrank_ext::multi_lora_linear_backward")
+@_register_fake("multi_lora_linear_backward")
 def _multi_lora_linear_backward_fake(grad_output, input, lora_A, lora_B, ranks, scalings,
                                      adapter_indices):
     return (torch.empty_like(input, memory_format=torch.contiguous_format),
@@ -419,7 +449,7 @@ def _multi_lora_linear_backward_fake(grad_output, input, lora_A, lora_B, ranks, 
             torch.empty_like(lora_B, memory_format=torch.contiguous_format))
 
 
-@torch.library.register_fake("lowrank_ext::dropout")
+@_register_fake("dropout")
 def _dropout_fake(input, p, seed):
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 

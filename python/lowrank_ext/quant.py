@@ -53,6 +53,23 @@ def dynamic_map(device=None) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
+def _check_state_fields(state: dict, state_key: str) -> None:
+    """Raise ``ValueError`` naming the field unless the quant state's fields have usable types."""
+    shape = state.get("shape")
+    if not isinstance(shape, list) or not all(
+            isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape):
+        raise ValueError(f"{state_key}: shape must be a list of sizes, got {shape!r}")
+    blocksize = state.get("blocksize")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 32 \
+            or blocksize > 4096 or blocksize & (blocksize - 1):
+        raise ValueError(f"{state_key}: blocksize must be a power of two in [32, 4096], "
+                         f"got {blocksize!r}")
+    for name in ("nested_offset", "nested_blocksize"):
+        value = state.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{state_key}: {name} must be a number, got {value!r}")
+
+
 @dataclass
 class NF4Weight:
     """A tensor stored in NF4 with per-block scales.
@@ -108,6 +125,11 @@ class NF4Weight:
 
     def _compress_absmax(self) -> None:
         offset = self.absmax.mean()
+        if not torch.isfinite(offset):
+            # Finite weights near the fp32 limit: the mean of the block scales
+            # overflows (bitsandbytes would store an infinite offset).
+            raise ValueError("weights too large for double quantization: the mean block scale "
+                             "overflows float32; quantize with double_quant=False")
         code = dynamic_map(self.absmax.device)
         codes, nested_absmax = ops.quantize_blockwise_8bit(self.absmax - offset, code,
                                                            NESTED_BLOCKSIZE)
@@ -189,8 +211,11 @@ class NF4Weight:
             raise KeyError(f"NF4 state dict lacks {missing}")
         try:
             state = json.loads(bytes(state_dict[state_key].cpu().tolist()).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as error:
+        except (ValueError, UnicodeDecodeError, TypeError) as error:
             raise ValueError(f"{state_key} is not valid JSON: {error}") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{state_key} must hold a JSON object, got {type(state).__name__}")
+        _check_state_fields(state, state_key)
         if state.get("quant_type") != "nf4":
             raise ValueError(f"{state_key}: quant_type must be 'nf4', got {state.get('quant_type')!r}")
         if state.get("dtype") not in _DTYPES_BY_NAME:
@@ -203,7 +228,12 @@ class NF4Weight:
             packed = packed.view(torch.uint8)  # bitsandbytes' quant_storage may be a float type
         shape = torch.Size(state["shape"])
         blocksize = int(state["blocksize"])
-        weight = cls(packed=packed.reshape(-1), absmax=state_dict[f"{prefix}.absmax"], shape=shape,
+        absmax = state_dict[f"{prefix}.absmax"]
+        if "nested_offset" not in state and absmax.dtype in (torch.bfloat16, torch.float16):
+            # bitsandbytes' CPU inference path stores its scales in the compute
+            # dtype after a forward; they widen to fp32 exactly.
+            absmax = absmax.float()
+        weight = cls(packed=packed.reshape(-1), absmax=absmax, shape=shape,
                      dtype=_DTYPES_BY_NAME[state["dtype"]], blocksize=blocksize)
         if "nested_offset" in state:
             nested_keys = [f"{prefix}.nested_absmax", f"{prefix}.nested_quant_map"]

@@ -156,9 +156,14 @@ class NF4Linear(nn.Module):
             try:
                 weight = NF4Weight.from_state_dict(state_dict, prefix + "weight")
                 self.set_quantized_weight(weight)
-            except (KeyError, ValueError) as error:
+            except (KeyError, ValueError, RuntimeError) as error:
                 error_msgs.append(f"{prefix}weight: {error}")
                 return
+            # The codes are in; the generic copy below must not see the file's
+            # tensor, which bitsandbytes may store as another dtype
+            # (quant_storage=bf16 for FSDP, a different shape).
+            state_dict = dict(state_dict)
+            state_dict[prefix + "weight"] = self.weight
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         # torch reads dotted keys as submodule state; these belong to ``weight``.
