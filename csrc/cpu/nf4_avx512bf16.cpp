@@ -84,6 +84,28 @@ inline void dot64(const std::uint8_t* bytes, const Bf16Codebook& codebook,
   }
 }
 
+// blocksize 64: the block starting at flat element i (a multiple of 64),
+// scaled, added to `total`.
+template <int Rows>
+inline void block64(const std::uint8_t* packed, const Bf16Codebook& codebook,
+                    const std::uint16_t* const* activations, const BlockScales& scales,
+                    __m512 offset, std::int64_t i, std::int64_t row_begin, __m512* total) {
+  const std::uint8_t* bytes = packed + i / 2;
+  _mm_prefetch(reinterpret_cast<const char*>(bytes) + 1024, _MM_HINT_T0);
+  __m512i first;
+  __m512i second;
+  decode64(bytes, codebook, first, second);
+  const __m512 scale = block_scale16(scales, i / 64, offset);
+  for (int r = 0; r < Rows; ++r) {
+    const std::uint16_t* x = activations[r] + (i - row_begin);
+    __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), reinterpret_cast<__m512bh>(first),
+                                  reinterpret_cast<__m512bh>(_mm512_loadu_si512(x)));
+    dot = _mm512_dpbf16_ps(dot, reinterpret_cast<__m512bh>(second),
+                           reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + 32)));
+    total[r] = _mm512_fmadd_ps(dot, scale, total[r]);
+  }
+}
+
 // GEMV over outputs [out_begin, out_end) for activation rows
 // [first_row, first_row + Rows). Every weight row starts on a multiple of 64
 // flat elements (in_features % 64 == 0), so block boundaries, at multiples
@@ -121,6 +143,24 @@ void gemv_rows(const GemvBf16Input& input, std::int64_t first_row, const std::ui
           total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc_first[r], acc_second[r]), scale, total[r]);
         }
       }
+    } else if (blocksize == 64) {
+      // One 64-weight step is one whole block: a single dot-product chain per
+      // step, scaled once (measured 1.2x faster than the general path below
+      // at batch one). Two steps per iteration fold into separate totals: one
+      // chain of dependent FMAs would bound the loop at one block per FMA
+      // latency.
+      __m512 total_odd[Rows];
+      for (int r = 0; r < Rows; ++r) total_odd[r] = _mm512_setzero_ps();
+      std::int64_t i = row_begin;
+      for (; i + 2 * kGemvBf16Group <= row_end; i += 2 * kGemvBf16Group) {
+        block64<Rows>(packed, codebook, activations, scales, offset, i, row_begin, total);
+        block64<Rows>(packed, codebook, activations, scales, offset, i + kGemvBf16Group,
+                      row_begin, total_odd);
+      }
+      if (i < row_end) {
+        block64<Rows>(packed, codebook, activations, scales, offset, i, row_begin, total);
+      }
+      for (int r = 0; r < Rows; ++r) total[r] = _mm512_add_ps(total[r], total_odd[r]);
     } else {
       tail::for_each_block_segment(
           row_begin, row_end, blocksize, [&](std::int64_t begin, std::int64_t end, std::int64_t block) {
