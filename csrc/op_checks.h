@@ -107,11 +107,19 @@ inline void check_bias(const char* op, const std::optional<at::Tensor>& bias,
 }
 
 // lora_A [r, in], lora_B [out, r], both of input's dtype and device.
+// lora_A / lora_B share input's dtype, or are both float32 with a bfloat16
+// or float16 input: the low-rank term is then computed in float32 (the
+// factors as trained, no per-call cast; see add_lora_term).
 inline void check_lora_factors(const char* op, const at::Tensor& input, const at::Tensor& lora_A,
                                const at::Tensor& lora_B, int64_t out_features,
                                int64_t in_features) {
-  check_dtype(op, "lora_A", lora_A, input.scalar_type());
-  check_dtype(op, "lora_B", lora_B, input.scalar_type());
+  const bool reduced = input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf;
+  const at::ScalarType factors =
+      reduced && lora_A.scalar_type() == at::kFloat ? at::kFloat : input.scalar_type();
+  TORCH_CHECK(lora_A.scalar_type() == factors, op, ": lora_A must be ", input.scalar_type(),
+              reduced ? " (input's dtype) or float32" : " (input's dtype)", ", got ",
+              lora_A.scalar_type());
+  check_dtype(op, "lora_B", lora_B, factors);
   check_same_device(op, "lora_A", lora_A, input, "input");
   check_same_device(op, "lora_B", lora_B, input, "input");
   TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == in_features, op,

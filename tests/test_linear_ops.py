@@ -45,6 +45,9 @@ CASES = [
     ((2, 23), 70, 130, 64, True, True),
     ((1,), 33, 129, 4096, False, True),
     ((2,), 5, 2100, 64, True, True),
+    # An odd number of 64-blocks per row (the bf16 GEMV's blocksize-64 path
+    # pairs blocks), plain scales.
+    ((3,), 24, 192, 64, False, True),
 ]
 
 
@@ -291,6 +294,63 @@ def test_each_gradient_alone_matches_dense_autograd(op, double_quant, with_bias,
                                        atol=1e-5, msg=lambda m: f"{op} d{wanted_name}: {m}")
 
 
+@pytest.mark.parametrize("op", ["lora_linear", "qlora_linear"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_lora_input", [False, True], ids=["x", "lora_input"])
+def test_float32_factors_with_reduced_precision_input(op, dtype, with_lora_input):
+    # The decoding path: fp32 factors with a bf16/fp16 input; the low-rank
+    # term is computed in fp32 and rounded once into the output, and the
+    # factors' gradients come back in fp32. Reference: float64 autograd.
+    # Output bound: the base product as the module docstring's (2 u + K 2^-24)
+    # S, plus one more u S for the term's final rounding; gradients of x
+    # (rounded to dtype): the same with the reduction over out = 21; factor
+    # gradients are fp32 sums of dtype-exact products: rtol 1e-5.
+    weight = make_weight(21, 64, 32, True, seed=50)
+    dense = weight.dequantize(torch.float32).to(dtype)
+    x = random((3, 64), dtype, seed=51).requires_grad_()
+    lora_input = random((3, 64), dtype, seed=52).requires_grad_() if with_lora_input else None
+    lora_A, lora_B = lora_factors(4, 21, 64, torch.float32, seed=53)
+    lora_A.requires_grad_()
+    lora_B.requires_grad_()
+    if op == "lora_linear":
+        y = ops.lora_linear(x, dense, None, lora_A, lora_B, 0.5, lora_input=lora_input)
+    else:
+        y = ops.qlora_linear(x, *weight.linear_args(), None, lora_A, lora_B, 0.5,
+                             lora_input=lora_input)
+    assert y.dtype == dtype
+    grad_output = random(y.shape, dtype, seed=54)
+    y.backward(grad_output)
+    assert lora_A.grad.dtype == torch.float32 and lora_B.grad.dtype == torch.float32
+
+    base64 = dense.double()
+    leaves = [t.detach().double().requires_grad_() for t in (x, lora_A, lora_B)]
+    x64, a64, b64 = leaves
+    branch64 = x64 if lora_input is None else lora_input.detach().double().requires_grad_()
+    y64 = x64 @ base64.T + 0.5 * (branch64 @ a64.T) @ b64.T
+    y64.backward(grad_output.double())
+    magnitude = (x64.abs() @ base64.abs().T
+                 + 0.5 * (branch64.abs() @ a64.abs().T) @ b64.abs().T).detach()
+    assert_within_bound(y, y64.detach(), 1.5 * magnitude, dtype, 64)
+    torch.testing.assert_close(lora_A.grad.double(), a64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lora_B.grad.double(), b64.grad, rtol=1e-5, atol=1e-6)
+    grad_magnitude = grad_output.double().abs() @ base64.abs()
+    if lora_input is None:
+        grad_magnitude = grad_magnitude + 0.5 * (grad_output.double().abs() @ b64.abs()) @ a64.abs()
+    assert_within_bound(x.grad, x64.grad, 1.5 * grad_magnitude.detach(), dtype, 21)
+
+
+def test_factor_dtype_is_checked():
+    x = random((3, 64), torch.bfloat16, seed=55)
+    dense = random((21, 64), torch.bfloat16, seed=56)
+    lora_A, lora_B = lora_factors(4, 21, 64, torch.float16, seed=57)
+    with pytest.raises(RuntimeError, match="lora_A must be BFloat16 \\(input's dtype\\) or float32"):
+        ops.lora_linear(x, dense, None, lora_A, lora_B, 0.5)
+    with pytest.raises(RuntimeError, match="lora_B must be Float"):
+        ops.lora_linear(x, dense, None, lora_A.float(), lora_B, 0.5)
+    with pytest.raises(RuntimeError, match="lora_A must be Float \\(input's dtype\\)"):
+        ops.lora_linear(x.float(), dense.float(), None, lora_A.double(), lora_B.double(), 0.5)
+
+
 def test_no_autograd_node_when_nothing_needs_a_gradient():
     weight = make_weight(21, 67, 32, True, seed=46)
     x = random((3, 67), torch.float32, seed=47).requires_grad_()
@@ -357,6 +417,19 @@ def test_opcheck_lora_linear_and_backward(with_lora_input):
     torch.library.opcheck(torch.ops.lowrank_ext.lora_linear_backward,
                           (grad_output, x.detach(), None if lora_input is None else lora_input.detach(),
                            dense, lora_A.detach(), lora_B.detach(), 0.5))
+
+
+def test_opcheck_float32_factors_with_bf16_input():
+    weight = opcheck_weight()
+    x = random((2, 45), torch.bfloat16, seed=58).requires_grad_()
+    lora_A, lora_B = lora_factors(4, 19, 45, torch.float32, seed=59)
+    lora_A.requires_grad_()
+    lora_B.requires_grad_()
+    dense = weight.dequantize(torch.bfloat16)
+    torch.library.opcheck(torch.ops.lowrank_ext.lora_linear,
+                          (x, None, dense, None, lora_A, lora_B, 0.5))
+    torch.library.opcheck(torch.ops.lowrank_ext.qlora_linear,
+                          (x, None, *weight.linear_args(), None, lora_A, lora_B, 0.5))
 
 
 @pytest.mark.parametrize("with_lora_input", [False, True])

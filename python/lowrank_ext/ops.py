@@ -129,10 +129,15 @@ def nf4_linear(
     Returns ``[..., out_features]`` in input's dtype; products are summed in
     fp32. On CPU, few rows (up to 16 for float32/float16, 6 for bfloat16)
     take a fused GEMV that reads the 4-bit weight directly with the exact
-    fp32 dequantized values; more rows dequantize panels of W into input's
-    dtype (float32 for float16 input) and multiply them with ATen's GEMM, so
-    there the weight is rounded to bfloat16 for bfloat16 input, as a dense
-    bfloat16 layer would hold it.
+    fp32 dequantized values, except on CPUs with AVX512-BF16 for bfloat16
+    input with ``in_features % 64 == 0``: that GEMV multiplies the bfloat16
+    activations by the NF4 codebook rounded to bfloat16 (relative error up
+    to 2^-9 per weight, within the output's bfloat16 rounding; products
+    below fp32's normal range count as zero), then applies the fp32 block
+    scales. More rows dequantize panels of W into input's dtype (float32 for
+    float16 input) and multiply them with ATen's GEMM, so there the weight
+    is rounded to bfloat16 for bfloat16 input, as a dense bfloat16 layer
+    would hold it.
 
     Differentiable with respect to ``input`` and ``bias`` (W is frozen).
     Raises ``RuntimeError`` naming the argument for wrong shapes, dtypes,
@@ -189,7 +194,10 @@ def lora_linear(
         scaling: the adapter scale (alpha / r, or alpha / sqrt(r) for rsLoRA).
         lora_input: the adapter branch's input (``dropout(input)``), or None to
             use ``input`` itself (no dropout: no extra cost).
-    All tensors share input's dtype and device.
+    All tensors share input's device and dtype, except that with a bfloat16
+    or float16 input both factors may be float32: the low-rank term is then
+    computed in float32 and rounded once into the output (gradients of the
+    factors come back in float32).
     """
     return _ops.lora_linear(input, lora_input, weight, bias, lora_A, lora_B, float(scaling))
 

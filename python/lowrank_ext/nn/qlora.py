@@ -102,9 +102,8 @@ class QLoRALinear(LoRALayer):
         else:
             first = active.pop(0)
             result = ops.qlora_linear(
-                inputs, *base.linear_args(), bias, self.lora_A[first].weight.to(dtype),
-                self.lora_B[first].weight.to(dtype), self.scaling[first],
-                self._lora_input(inputs, first))
+                inputs, *base.linear_args(), bias, *self._op_factors(first, inputs, dtype),
+                self.scaling[first], self._lora_input(inputs, first))
         for name in active:
             branch = self._lora_input(inputs, name)
             branch = inputs if branch is None else branch
