@@ -99,12 +99,26 @@ def bench_nf4_linear(table, repeats):
         with torch.no_grad():
             ours = median_ms(lambda: ops.nf4_linear(x, *weight.linear_args()), repeats)
             torch_ms = median_ms(lambda: F.linear(x, dense_typed), repeats)
-            bnb_ms = None
+            bnb_ms = eval_ms = None
             if bnb is not None:
                 packed, state = bnb_quantized(dense)
                 bnb_ms = median_ms(lambda: bnb.matmul_4bit(x, packed.t(), state), repeats)
+                # An eval-mode Linear4bit on the CPU repacks its weight on the
+                # first forward into an inference layout with its own kernel:
+                # the path bitsandbytes users run for generation.
+                layer = bnb_eval_layer(dense, dtype)
+                eval_ms = median_ms(lambda: layer(x), repeats)
         name = f"nf4_linear {rows} row{'s' if rows > 1 else ''} {size}x{size} {str(dtype)[6:]}"
-        table.add(name, ours, [("torch dense", torch_ms), ("bnb matmul_4bit", bnb_ms)])
+        table.add(name, ours, [("torch dense", torch_ms), ("bnb matmul_4bit", bnb_ms),
+                               ("bnb Linear4bit eval", eval_ms)])
+
+
+def bnb_eval_layer(dense, dtype):
+    layer = bnb.nn.Linear4bit(dense.shape[1], dense.shape[0], bias=False, compute_dtype=dtype,
+                              compress_statistics=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True, blocksize=64)._quantize("cpu")
+    return layer.eval()
 
 
 def bench_grad_input(table, repeats):
