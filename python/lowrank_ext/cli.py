@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--batch-size", type=_positive_int, default=32)
     finetune.add_argument("--lr", type=_positive_float, default=None,
                           help="learning rate of the adapted weights and the head (default: 2e-3; "
-                               "full: 1e-4 for the encoder, 2e-3 for the head)")
+                               "adalora: 1e-2 for its triplets, full: 1e-4 for the encoder, "
+                               "2e-3 for the head)")
     finetune.add_argument("--rank", type=_positive_int, default=8,
                           help="LoRA rank r; AdaLoRA's final average rank (default: 8)")
     finetune.add_argument("--alpha", type=_positive_float, default=16.0,
