@@ -287,3 +287,38 @@ def test_adalora_names_init_r():
     with pytest.raises(ValueError, match="init_r"):
         lowrank_ext.AdaLoRAModule(nn.Sequential(nn.Linear(4, 4)), target_modules=["0"],
                                   init_r=0, total_step=10)
+
+
+# ------------------------------------------------------ grouped convolutions --
+
+
+def grouped_conv():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(8, 12, 3, padding=1, groups=4))
+
+
+def test_grouped_convolution_adapters_move_both_ways(tmp_path):
+    # PEFT's layout: lora_A a plain convolution in -> r, lora_B a 1x1
+    # convolution r -> out with the base's groups.
+    x = torch.randn(2, 8, 7, 7, generator=torch.Generator().manual_seed(2))
+    reference = peft_saved(tmp_path / "peft", grouped_conv(), target_modules=["0"], r=8)
+    ours = load_adapter(grouped_conv(), str(tmp_path / "peft"))
+    with torch.no_grad():
+        expected = reference(x)
+        assert expected.abs().max() > 0.1
+        torch.testing.assert_close(ours(x), expected, **TOLERANCE)
+    ours.save_adapter(str(tmp_path / "ours"))
+    back = peft.PeftModel.from_pretrained(grouped_conv(), str(tmp_path / "ours"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), expected, **TOLERANCE)
+
+
+def test_grouped_convolution_rank_and_merge_are_checked():
+    model = grouped_conv()
+    before = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="multiple of the convolution's groups=4"):
+        LoRAModule(model, target_modules=["0"], r=6)
+    wrapped = LoRAModule(model, target_modules=["0"], r=8)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        wrapped.merge_and_unload()
+    assert torch.equal(wrapped.model[0].base_layer.weight, before)

@@ -405,22 +405,30 @@ class LoRALinear(LoRALayer):
 
 
 class LoRAConv(LoRALayer):
-    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (``groups == 1``).
+    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``.
 
     ``lora_A`` is a convolution ``in -> r`` with the base layer's kernel, stride,
     padding and dilation; ``lora_B`` a 1x1 convolution ``r -> out``.
     ``forward(x)`` = ``base(x) + scaling * B(A(dropout(x)))``, shaped like ``base(x)``.
+    On a grouped convolution (``groups > 1``), as in PEFT, ``lora_B`` has the
+    base's groups (so ``r`` must be a multiple of them) and ``lora_A`` does
+    not; the update then mixes channels across groups, which the base kernel
+    cannot hold, so such adapters cannot be merged.
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                  use_rslora: bool = False, init: Init = True, adapter_name: str = "default"):
         if not isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             raise TypeError(f"LoRAConv wraps nn.Conv1d/2d/3d, got {type(base_layer).__name__}")
-        if base_layer.groups != 1:
-            raise ValueError(f"LoRA on grouped convolutions is not supported "
-                             f"(groups={base_layer.groups})")
         super().__init__(base_layer)
         self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init)
+
+    def update_layer(self, adapter_name, r, alpha, dropout=0.0, use_rslora=False, init=True):
+        groups = self.base_layer.groups
+        if groups > 1 and isinstance(r, int) and r % groups:
+            raise ValueError(f"r (the adapter rank) must be a multiple of the convolution's "
+                             f"groups={groups} on a grouped convolution, got {r}")
+        super().update_layer(adapter_name, r, alpha, dropout, use_rslora, init)
 
     def _create_factors(self, adapter_name, r):
         base = self.base_layer
@@ -429,9 +437,14 @@ class LoRAConv(LoRALayer):
         self.lora_A[adapter_name] = conv(
             base.in_channels, r, base.kernel_size, stride=base.stride, padding=base.padding,
             dilation=base.dilation, padding_mode=base.padding_mode, bias=False, **options)
-        self.lora_B[adapter_name] = conv(r, base.out_channels, 1, bias=False, **options)
+        self.lora_B[adapter_name] = conv(r, base.out_channels, 1, groups=base.groups, bias=False,
+                                         **options)
 
     def delta_weight(self, adapter_name):
+        if self.base_layer.groups > 1:
+            raise ValueError(f"an adapter on a grouped convolution (groups="
+                             f"{self.base_layer.groups}) mixes channels across groups and "
+                             "cannot be merged into its weight")
         factor_A, factor_B = self._factor_tensors(adapter_name)
         # B is 1x1, so the composed kernel is B's channel mix applied to A's kernel.
         mix = factor_B.detach().float().flatten(1)
