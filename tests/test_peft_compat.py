@@ -322,3 +322,21 @@ def test_grouped_convolution_rank_and_merge_are_checked():
     with pytest.raises(ValueError, match="cannot be merged"):
         wrapped.merge_and_unload()
     assert torch.equal(wrapped.model[0].base_layer.weight, before)
+
+
+def test_peft_multi_adapter_save_layout_loads_by_name(tmp_path):
+    # PEFT writes adapters not named "default" to <dir>/<name>/.
+    reference = peft.get_peft_model(llama(), peft.LoraConfig(target_modules=["q_proj"]),
+                                    adapter_name="alpha")
+    reference.add_adapter("beta", peft.LoraConfig(target_modules=["v_proj"], r=4))
+    randomize(reference)
+    reference.save_pretrained(str(tmp_path))
+    assert not (tmp_path / "adapter_config.json").exists()
+    ours = load_adapter(llama(), str(tmp_path), adapter_name="alpha")
+    load_adapter(ours, str(tmp_path), adapter_name="beta")
+    with torch.no_grad():
+        for name in ("alpha", "beta"):
+            reference.set_adapter(name)
+            ours.set_adapter(name)
+            torch.testing.assert_close(ours(input_ids=IDS).logits,
+                                       reference(input_ids=IDS).logits, **TOLERANCE)

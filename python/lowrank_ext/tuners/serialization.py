@@ -148,6 +148,9 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     :class:`~lowrank_ext.nn.NF4Linear` layers get QLoRA adapters.
 
     Args:
+        directory: the adapter's folder; when it holds no adapter_config.json
+            but ``<directory>/<adapter_name>`` does (PEFT's layout for an
+            adapter not named "default"), that subfolder.
         is_trainable: leave the loaded adapter's parameters trainable
             (default: frozen, for inference, as PEFT does).
 
@@ -156,6 +159,11 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     an adapter whose targets, keys or shapes do not fit the model; in every
     failure the model is left unchanged.
     """
+    # PEFT saves an adapter not named "default" in <directory>/<name>.
+    nested = os.path.join(directory, adapter_name)
+    if not os.path.isfile(os.path.join(directory, CONFIG_NAME)) and os.path.isfile(
+            os.path.join(nested, CONFIG_NAME)):
+        directory = nested
     config = read_adapter_config(directory)
     tensors = read_adapter_weights(directory)
     # The layers start plain; the stored values overwrite them. A PiSSA
