@@ -402,3 +402,22 @@ def test_build_info_names_backends_and_isa():
     assert "cpu" in info["backends"]
     assert info["cpu_isa"] in lowrank_ext.supported_cpu_isas()
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda w, x: ops.nf4_quantize(x.double(), 64), "float32, bfloat16 or float16"),
+    (lambda w, x: ops.nf4_quantize(x, 17), "power of two"),
+    (lambda w, x: ops.nf4_dequantize(w.packed, w.absmax[:-1], [10, 64], 64), "absmax must have"),
+    (lambda w, x: ops.nf4_dequantize(w.packed, w.absmax, [10, 64], 16), "power of two"),
+    (lambda w, x: ops.nf4_linear(x[:, :32], *w.linear_args()), "in_features=64"),
+    (lambda w, x: ops.nf4_linear_grad_input(x[:, :7], *w.linear_args()), "out_features=10"),
+])
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_fake_kernels_check_like_the_real_ones(generator, call, message, device):
+    # On the meta device (and while torch.compile traces) the fake kernels
+    # run: they must refuse what the CPU kernels refuse, with the same words.
+    weight = NF4Weight.from_float(torch.randn(10, 64, generator=generator), double_quant=False)
+    weight = NF4Weight(packed=weight.packed.to(device), absmax=weight.absmax.to(device),
+                       shape=weight.shape, dtype=weight.dtype, blocksize=weight.blocksize)
+    with pytest.raises(RuntimeError, match=message):
+        call(weight, torch.randn(2, 64, generator=generator).to(device))

@@ -370,8 +370,48 @@ def _register_fake(name: str):
     return decorate
 
 
+# The fake kernels check what the real ones check about dtypes, block sizes
+# and the NF4 weight's sizes, so a wrong call fails the same way on the meta
+# device and while torch.compile traces, not only when the kernel runs.
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_blocksize(op: str, blocksize: int) -> None:
+    torch._check(isinstance(blocksize, int) and 32 <= blocksize <= 4096
+                 and blocksize & (blocksize - 1) == 0,
+                 lambda: f"{op}: blocksize must be a power of two in [32, 4096], got {blocksize}")
+
+
+def _check_float(op: str, name: str, tensor: torch.Tensor) -> None:
+    torch._check(tensor.dtype in _FLOAT_DTYPES,
+                 lambda: f"{op}: {name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+
+
+def _check_numel(op: str, name: str, tensor: torch.Tensor, expected, why: str) -> None:
+    torch._check(tensor.numel() == expected,
+                 lambda: f"{op}: {name} must have {expected} elements ({why}), got "
+                         f"{tensor.numel()}")
+
+
+def _check_rows(op: str, name: str, tensor: torch.Tensor, features, field: str) -> None:
+    _check_float(op, name, tensor)
+    torch._check(tensor.dim() >= 1 and tensor.shape[-1] == features,
+                 lambda: f"{op}: {name}'s last dimension must be {field}={features}, got "
+                         f"shape {tuple(tensor.shape)}")
+
+
+def _check_nf4_weight(op, packed, absmax, out_features, in_features, blocksize):
+    _check_blocksize(op, blocksize)
+    numel = out_features * in_features
+    _check_numel(op, "packed", packed, (numel + 1) // 2,
+                 "two 4-bit codes per byte of out_features * in_features")
+    _check_numel(op, "absmax", absmax, _num_blocks(numel, blocksize), "one scale per block")
+
+
 @_register_fake("nf4_quantize")
 def _nf4_quantize_fake(input, blocksize):
+    _check_blocksize("nf4_quantize", blocksize)
+    _check_float("nf4_quantize", "input", input)
     numel = input.numel()
     torch._check(numel > 0, lambda: "nf4_quantize: input must not be empty")
     packed = input.new_empty(((numel + 1) // 2,), dtype=torch.uint8)
@@ -381,6 +421,15 @@ def _nf4_quantize_fake(input, blocksize):
 
 @_register_fake("nf4_dequantize")
 def _nf4_dequantize_fake(packed, absmax, shape, blocksize, dtype):
+    op = "nf4_dequantize"
+    _check_blocksize(op, blocksize)
+    torch._check(dtype in _FLOAT_DTYPES,
+                 lambda: f"{op}: dtype must be float32, bfloat16 or float16, got {dtype}")
+    numel = 1
+    for size in shape:
+        numel = numel * size
+    _check_numel(op, "packed", packed, (numel + 1) // 2, "two 4-bit codes per byte of shape")
+    _check_numel(op, "absmax", absmax, _num_blocks(numel, blocksize), "one scale per block of shape")
     return packed.new_empty(shape, dtype=dtype)
 
 
@@ -403,12 +452,17 @@ def _linear_out_fake(input, out_features):
 @_register_fake("nf4_linear")
 def _nf4_linear_fake(input, packed, absmax, nested_absmax, nested_code, offset,
                      out_features, in_features, blocksize, bias):
+    _check_nf4_weight("nf4_linear", packed, absmax, out_features, in_features, blocksize)
+    _check_rows("nf4_linear", "input", input, in_features, "in_features")
     return _linear_out_fake(input, out_features)
 
 
 @_register_fake("nf4_linear_grad_input")
 def _nf4_linear_grad_input_fake(grad_output, packed, absmax, nested_absmax, nested_code,
                                 offset, out_features, in_features, blocksize):
+    op = "nf4_linear_grad_input"
+    _check_nf4_weight(op, packed, absmax, out_features, in_features, blocksize)
+    _check_rows(op, "grad_output", grad_output, out_features, "out_features")
     return _linear_out_fake(grad_output, in_features)
 
 
@@ -433,6 +487,8 @@ def _lora_linear_backward_fake(grad_output, input, lora_input, weight, lora_A, l
 @_register_fake("qlora_linear")
 def _qlora_linear_fake(input, lora_input, packed, absmax, nested_absmax, nested_code, offset,
                        out_features, in_features, blocksize, bias, lora_A, lora_B, scaling):
+    _check_nf4_weight("qlora_linear", packed, absmax, out_features, in_features, blocksize)
+    _check_rows("qlora_linear", "input", input, in_features, "in_features")
     return _linear_out_fake(input, out_features)
 
 
