@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from bench_train_step import PROJECTIONS, build_model, ours_lora, ours_qlora, peft_lora, peft_qlora
+from bench_train_step import (ADAPTER_SETUPS, PROJECTIONS, build_model, model_shape,
+                              print_comparison)
 from machine import describe
 
 
@@ -46,31 +47,19 @@ def main():
     parser.add_argument("--calls", type=int, default=20, help="forwards per timed round")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
-    if args.quick:
-        shape = dict(hidden=256, intermediate=704, layers=2, heads=4, length=1)
-    else:
-        shape = dict(hidden=2048, intermediate=5632, layers=2, heads=16, length=1)
+    shape = dict(model_shape(args.quick), length=1)
     vars(args).update(shape)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    setups = [("dense, no adapters", build_model), ("PEFT LoRA", peft_lora),
-              ("lowrank_ext LoRA", ours_lora), ("PEFT + bitsandbytes QLoRA", peft_qlora),
-              ("lowrank_ext QLoRA", ours_qlora)]
+    setups = [("dense, no adapters", build_model)] + ADAPTER_SETUPS
     models = {label: build(args).eval() for label, build in setups}
     results = time_rounds(models, args.rounds, args.calls)
 
     print(describe())
     print(f"shape: {shape}, bf16, batch 1, one token, r=16 on {len(PROJECTIONS)} projections; "
           f"median of {args.rounds} interleaved rounds of {args.calls} forwards")
-    dense = results[setups[0][0]]
-    print(f"{'setup':28s} {'ms/token':>9s} {'x dense':>8s}")
-    for label, _ in setups:
-        print(f"{label:28s} {results[label] * 1e3:9.3f} {results[label] / dense:8.2f}")
-    lora = results["lowrank_ext LoRA"] / results["PEFT LoRA"]
-    qlora = results["lowrank_ext QLoRA"] / results["PEFT + bitsandbytes QLoRA"]
-    print(f"ours/PEFT LoRA  = {lora:.3f}")
-    print(f"ours/PEFT QLoRA = {qlora:.3f}")
+    print_comparison(setups, results, "ms/token", "x dense", scale=1e3)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,34 @@ def ours_qlora(args):
         quantize_modules=None, double_quant=True, **ADAPTER))
 
 
+# The adapter setups both this benchmark and bench_decode.py compare, each
+# after its own reference setup.
+ADAPTER_SETUPS = [("PEFT LoRA", peft_lora), ("lowrank_ext LoRA", ours_lora),
+                  ("PEFT + bitsandbytes QLoRA", peft_qlora), ("lowrank_ext QLoRA", ours_qlora)]
+
+
+def model_shape(quick: bool) -> dict:
+    """The Llama model's sizes: the benchmark's, or a small one for a smoke run."""
+    if quick:
+        return dict(hidden=256, intermediate=704, layers=2, heads=4)
+    return dict(hidden=2048, intermediate=5632, layers=2, heads=16)
+
+
+def print_comparison(setups, results: dict, column: str, reference: str, scale: float = 1.0,
+                     target: str = "") -> None:
+    """One row per setup: its time times ``scale`` (headed ``column``) and its ratio to
+    the first setup (headed ``reference``); then ours / PEFT for LoRA and QLoRA."""
+    width = max(len(label) for label, _ in setups) + 2
+    first = results[setups[0][0]]
+    print(f"{'setup':{width}s} {column:>9s} {reference:>8s}")
+    for label, _ in setups:
+        print(f"{label:{width}s} {results[label] * scale:9.3f} {results[label] / first:8.2f}")
+    lora = results["lowrank_ext LoRA"] / results["PEFT LoRA"]
+    qlora = results["lowrank_ext QLoRA"] / results["PEFT + bitsandbytes QLoRA"]
+    print(f"ours/PEFT LoRA  = {lora:.3f}{target}")
+    print(f"ours/PEFT QLoRA = {qlora:.3f}{target}")
+
+
 def time_step(model, args) -> float:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(1)
@@ -104,17 +132,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
-    if args.quick:
-        shape = dict(hidden=256, intermediate=704, layers=2, heads=4, batch=2, length=64)
-    else:
-        shape = dict(hidden=2048, intermediate=5632, layers=2, heads=16, batch=4, length=256)
+    shape = dict(model_shape(args.quick), **(dict(batch=2, length=64) if args.quick
+                                             else dict(batch=4, length=256)))
     vars(args).update(shape)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    setups = [("frozen base, no adapters (floor)", floor_setup), ("PEFT LoRA", peft_lora),
-              ("lowrank_ext LoRA", ours_lora), ("PEFT + bitsandbytes QLoRA", peft_qlora),
-              ("lowrank_ext QLoRA", ours_qlora)]
+    setups = [("frozen base, no adapters (floor)", floor_setup)] + ADAPTER_SETUPS
     results = {}
     for label, build in setups:
         model = build(args)
@@ -129,14 +153,7 @@ def main():
           f"lowrank_ext CPU ISA {info['cpu_isa']}")
     print(f"shape: {shape}, bf16, r=16 alpha=32 dropout=0.05 on {len(PROJECTIONS)} projections, "
           f"AdamW; median of {args.steps} steps after {args.warmup} warm-up")
-    floor = results[setups[0][0]]
-    print(f"{'setup':36s} {'step s':>9s} {'x floor':>8s}")
-    for label, _ in setups:
-        print(f"{label:36s} {results[label]:9.3f} {results[label] / floor:8.2f}")
-    lora = results["lowrank_ext LoRA"] / results["PEFT LoRA"]
-    qlora = results["lowrank_ext QLoRA"] / results["PEFT + bitsandbytes QLoRA"]
-    print(f"ours/PEFT LoRA  = {lora:.3f} (target <= 0.75)")
-    print(f"ours/PEFT QLoRA = {qlora:.3f} (target <= 0.75)")
+    print_comparison(setups, results, "step s", "x floor", target=" (target <= 0.75)")
 
 
 if __name__ == "__main__":
