@@ -17,7 +17,6 @@
 //   multi_lora_linear: d input, d lora_A, d lora_B from
 //                      multi_lora_linear_backward; d base_output = grad_output
 // Codes, scales, seeds, ranks, scalings and indices get no gradient.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -25,18 +24,15 @@
 #include <tuple>
 #include <vector>
 
+#include "glue_helpers.h"
+#include "op_calls.h"
+
 namespace lowrank {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptionalTensor = std::optional<at::Tensor>;
 using Grads4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 bool present(const OptionalTensor& tensor) { return tensor.has_value() && tensor->defined(); }
 
@@ -63,10 +59,8 @@ OptionalTensor optional(const at::Tensor& saved) {
   return saved.defined() ? OptionalTensor(saved) : std::nullopt;
 }
 
-at::Tensor rows(const at::Tensor& tensor) { return tensor.reshape({-1, tensor.size(-1)}); }
-
 at::Tensor bias_grad(AutogradContext* ctx, size_t argument, const at::Tensor& grad_output) {
-  return needs(ctx, argument) ? rows(grad_output).sum(0) : at::Tensor();
+  return needs(ctx, argument) ? flatten_rows(grad_output).sum(0) : at::Tensor();
 }
 
 // ------------------------------------------------------------------ dropout --
@@ -105,32 +99,6 @@ at::Tensor dropout_autograd(const at::Tensor& input, double p, const at::Tensor&
 }
 
 // --------------------------------------------------------------- nf4_linear --
-
-at::Tensor call_nf4_linear(const at::Tensor& input, const at::Tensor& packed,
-                           const at::Tensor& absmax, const OptionalTensor& nested_absmax,
-                           const OptionalTensor& nested_code, double offset,
-                           const c10::SymInt& out_features, const c10::SymInt& in_features,
-                           int64_t blocksize, const OptionalTensor& bias) {
-  static const auto op =
-      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const OptionalTensor&, const OptionalTensor&, double, c10::SymInt,
-                         c10::SymInt, int64_t, const OptionalTensor&)>("lowrank_ext::nf4_linear");
-  return op.call(input, packed, absmax, nested_absmax, nested_code, offset, out_features,
-                 in_features, blocksize, bias);
-}
-
-at::Tensor call_nf4_linear_grad_input(const at::Tensor& grad_output, const at::Tensor& packed,
-                                      const at::Tensor& absmax, const OptionalTensor& nested_absmax,
-                                      const OptionalTensor& nested_code, double offset,
-                                      const c10::SymInt& out_features,
-                                      const c10::SymInt& in_features, int64_t blocksize) {
-  static const auto op =
-      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const OptionalTensor&, const OptionalTensor&, double, c10::SymInt,
-                         c10::SymInt, int64_t)>("lowrank_ext::nf4_linear_grad_input");
-  return op.call(grad_output, packed, absmax, nested_absmax, nested_code, offset, out_features,
-                 in_features, blocksize);
-}
 
 // The NF4 weight's non-tensor arguments, kept for the backward.
 void save_nf4_arguments(AutogradContext* ctx, double offset, const c10::SymInt& out_features,
@@ -252,7 +220,7 @@ class LoraLinear : public torch::autograd::Function<LoraLinear> {
     }
     const variable_list adapter = adapter_grads(ctx, grads, {0, 1, 4, 5});
     const at::Tensor grad_weight =
-        needs(ctx, 2) ? rows(grad_output).t().mm(rows(input)) : at::Tensor();
+        needs(ctx, 2) ? flatten_rows(grad_output).t().mm(flatten_rows(input)) : at::Tensor();
     return {adapter[0], adapter[1], grad_weight, bias_grad(ctx, 3, grad_output),
             adapter[2], adapter[3], at::Tensor()};
   }

@@ -4,43 +4,14 @@
 // through the dispatcher so each backend's 4-bit kernels serve; so one
 // definition is registered for CPU and, when built, CUDA.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "glue_helpers.h"
+#include "op_calls.h"
 #include "op_checks.h"
 
 namespace lowrank {
 namespace {
-
-using Nf4LinearSignature =
-    at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
-               c10::SymInt, c10::SymInt, int64_t, const std::optional<at::Tensor>&);
-using Nf4GradInputSignature =
-    at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
-               c10::SymInt, c10::SymInt, int64_t);
-
-at::Tensor call_nf4_linear(const at::Tensor& input, const Nf4WeightArgs& weight,
-                           const std::optional<at::Tensor>& bias) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lowrank_ext::nf4_linear", "")
-                             .typed<Nf4LinearSignature>();
-  return op.call(input, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code,
-                 weight.offset, c10::SymInt(weight.out_features),
-                 c10::SymInt(weight.in_features), weight.blocksize, bias);
-}
-
-at::Tensor call_nf4_linear_grad_input(const at::Tensor& grad_output,
-                                      const Nf4WeightArgs& weight) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lowrank_ext::nf4_linear_grad_input", "")
-                             .typed<Nf4GradInputSignature>();
-  return op.call(grad_output, weight.packed, weight.absmax, weight.nested_absmax,
-                 weight.nested_code, weight.offset, c10::SymInt(weight.out_features),
-                 c10::SymInt(weight.in_features), weight.blocksize);
-}
 
 // Adds scaling * (lora_rows @ A.T) @ B.T to `out_rows` in place. With
 // float32 factors and a bfloat16/float16 input the term is computed in
@@ -137,7 +108,10 @@ at::Tensor qlora_linear(const at::Tensor& input, const std::optional<at::Tensor>
                                                blocksize, bias);
   check_lora_input(op, lora_input, input);
   check_lora_factors(op, input, lora_A, lora_B, weight.out_features, weight.in_features);
-  at::Tensor out = call_nf4_linear(input, weight, bias);
+  at::Tensor out = call_nf4_linear(input, weight.packed, weight.absmax, weight.nested_absmax,
+                                   weight.nested_code, weight.offset,
+                                   c10::SymInt(weight.out_features),
+                                   c10::SymInt(weight.in_features), weight.blocksize, bias);
   at::Tensor out_rows = out.view({-1, weight.out_features});
   add_lora_term(out_rows, flatten_rows(lora_input.has_value() ? *lora_input : input), lora_A,
                 lora_B, scaling);
@@ -158,7 +132,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qlora_linear_backward
   check_dtype(op, "grad_output", grad_output, input.scalar_type());
   check_lora_input(op, lora_input, input);
   check_lora_factors(op, input, lora_A, lora_B, weight.out_features, weight.in_features);
-  at::Tensor grad_input = call_nf4_linear_grad_input(grad_output, weight);
+  at::Tensor grad_input = call_nf4_linear_grad_input(
+      grad_output, packed, absmax, nested_absmax, nested_code, offset, out_features, in_features,
+      blocksize);
   return lora_backward_common(grad_output, flatten_rows(grad_input), input, lora_input, lora_A,
                               lora_B, scaling);
 }

@@ -93,14 +93,14 @@ inline void transpose8(__m256 rows[8]) {
 
 struct Avx2 {
   using Vec = __m256;
-  static constexpr std::int64_t kLanes = 8;
+  static constexpr std::int64_t kLanes = ::lowrank::cpu::kLanes;
   // Accumulators per shrink block: 8 of the 16 registers, the rest hold the
   // block's input and A vectors.
   static constexpr int kRanksOf4Rows = 2;
   static constexpr int kRanksOf2Rows = 4;
   static constexpr int kRanksOf1Row = 8;
 
-  using Lanes = std::int64_t;  // a count: partial vectors take the scalar path
+  using Lanes = std::int64_t;  // a count: masked loads, partial stores through a buffer
   static Lanes first(std::int64_t count) { return count; }
   template <Dtype D>
   static Vec load(const void* data, std::int64_t index, Lanes count) {
