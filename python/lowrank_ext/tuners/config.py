@@ -267,17 +267,14 @@ def layer_init(init):
     return "pissa" if _is_pissa(init) else init
 
 
-# Inits that rewrite the base weights in ways this library cannot rebuild.
-_BASE_REWRITING_INITS = ("olora", "corda", "eva", "loftq")
-
-
 def init_for_loading(init):
     """A saved adapter's ``init_lora_weights`` as loading needs it.
 
     The stored factors replace the initial ones, so an init that leaves the
     base alone ("orthogonal") loads as a plain one; PiSSA (any variant) is
-    kept, its base rebuilt on load. Inits that rewrite the base otherwise
-    raise ``ValueError``.
+    kept, its base rebuilt on load. PEFT's other named inits rewrite the base
+    in ways this library cannot rebuild (olora, corda, eva, loftq) and raise
+    ``ValueError``.
     """
     if _is_pissa(init):
         return "pissa"
@@ -285,7 +282,7 @@ def init_for_loading(init):
         return init
     if init == "orthogonal":
         return True
-    if init in _BASE_REWRITING_INITS or isinstance(init, str):
+    if isinstance(init, str):
         raise ValueError(f"init_lora_weights={init!r}: this adapter was trained on a base that "
                          "its init rewrote, which lowrank_ext cannot rebuild; convert it to a "
                          "plain LoRA adapter in PEFT first (save_pretrained with "

@@ -476,7 +476,11 @@ class AdapterModel(nn.Module):
         ``...modules_to_save.bias`` with ``bias="all"``); they are copied into
         the base model (the copy's under its own key too).
         """
-        destinations = self._state_destinations(adapter_name, state)
+        self._copy_state(self._state_destinations(adapter_name, state), state)
+
+    @staticmethod
+    def _copy_state(destinations: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+        """Copy each tensor of ``state`` into ``destinations[key]``, in its dtype."""
         with torch.no_grad():
             for key, value in state.items():
                 destinations[key].copy_(value.to(destinations[key].dtype))

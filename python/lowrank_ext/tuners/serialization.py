@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import tempfile
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 from .config import LoRAConfig, layer_init
 from .model import AdapterModel, LoRAModule
-from .targets import ALL_LINEAR, match_targets
+from .targets import ALL_LINEAR
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -184,11 +183,11 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
                                          for field in dataclasses.fields(config)})
     previous = wrapper.active_adapter
     trainable = {parameter: parameter.requires_grad for parameter in wrapper.parameters()}
-    if pissa:
-        wrapper._check_targets(wrapper_targets(wrapper, config), config)
     wrapper._add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=True),
                          strict=False)
     try:
+        if pissa:  # before any base weight is rewritten
+            wrapper._check_targets(wrapper.targeted_modules[adapter_name], config)
         destinations = wrapper._state_destinations(adapter_name, tensors)
     except BaseException:
         wrapper.delete_adapter(adapter_name)
@@ -197,23 +196,15 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         for parameter, requires_grad in trainable.items():
             parameter.requires_grad_(requires_grad)
         raise
-    with torch.no_grad():
-        if pissa:
+    if pissa:
+        with torch.no_grad():
             for _, layer in wrapper.adapter_layers():
                 if adapter_name in layer.adapter_names:
                     layer._initialize(adapter_name, "pissa")
-        for key, value in tensors.items():
-            destinations[key].copy_(value.to(destinations[key].dtype))
+    AdapterModel._copy_state(destinations, tensors)
     wrapper.peft_config[adapter_name] = config
     if not is_trainable:
         for parameter in wrapper.parameters():
             parameter.requires_grad_(False)
     return wrapper
 
-
-def wrapper_targets(wrapper: AdapterModel, config) -> list[str]:
-    """The module paths ``config`` would adapt in ``wrapper``'s model (loading rules)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return match_targets(wrapper.model, config.target_modules, require_all=False,
-                             exclude=list(config.modules_to_save or []))
