@@ -64,7 +64,8 @@ inline void decode64(const std::uint8_t* bytes, const Bf16Codebook& codebook, __
 }
 
 // One 64-weight step: accumulates the products with each row's permuted
-// activations at `column` (a multiple of 64) into `acc_first`/`acc_second`.
+// activations at `column` (a multiple of 64) into `acc_first`/`acc_second`
+// (which may be the same array: one chain per row).
 template <int Rows>
 inline void dot64(const std::uint8_t* bytes, const Bf16Codebook& codebook,
                   const std::uint16_t* const* activations, std::int64_t column,
@@ -85,25 +86,16 @@ inline void dot64(const std::uint8_t* bytes, const Bf16Codebook& codebook,
 }
 
 // blocksize 64: the block starting at flat element i (a multiple of 64),
-// scaled, added to `total`.
+// scaled, added to `total`; both halves of the step feed one dot-product chain.
 template <int Rows>
 inline void block64(const std::uint8_t* packed, const Bf16Codebook& codebook,
                     const std::uint16_t* const* activations, const BlockScales& scales,
                     __m512 offset, std::int64_t i, std::int64_t row_begin, __m512* total) {
-  const std::uint8_t* bytes = packed + i / 2;
-  _mm_prefetch(reinterpret_cast<const char*>(bytes) + 1024, _MM_HINT_T0);
-  __m512i first;
-  __m512i second;
-  decode64(bytes, codebook, first, second);
+  __m512 dot[Rows];
+  for (int r = 0; r < Rows; ++r) dot[r] = _mm512_setzero_ps();
+  dot64<Rows>(packed + i / 2, codebook, activations, i - row_begin, dot, dot);
   const __m512 scale = block_scale16(scales, i / 64, offset);
-  for (int r = 0; r < Rows; ++r) {
-    const std::uint16_t* x = activations[r] + (i - row_begin);
-    __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), reinterpret_cast<__m512bh>(first),
-                                  reinterpret_cast<__m512bh>(_mm512_loadu_si512(x)));
-    dot = _mm512_dpbf16_ps(dot, reinterpret_cast<__m512bh>(second),
-                           reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + 32)));
-    total[r] = _mm512_fmadd_ps(dot, scale, total[r]);
-  }
+  for (int r = 0; r < Rows; ++r) total[r] = _mm512_fmadd_ps(dot[r], scale, total[r]);
 }
 
 // GEMV over outputs [out_begin, out_end) for activation rows
