@@ -541,6 +541,8 @@ class AdapterModel(nn.Module):
                      is_trainable: bool = False) -> None:
         """Load a saved (ours or PEFT's) adapter as a new adapter of this model.
 
+        As PEFT's ``PeftModel.load_adapter``: the active adapter stays active
+        and keeps training; the new one is frozen unless ``is_trainable``.
         See :func:`lowrank_ext.tuners.load_adapter`; the model is unchanged on failure.
         """
         from .serialization import load_adapter
