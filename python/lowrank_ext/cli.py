@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                                f"(default: {','.join(DEFAULT_TARGET_MODULES)})")
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--max-train-samples", type=_positive_int, default=None,
-                          help="use only the first N training examples")
+                          help="train on a stratified random sample of N training examples "
+                               "(every label keeps its share; drawn with --seed)")
     finetune.add_argument("--max-length", type=_positive_int, default=64,
                           help="truncate texts to this many tokens (default: 64)")
     finetune.add_argument("--threads", type=_positive_int, default=None,

@@ -16,6 +16,7 @@ import ast
 import csv
 import hashlib
 import json
+import random
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,31 @@ class TextDataset:
         if count is None or count >= len(self.texts):
             return self
         return TextDataset(self.texts[:count], self.labels[:count], self.label_names)
+
+    def sample(self, count: Optional[int], seed: int) -> "TextDataset":
+        """A stratified random sample of ``count`` examples, in the original order.
+
+        Each label keeps its share of the examples (largest-remainder
+        rounding), so a sample of a file whose rows are sorted or grouped by
+        label still holds every label. The same ``seed`` gives the same sample.
+        All examples when ``count`` is None or not smaller than the set.
+        """
+        if count is None or count >= len(self.texts):
+            return self
+        by_label: dict[int, list[int]] = {}
+        for index, label in enumerate(self.labels):
+            by_label.setdefault(label, []).append(index)
+        shares = {label: count * len(indices) / len(self.texts)
+                  for label, indices in by_label.items()}
+        quota = {label: int(share) for label, share in shares.items()}
+        by_remainder = sorted(shares, key=lambda label: (quota[label] - shares[label], label))
+        for label in by_remainder[:count - sum(quota.values())]:
+            quota[label] += 1
+        generator = random.Random(seed)
+        chosen = sorted(index for label in sorted(by_label)
+                        for index in generator.sample(by_label[label], quota[label]))
+        return TextDataset([self.texts[index] for index in chosen],
+                           [self.labels[index] for index in chosen], self.label_names)
 
 
 @dataclass

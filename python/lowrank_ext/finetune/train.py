@@ -146,7 +146,7 @@ def run_finetune(settings: FinetuneSettings, splits: Optional[DataSplits] = None
     if resume_info and resume_info["labels"] != splits.label_names:
         raise methods.MethodError(f"--resume {settings.resume} was trained on labels "
                                   f"{resume_info['labels']}, this data has {splits.label_names}")
-    train_set = splits.train.subset(settings.max_train_samples)
+    train_set = splits.train.sample(settings.max_train_samples, settings.seed)
 
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer()
