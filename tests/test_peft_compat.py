@@ -340,3 +340,84 @@ def test_peft_multi_adapter_save_layout_loads_by_name(tmp_path):
             ours.set_adapter(name)
             torch.testing.assert_close(ours(input_ids=IDS).logits,
                                        reference(input_ids=IDS).logits, **TOLERANCE)
+
+
+# ------------------------------------------- convolutions PEFT builds plainly --
+# PEFT's conv lora_A copies only kernel_size, stride and padding from the base:
+# it pads with zeros whatever the base's padding_mode and has no dilation.
+
+
+def padded_conv(mode):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, padding_mode=mode))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate"])
+def test_padding_mode_convolution_adapters_mean_the_same_both_ways(tmp_path, mode):
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    reference = peft_saved(tmp_path / "peft", padded_conv(mode), target_modules=["0"], r=4)
+    ours = load_adapter(padded_conv(mode), str(tmp_path / "peft"))
+    with torch.no_grad():
+        expected = reference(x)
+        # The adapter's own border differs from the base's: it must show.
+        with reference.disable_adapter():
+            assert (expected - reference(x)).abs().max() > 0.1
+        torch.testing.assert_close(ours(x), expected, **TOLERANCE)
+    ours.save_adapter(str(tmp_path / "ours"))
+    back = peft.PeftModel.from_pretrained(padded_conv(mode), str(tmp_path / "ours"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), expected, **TOLERANCE)
+
+
+def test_padding_mode_convolution_merge_is_refused_with_the_reason():
+    # The merged kernel would be padded the base's way, the adapter's zeros lost.
+    model = LoRAModule(padded_conv("reflect"), target_modules=["0"], r=4)
+    randomize(model)
+    before = model.model[0].base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        model.merge_and_unload()
+    assert torch.equal(model.model[0].base_layer.weight, before)
+
+
+def test_unpadded_convolution_with_another_padding_mode_merges():
+    # padding=0: no border is ever padded, so any padding_mode merges exactly.
+    torch.manual_seed(0)
+    model = LoRAModule(nn.Sequential(nn.Conv2d(3, 6, 3, padding_mode="reflect")),
+                       target_modules=["0"], r=4)
+    randomize(model)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(model.merge_and_unload()(x), expected, **TOLERANCE)
+
+
+def dilated_conv():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=2, dilation=2))
+
+
+def test_dilated_convolution_is_refused_with_the_reason(tmp_path):
+    # PEFT's lora_A is undilated: its output has another size (PEFT fails on
+    # the first forward) or, where sizes happen to agree, another function.
+    with pytest.raises(ValueError, match="dilation"):
+        LoRAModule(dilated_conv(), target_modules=["0"])
+    peft.get_peft_model(dilated_conv(), peft.LoraConfig(target_modules=["0"])).save_pretrained(
+        str(tmp_path))
+    model = dilated_conv()
+    with pytest.raises(ValueError, match="dilation"):
+        load_adapter(model, str(tmp_path))
+    assert type(model[0]) is nn.Conv2d
+
+
+def test_dilation_of_a_one_wide_kernel_is_no_dilation(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, (1, 3), padding=(0, 1), dilation=(2, 1)))
+    ours = LoRAModule(model, target_modules=["0"], r=4)
+    randomize(ours)
+    x = torch.randn(2, 3, 5, 5)
+    ours.save_adapter(str(tmp_path))
+    torch.manual_seed(0)
+    back = peft.PeftModel.from_pretrained(
+        nn.Sequential(nn.Conv2d(3, 6, (1, 3), padding=(0, 1), dilation=(2, 1))), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ours(x), **TOLERANCE)

@@ -407,8 +407,13 @@ class LoRALinear(LoRALayer):
 class LoRAConv(LoRALayer):
     """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``.
 
-    ``lora_A`` is a convolution ``in -> r`` with the base layer's kernel, stride,
-    padding and dilation; ``lora_B`` a 1x1 convolution ``r -> out``.
+    ``lora_A`` is a convolution ``in -> r`` with the base layer's kernel, stride
+    and padding, as PEFT builds it: zero-padded whatever the base's
+    ``padding_mode``, so a file means the same function in both libraries.
+    Merging such an adapter into a padded base of another ``padding_mode``
+    is refused (the merged kernel would be padded the base's way). A dilated
+    base (dilation > 1 along a kernel wider than 1) is refused: PEFT has no
+    dilated ``lora_A``. ``lora_B`` is a 1x1 convolution ``r -> out``.
     ``forward(x)`` = ``base(x) + scaling * B(A(dropout(x)))``, shaped like ``base(x)``.
     On a grouped convolution (``groups > 1``), as in PEFT, ``lora_B`` has the
     base's groups (so ``r`` must be a multiple of them) and ``lora_A`` does
@@ -420,6 +425,10 @@ class LoRAConv(LoRALayer):
                  use_rslora: bool = False, init: Init = True, adapter_name: str = "default"):
         if not isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             raise TypeError(f"LoRAConv wraps nn.Conv1d/2d/3d, got {type(base_layer).__name__}")
+        if any(d != 1 and k != 1 for d, k in zip(base_layer.dilation, base_layer.kernel_size)):
+            raise ValueError(f"LoRA on a dilated convolution (dilation={base_layer.dilation}) is "
+                             "not supported: PEFT builds lora_A without the dilation, so the "
+                             "same adapter file would compute another function there (or fail)")
         super().__init__(base_layer)
         self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init)
 
@@ -436,7 +445,7 @@ class LoRAConv(LoRALayer):
         options = dict(device=base.weight.device, dtype=_adapter_dtype(base.weight.dtype))
         self.lora_A[adapter_name] = conv(
             base.in_channels, r, base.kernel_size, stride=base.stride, padding=base.padding,
-            dilation=base.dilation, padding_mode=base.padding_mode, bias=False, **options)
+            bias=False, **options)
         self.lora_B[adapter_name] = conv(r, base.out_channels, 1, groups=base.groups, bias=False,
                                          **options)
 
@@ -450,6 +459,16 @@ class LoRAConv(LoRALayer):
         mix = factor_B.detach().float().flatten(1)
         delta = torch.einsum("or,ri...->oi...", mix, factor_A.detach().float())
         return delta * self.scaling[adapter_name]
+
+    def _merge_adapter(self, adapter_name, safe_merge):
+        base = self.base_layer
+        padded = (any(k > 1 for k in base.kernel_size) if base.padding == "same"
+                  else base.padding != "valid" and any(base.padding))
+        if base.padding_mode != "zeros" and padded:
+            raise ValueError(f"an adapter on a convolution with padding_mode="
+                             f"{base.padding_mode!r} pads with zeros (as PEFT's does) and cannot "
+                             "be merged: the merged kernel would be padded the base's way")
+        return super()._merge_adapter(adapter_name, safe_merge)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
