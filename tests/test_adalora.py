@@ -406,6 +406,50 @@ def test_orthogonal_regularizer_matches_direct_formula():
         assert all(factor_A.grad is not None for _, factor_A, _, _ in adapter_factors(wrapper))
 
 
+def test_default_penalty_is_peft_s_on_the_same_weights(peft):
+    # A recipe ported from PEFT (same field names, orth_reg_weight=0.5) must
+    # optimize the same objective: PEFT adds orth_reg_weight times the mean,
+    # over every P and Q, of ||P^T P - I||_F / ||Q Q^T - I||_F to output.loss.
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=16,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        num_labels=3)
+    options = dict(target_modules=["query", "value"], init_r=6, target_r=2, total_step=10,
+                   orth_reg_weight=0.5, init_lora_weights=False)
+
+    def bert():
+        torch.manual_seed(0)
+        return BertForSequenceClassification(config)
+
+    ours = AdaLoRAModule(bert(), **options)
+    with torch.no_grad():
+        for _, factor_A, _, factor_B in adapter_factors(ours):
+            factor_A.mul_(20)  # far from orthonormal, so the two forms differ a lot
+            factor_B.mul_(5)
+    theirs = peft.get_peft_model(bert(), peft.AdaLoraConfig(**options))
+    result = peft.set_peft_model_state_dict(theirs, ours.adapter_state_dict())
+    assert not [key for key in result.missing_keys if "lora_" in key]
+    ids = torch.randint(0, 64, (4, 8))
+    labels = torch.tensor([0, 1, 2, 1])
+
+    def penalty(model):
+        output = model(input_ids=ids, labels=labels)
+        return output.loss - nn.functional.cross_entropy(output.logits, labels)
+
+    ours.train()
+    theirs.train()
+    # PEFT adds it in AdaLoraModel.forward (a PeftModel without task_type
+    # calls the bare model and skips it; with one it goes through there).
+    expected = penalty(theirs.base_model)
+    assert expected.item() > 1.0
+    # Float32 sums of 4 matrix norms in another order: 1e-5 relative.
+    torch.testing.assert_close(penalty(ours), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.orthogonal_regularization(), expected, rtol=1e-5, atol=1e-5)
+    assert "orth_reg_form" not in ours.peft_config["default"].to_peft_dict()
+
+
 def test_forward_adds_regularizer_to_a_loss_output_in_training_only():
     class WithLoss(nn.Module):
         def __init__(self):

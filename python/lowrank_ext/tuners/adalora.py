@@ -51,10 +51,13 @@ class AdaLoRAConfig:
         deltaT: reallocate every ``deltaT`` steps (>= 1).
         beta1, beta2: smoothing of sensitivity and of its uncertainty, in [0, 1).
         orth_reg_weight: weight gamma (>= 0) of the orthogonality penalty.
-        orth_reg_form: ``"paper"`` (default): ``sum over layers of
-            ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2``; ``"peft"``: the mean,
-            over all P and Q, of the unsquared norms (PEFT's choice). Not
-            stored in ``adapter_config.json`` (PEFT has no such field).
+        orth_reg_form: ``"peft"`` (default): the mean, over all P and Q, of
+            ``||P^T P - I||_F`` and ``||Q Q^T - I||_F``, PEFT's penalty, so a
+            PEFT recipe's ``orth_reg_weight`` means the same objective here;
+            ``"paper"``: ``sum over layers of ||P^T P - I||_F^2 +
+            ||Q Q^T - I||_F^2`` (the paper's form; tens of times larger on a
+            small model, so tune ``orth_reg_weight`` for it). Not stored in
+            ``adapter_config.json`` (PEFT has no such field).
         rank_pattern: an allocation already made,
             ``{"<module path>.lora_E": init_r booleans}`` as PEFT stores it;
             layers named there are built with the kept triplets only, and the
@@ -91,7 +94,7 @@ class AdaLoRAConfig:
     modules_to_save: Optional[list[str]] = None
     init_lora_weights: Union[bool, str] = True
     fan_in_fan_out: bool = False
-    orth_reg_form: str = "paper"
+    orth_reg_form: str = "peft"
     r: int = 8
     base_model_name_or_path: Optional[str] = None
     task_type: Optional[str] = None
@@ -441,10 +444,11 @@ class AdaLoRAModule(AdapterModel):
     def orthogonal_regularization(self, adapter_name: Optional[str] = None) -> torch.Tensor:
         """``orth_reg_weight * R``, the term to add to the loss (scalar fp32 tensor).
 
-        ``R`` per ``orth_reg_form``: ``"paper"`` sums ``||P^T P - I||_F^2 +
-        ||Q Q^T - I||_F^2`` over the adapter's layers; ``"peft"`` averages
-        ``||P^T P - I||_F`` and ``||Q Q^T - I||_F`` over all factors. Zero
-        when the adapter has no layers or the weight is 0.
+        ``R`` per ``orth_reg_form``: ``"peft"`` (default, equal to PEFT's
+        penalty) averages ``||P^T P - I||_F`` and ``||Q Q^T - I||_F`` over all
+        factors; ``"paper"`` sums ``||P^T P - I||_F^2 + ||Q Q^T - I||_F^2``
+        over the adapter's layers. Zero when the adapter has no layers or the
+        weight is 0.
         """
         adapter_name = adapter_name or self.active_adapter
         config = self.peft_config[adapter_name]
