@@ -49,6 +49,9 @@ class NF4Linear(nn.Module):
         self._set_quantized(weight)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
+        # The kind of layer the weight came from, which to_dense() rebuilds
+        # (GPT-2's Conv1D stores its weight transposed).
+        self.source_class: type = nn.Linear
 
     def _set_quantized(self, weight: NF4Weight) -> None:
         self.weight = weight.packed.reshape(-1, 1)
@@ -74,7 +77,9 @@ class NF4Linear(nn.Module):
             raise TypeError(f"NF4Linear.from_linear needs nn.Linear or Conv1D, got "
                             f"{type(linear).__name__}")
         quantized = NF4Weight.from_float(weight.contiguous(), blocksize, double_quant)
-        return cls(quantized, linear.bias, compute_dtype)
+        layer = cls(quantized, linear.bias, compute_dtype)
+        layer.source_class = type(linear)
+        return layer
 
     def quantized_weight(self) -> NF4Weight:
         """The weight as an :class:`~lowrank_ext.NF4Weight` (sharing these buffers)."""
@@ -107,6 +112,34 @@ class NF4Linear(nn.Module):
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense ``[out, in]`` weight (default dtype: the original weight's)."""
         return self.quantized_weight().dequantize(dtype)
+
+    def to_dense(self, weight: Optional[torch.Tensor] = None) -> nn.Module:
+        """A dense layer of the kind this one was quantized from (``nn.Linear``
+        or ``Conv1D``; ``source_class``) holding ``weight`` (``[out, in]``,
+        default the dequantized weight) in the original weight dtype, and a
+        copy of the bias. Raises ``ValueError`` for a weight of another shape.
+        """
+        if weight is None:
+            weight = self.dequantize()
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a layer of "
+                             f"shape {(self.out_features, self.in_features)}")
+        weight = weight.detach().to(self.weight_dtype)
+        bias = None if self.bias is None else self.bias.detach().clone()
+        # Built on the meta device (no initialization work), then given real tensors.
+        with torch.device("meta"):
+            if self.source_class is nn.Linear:
+                dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
+            else:  # Conv1D(nf=out, nx=in): weight [in, out], always a bias
+                dense = self.source_class(self.out_features, self.in_features)
+        if self.source_class is not nn.Linear:
+            weight = weight.t()
+            bias = weight.new_zeros(self.out_features) if bias is None else bias
+        dense.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        if bias is not None:
+            dense.bias = nn.Parameter(bias, requires_grad=False)
+        dense.train(self.training)
+        return dense
 
     def linear_args(self) -> tuple:
         """The NF4 weight argument group of :func:`lowrank_ext.ops.nf4_linear`."""

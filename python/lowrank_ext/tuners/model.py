@@ -661,3 +661,48 @@ class QLoRAModule(LoRAModule):
         if isinstance(layer, QLoRALinear):
             return layer.merge(names, safe_merge, **layer_options)
         return layer.merge(names, safe_merge)
+
+    def merge_and_unload(self, safe_merge: bool = False,
+                         keep_merged_weight: bool = True) -> nn.Module:
+        """Merge the active adapter, remove every adapter layer and return the bare model.
+
+        By default the model comes back dense, ready for ``save_pretrained``
+        and a plain ``from_pretrained``: every 4-bit layer, adapted or not,
+        becomes the ``nn.Linear`` / ``Conv1D`` it was quantized from, in its
+        original dtype. An adapted layer's weight is its original 4-bit base
+        dequantized plus the merged adapters, added in fp32 and rounded once
+        (adapters merged earlier, either way, are included). With
+        ``keep_merged_weight=False`` the layers stay 4-bit
+        (:class:`~lowrank_ext.nn.NF4Linear`) and the merged weights are
+        requantized, as PEFT does on a bitsandbytes model (adding NF4 rounding
+        error; see :meth:`merge`). ``modules_to_save`` modules are replaced by
+        the active adapter's copy. On an error the wrapper is left unchanged.
+        """
+        if not keep_merged_weight:
+            return super().merge_and_unload(safe_merge, keep_merged_weight=False)
+        names = [self.active_adapter]
+        dense = []
+        for path, layer in self.adapter_layers():
+            if isinstance(layer, QLoRALinear):
+                present = [name for name in names if name in layer.adapter_names]
+                try:
+                    dense.append((path, layer.dense_merged_layer(present, safe_merge)))
+                except ValueError as error:
+                    raise ValueError(f"{path}: {error}; nothing was merged") from None
+        replaced: list = []
+        for path, layer in dense:
+            self._replace(path, layer, replaced)
+        try:
+            # The adapter layers left (LoRA on layers kept dense, embeddings)
+            # and modules_to_save unload as in any LoRA model.
+            model = super().merge_and_unload(safe_merge)
+        except BaseException:
+            for parent, name, original in reversed(replaced):
+                setattr(parent, name, original)
+            self._forget_row_layers()
+            raise
+        for path, module in list(model.named_modules()):
+            if isinstance(module, NF4Linear):
+                parent, name = get_submodule_parent(model, path)
+                setattr(parent, name, module.to_dense())
+        return model

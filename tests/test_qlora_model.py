@@ -1,0 +1,119 @@
+"""QLoRAModule on whole models: unloading, export, what is (not) quantized.
+
+Models are tiny random Hugging Face models built from configs, in fp32.
+Tolerances: a dense merge differs from the unmerged adapted model only in
+fp32 summation order (``atol = rtol = 1e-4`` on logits of magnitude ~1); a
+4-bit requantized merge adds NF4 rounding of the merged weights, bounded
+below by its own measured error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_ext import QLoRAModule
+from lowrank_ext.nn import NF4Linear, QLoRALinear
+
+transformers = pytest.importorskip("transformers")
+
+DENSE = dict(atol=1e-4, rtol=1e-4)
+
+
+def llama(**overrides):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      vocab_size=128, **overrides)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+
+
+def randomize(model, std=0.1):
+    """Non-zero adapter factors, so outputs depend on them."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+
+
+def adapted_llama(**options):
+    model = QLoRAModule(llama(), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        **options)
+    randomize(model)
+    return model
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+# ----------------------------------------------------------- merge_and_unload
+
+
+@pytest.mark.parametrize("earlier", [None, "keep_merged_weight", "requantized"])
+def test_merge_and_unload_returns_the_dense_merged_model(earlier):
+    model = adapted_llama()
+    expected = logits(model)
+    with model.disable_adapter():
+        base = logits(model)
+    assert (expected - base).abs().max() > 0.1  # the adapter matters
+    if earlier == "keep_merged_weight":
+        model.merge(keep_merged_weight=True)
+        model.unmerge()
+    elif earlier == "requantized":
+        model.merge()  # stays merged: the unload must still start from the original base
+    options = {"keep_merged_weight": True} if earlier is None else {}
+    plain = model.merge_and_unload(**options)
+    assert not any(isinstance(m, (NF4Linear, QLoRALinear)) for m in plain.modules())
+    assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert type(plain.model.layers[0].mlp.up_proj) is nn.Linear  # quantized, not adapted
+    torch.testing.assert_close(logits(plain), expected, **DENSE)
+
+
+def test_merge_and_unload_can_stay_4bit():
+    model = adapted_llama()
+    expected = logits(model)
+    with model.disable_adapter():
+        base = logits(model)
+    report = model.merge()
+    merged_4bit = logits(model)
+    model.unmerge()
+    plain = model.merge_and_unload(keep_merged_weight=False)
+    assert isinstance(plain.model.layers[0].self_attn.q_proj, NF4Linear)
+    assert max(error for layer in report.values() for error in layer.values()) > 0
+    # Same requantization as merge(): equal outputs, which carry the adapter
+    # (much closer to the adapted model than to the base).
+    torch.testing.assert_close(logits(plain), merged_4bit, atol=0, rtol=0)
+    assert (merged_4bit - expected).abs().max() < 0.5 * (expected - base).abs().max()
+
+
+def test_merge_and_unload_keeps_gpt2_conv1d_layout():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=128,
+                                     n_positions=16)
+    model = QLoRAModule(transformers.GPT2LMHeadModel(config).eval(), r=4,
+                        target_modules=["c_attn"])
+    randomize(model)
+    expected = logits(model)
+    plain = model.merge_and_unload()
+    block = plain.transformer.h[0]
+    assert type(block.attn.c_attn).__name__ == "Conv1D"
+    assert type(block.mlp.c_fc).__name__ == "Conv1D"
+    torch.testing.assert_close(logits(plain), expected, **DENSE)
+
+
+def test_merge_and_unload_safe_merge_refuses_without_changing_the_model():
+    model = adapted_llama()
+    layer = model.model.model.layers[1].self_attn.v_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.fill_(float("inf"))
+    with pytest.raises(ValueError, match="layers.1.self_attn.v_proj.*non-finite"):
+        model.merge_and_unload(safe_merge=True)
+    assert model.model.model.layers[1].self_attn.v_proj is layer
+    assert isinstance(model.model.model.layers[0].self_attn.q_proj, QLoRALinear)
