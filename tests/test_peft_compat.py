@@ -421,3 +421,49 @@ def test_dilation_of_a_one_wide_kernel_is_no_dilation(tmp_path):
         nn.Sequential(nn.Conv2d(3, 6, (1, 3), padding=(0, 1), dilation=(2, 1))), str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(back(x), ours(x), **TOLERANCE)
+
+
+# ------------------------------------------------------ nn.MultiheadAttention --
+# MHA reads out_proj.weight itself (F.multi_head_attention_forward), so a
+# layer put in out_proj's place is bypassed: an adapter there does nothing.
+
+
+class AttentionModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mha = nn.MultiheadAttention(8, 2)
+        self.lin0 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.lin0(self.mha(x, x, x)[0])
+
+
+MHA_INPUT = torch.randn(5, 2, 8, generator=torch.Generator().manual_seed(3))
+
+
+def test_all_linear_leaves_attention_out_proj_out_with_a_warning():
+    with pytest.warns(UserWarning, match=r"mha\.out_proj.*MultiheadAttention"):
+        model = LoRAModule(AttentionModel(), target_modules="all-linear")
+    assert model.targeted_modules["default"] == ["lin0"]
+    assert type(model.model.mha.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+@pytest.mark.parametrize("targets", [["out_proj"], ["lin0", "mha.out_proj"], r".*out_proj"])
+def test_explicit_attention_out_proj_target_is_refused(targets):
+    model = AttentionModel()
+    with pytest.raises(ValueError, match=r"mha\.out_proj.*MultiheadAttention"):
+        LoRAModule(model, target_modules=targets)
+    assert type(model.lin0) is nn.Linear
+
+
+def test_peft_all_linear_adapter_on_attention_loads_without_its_no_op_part(tmp_path):
+    # PEFT's all-linear wraps out_proj, and its adapter there changes nothing.
+    reference = peft_saved(tmp_path, AttentionModel(), target_modules="all-linear")
+    assert "mha.out_proj" in json.loads((tmp_path / "adapter_config.json").read_text())[
+        "target_modules"]
+    with pytest.warns(UserWarning, match=r"mha\.out_proj"):
+        ours = load_adapter(AttentionModel(), str(tmp_path))
+    assert ours.targeted_modules["default"] == ["lin0"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(MHA_INPUT), reference(MHA_INPUT), **TOLERANCE)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig, layer_init
-from .model import AdapterModel, LoRAModule
-from .targets import ALL_LINEAR
+from .model import PEFT_KEY_PREFIX, AdapterModel, LoRAModule
+from .targets import ALL_LINEAR, bypassed_linears
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -187,6 +187,12 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     trainable = {parameter: parameter.requires_grad for parameter in wrapper.parameters()}
     wrapper._add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=True),
                          strict=False)
+    # Targets left out because their owner bypasses them (PEFT's all-linear
+    # wraps MultiheadAttention's out_proj): their factors never acted in PEFT.
+    for path in set(bypassed_linears(wrapper.model)) - set(
+            wrapper.targeted_modules[adapter_name]):
+        prefix = f"{PEFT_KEY_PREFIX}{path}.lora_"
+        tensors = {key: value for key, value in tensors.items() if not key.startswith(prefix)}
     try:
         if pissa:  # before any base weight is rewritten
             wrapper._check_targets(wrapper.targeted_modules[adapter_name], config)
