@@ -344,14 +344,68 @@ def test_shrinking_keeps_outputs_and_cuts_parameters():
     wrapper.update_and_allocate(12)
 
 
+@pytest.mark.parametrize("make_optimizer", [
+    lambda parameters: torch.optim.AdamW(parameters, lr=1e-2),
+    lambda parameters: torch.optim.SGD(parameters, lr=1e-1, momentum=0.9),
+    lambda parameters: torch.optim.Adam(parameters, lr=1e-2),
+], ids=["adamw", "sgd-momentum", "adam"])
+def test_peft_documented_loop_with_an_unattached_optimizer_runs_past_total_step(make_optimizer):
+    # PEFT's recipe: the optimizer is the caller's own and never shown to the
+    # wrapper, so the final allocation must not reshape the parameters it holds.
+    options = dict(SCHEDULE, total_step=12, tfinal=3)
+    wrapper = AdaLoRAModule(fresh_classifier(), **options)
+    optimizer = make_optimizer([p for p in wrapper.parameters() if p.requires_grad])
+    inputs, labels = synthetic_task()
+    x = torch.randn(5, 12)
+    for step in range(options["total_step"] + 4):
+        loss = nn.functional.cross_entropy(wrapper(inputs[:16]), labels[:16])
+        loss.backward()
+        optimizer.step()
+        wrapper.update_and_allocate(step)
+        optimizer.zero_grad()
+        if step == options["total_step"] - options["tfinal"]:
+            wrapper.eval()
+            with torch.no_grad():
+                frozen_output = wrapper(x)
+            wrapper.train()
+    assert wrapper.allocator.frozen
+    assert wrapper.allocator.active_rank() == 3 * 2  # the target budget
+    pattern = wrapper.peft_config["default"].rank_pattern
+    assert sum(sum(kept) for kept in pattern.values()) == 3 * 2
+    # The masked triplets stay out while the optimizer keeps moving the rest.
+    wrapper.eval()
+    with torch.no_grad():
+        assert not torch.allclose(wrapper(x), frozen_output)
+        before = wrapper(x)
+    trainable = wrapper.trainable_parameter_summary()[0]
+    # Shrinking is the caller's explicit call, with the optimizer to refresh.
+    wrapper.shrink(optimizer)
+    assert sum(layer.rank("default") for _, layer in wrapper.adapter_layers()) == 3 * 2
+    assert wrapper.trainable_parameter_summary()[0] < trainable
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x), before, atol=1e-6, rtol=1e-6)
+    wrapper.train()
+    nn.functional.cross_entropy(wrapper(inputs[:16]), labels[:16]).backward()
+    optimizer.step()
+    wrapper.update_and_allocate(options["total_step"] + 4)
+
+
+def test_shrink_before_the_allocation_is_final_is_refused():
+    wrapper = AdaLoRAModule(fresh_classifier(), **SCHEDULE)
+    train(wrapper, 6, "combined")
+    with pytest.raises(RuntimeError, match="not final"):
+        wrapper.shrink()
+
+
 def test_stale_optimizer_is_refreshed_by_refresh_optimizer():
     wrapper = AdaLoRAModule(fresh_classifier(), **dict(SCHEDULE, total_step=8, tfinal=1))
     _, optimizer = train(wrapper, 6, "combined")
     other = copy.deepcopy(optimizer.state_dict())
     inputs, labels = synthetic_task()
     nn.functional.cross_entropy(wrapper(inputs[:8]), labels[:8]).backward()
-    wrapper.update_and_allocate(7)  # final: shrinks, no optimizer given
+    wrapper.update_and_allocate(7)  # final: the pattern freezes, masked
     assert wrapper.allocator.frozen
+    wrapper.shrink()  # no optimizer given: the caller's one goes stale
     with pytest.raises(RuntimeError):
         optimizer.step()  # momenta of the old shape: fails loudly, never silently
     optimizer.load_state_dict(other)

@@ -423,8 +423,10 @@ class RankAllocator:
     (T - tfinal - tinit))**3)`` with ``target = target_r * layers``; every
     ``deltaT`` steps the ``b(t)`` best triplets over all layers are kept
     (ties go to the earlier layer / lower index) and the rest masked, until
-    at ``t >= T - tfinal`` the target budget is allocated one last time, the
-    pattern is frozen and the layers are shrunk to it. Between reallocations
+    at ``t >= T - tfinal`` the target budget is allocated one last time and
+    the pattern is frozen; :meth:`shrink` then drops the masked triplets
+    physically (the caller decides when: it reshapes the factors under any
+    optimizer that holds them). Between reallocations
     the kept set, and so the total active rank, does not change. Budgets are
     clamped to ``[0, stored triplets]``.
 
@@ -433,8 +435,8 @@ class RankAllocator:
         budget: the budget in force (of the last allocation).
         allocations: how many times triplets were (re)selected.
         frozen: True once the final allocation is made.
-        resized: after freezing, what :meth:`AdaLoRALinear.shrink` changed,
-            for refreshing optimizer state.
+        resized: after :meth:`shrink`, what :meth:`AdaLoRALinear.shrink`
+            changed, for refreshing optimizer state.
     """
 
     def __init__(self, layers: Iterable[tuple[str, AdaLoRALinear]], adapter_name: str,
@@ -538,10 +540,11 @@ class RankAllocator:
 
         Reallocates when ``tinit < step < T - tfinal`` and ``step % deltaT ==
         0``; at the first call with ``step >= T - tfinal`` allocates the
-        target budget, freezes and shrinks the layers (see ``resized``). On
-        every call the lambda of masked triplets is zeroed again.
+        target budget and freezes the pattern (masked, not shrunk: see
+        :meth:`shrink`). On every call before that the lambda of masked
+        triplets is zeroed again; afterwards the mask alone keeps them out.
 
-        Returns True when the layers were shrunk by this call. Raises
+        Returns True when this call froze the pattern. Raises
         ``RuntimeError`` if an allocation is due but importance was never
         updated.
         """
@@ -556,9 +559,29 @@ class RankAllocator:
             return False
         self.frozen = True
         self.importance.clear()
-        for _, layer in self.layers:
-            self.resized.update(layer.shrink(self.adapter_name))
         return True
+
+    @property
+    def shrunk(self) -> bool:
+        """True when no layer stores a masked triplet (nothing left to shrink)."""
+        return all(layer.triplets[self.adapter_name].fully_active for _, layer in self.layers)
+
+    def shrink(self) -> Resized:
+        """Drop the masked triplets of every layer once the pattern is frozen.
+
+        Returns what changed (also merged into ``resized``), empty when
+        already shrunk. Raises ``RuntimeError`` before the final allocation:
+        a masked triplet may still come back then.
+        """
+        if not self.frozen:
+            raise RuntimeError(f"the AdaLoRA allocation is not final yet (it is at step "
+                               f"total_step - tfinal = {self.final_step}); masked triplets "
+                               "may still come back, so they cannot be dropped")
+        resized: Resized = {}
+        for _, layer in self.layers:
+            resized.update(layer.shrink(self.adapter_name))
+        self.resized.update(resized)
+        return resized
 
     def _mask_to_budget(self, budget: int) -> None:
         if self.importance_updates == 0:

@@ -3,7 +3,8 @@
 Unlike PEFT, the allocation cannot be forgotten: :meth:`AdaLoRAModule.attach_optimizer`
 runs it from optimizer hooks, :meth:`AdaLoRAModule.update_and_allocate` does
 the same from a custom loop, and backward passes that pile up with neither
-raise an error. When the pattern is final the factors are physically shrunk.
+raise an error. When the pattern is final the factors are physically shrunk
+where that cannot break the caller's optimizer (see :class:`AdaLoRAModule`).
 """
 
 from __future__ import annotations
@@ -234,12 +235,18 @@ class AdaLoRAModule(AdapterModel):
     If neither runs, the ``unallocated_backward_limit``-th (default 50)
     backward pass without an allocation raises ``RuntimeError``.
 
-    When the pattern is final (step ``total_step - tfinal``) the layers are
-    shrunk to their kept triplets: fewer parameters, less compute. The
-    parameter objects stay the same, so optimizers keep working once their
-    state is sliced too: attached optimizers and ones passed to
-    :meth:`update_and_allocate` are refreshed automatically, others need
-    :meth:`refresh_optimizer` (a stale optimizer fails loudly on its next step).
+    When the pattern is final (step ``total_step - tfinal``) the masked
+    triplets stay masked (exactly zero in the output, whatever an optimizer
+    does to them) and the layers can be *shrunk* to their kept triplets:
+    fewer parameters, less compute. Shrinking keeps the parameter objects
+    but changes their shapes, so every optimizer state of the old shape must
+    be sliced with them, and it happens only where the wrapper knows the
+    optimizers: at the final allocation when an optimizer is attached or
+    passed to :meth:`update_and_allocate` / :meth:`allocate` (those are
+    refreshed), or when the caller calls :meth:`shrink`. PEFT's loop, with
+    an optimizer the wrapper never saw, therefore runs on at the target
+    budget without shrinking, as PEFT's does. Saving needs no shrink: the
+    file holds the kept triplets only.
 
     In training mode, ``forward`` adds :meth:`orthogonal_regularization` to
     the output's ``loss`` when it has one (a Hugging Face model given labels).
@@ -357,28 +364,29 @@ class AdaLoRAModule(AdapterModel):
         """Apply the budget schedule at ``step`` (after ``optimizer.step()``).
 
         Masks to the scheduled budget when a reallocation is due, keeps the
-        masked lambdas at zero, and at the final step shrinks the layers and
-        refreshes ``optimizer`` and the attached optimizers. Updates the
-        config's ``rank_pattern``. Returns the total active rank.
+        masked lambdas at zero and, once the pattern is final, shrinks the
+        layers if ``optimizer`` is given or one is attached (refreshing
+        those; without either they stay masked, see :meth:`shrink`).
+        Updates the config's ``rank_pattern``. Returns the total active rank.
         Raises ``RuntimeError`` if an allocation is due before any importance update.
         """
         allocator = self.allocator
         allocations = allocator.allocations
-        shrunk = allocator.allocate(step)
+        froze = allocator.allocate(step)
         self.allocation_step = step + 1
         self._backward_passes = 0
         self._importance_pending = False
         if allocator.allocations != allocations:
             self.peft_config[self.active_adapter].rank_pattern = allocator.rank_pattern()
-        if shrunk:
-            optimizers = list(self._attached_optimizers)
-            if optimizer is not None and optimizer not in optimizers:
-                optimizers.append(optimizer)
-            for each in optimizers:
-                self.refresh_optimizer(each)
+        if froze:
             handle = self._backward_hooks.pop(self.active_adapter, None)
             if handle is not None:
                 handle.remove()
+        optimizers = list(self._attached_optimizers)
+        if optimizer is not None and optimizer not in optimizers:
+            optimizers.append(optimizer)
+        if allocator.frozen and optimizers and not allocator.shrunk:
+            self.shrink(*optimizers)
         # Exactly `budget` triplets are kept after every allocation, so this
         # needs no device sync (unlike counting the masks).
         return allocator.budget
@@ -389,8 +397,9 @@ class AdaLoRAModule(AdapterModel):
         allocation) then :meth:`allocate`; the one call a custom loop needs,
         after ``optimizer.step()`` and before ``zero_grad()``.
 
-        Pass ``optimizer`` so that its state follows the final shrink.
-        Returns the total active rank.
+        Pass ``optimizer`` to let the final allocation shrink the factors
+        and slice its state along; without it (PEFT's loop) the pattern is
+        frozen masked. Returns the total active rank.
         """
         if not self.allocator.frozen and not self._importance_pending:
             self.update_importance()
@@ -402,7 +411,7 @@ class AdaLoRAModule(AdapterModel):
         A pre-step hook reads the importance from the gradients (before the
         weights change), a post-step hook applies the schedule at
         ``self.allocation_step`` (then incremented) and, at the final step,
-        slices this optimizer's state to the shrunk factors. Steps the
+        shrinks the factors and slices this optimizer's state along. Steps the
         optimizer skips (e.g. by a gradient scaler) are not counted.
         Raises ``ValueError`` if ``optimizer`` is already attached.
         """
@@ -422,11 +431,27 @@ class AdaLoRAModule(AdapterModel):
         self._attached_optimizers.append(optimizer)
         return _AllocationHooks(self, optimizer, handles)
 
+    def shrink(self, *optimizers: torch.optim.Optimizer) -> None:
+        """Drop the masked triplets of the active adapter physically, once its
+        allocation is final; outputs are unchanged.
+
+        ``optimizers`` (and the attached ones) get their state sliced to the
+        new shapes; any other optimizer holding the factors needs
+        :meth:`refresh_optimizer` before its next step (until then it fails
+        loudly, never silently). Does nothing when already shrunk. Raises
+        ``RuntimeError`` before the final allocation.
+        """
+        self.allocator.shrink()
+        for optimizer in list(self._attached_optimizers) + [
+                each for each in optimizers if each not in self._attached_optimizers]:
+            self.refresh_optimizer(optimizer)
+
     def refresh_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Slice ``optimizer``'s per-parameter state (momenta...) to the shrunk factors.
 
         Idempotent: state already of the new shape is left alone. Needed
-        only for optimizers neither attached nor passed to :meth:`allocate`.
+        only for optimizers neither attached nor passed to :meth:`allocate`
+        or :meth:`shrink`.
         """
         resized = {}
         for allocator in self.allocators.values():
