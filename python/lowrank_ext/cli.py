@@ -42,6 +42,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _dropout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
+
+
 def _module_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
@@ -84,15 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
                           help="learning rate of the adapted weights and the head (default: 2e-3; "
                                "adalora: 1e-2 for its triplets, full: 1e-4 for the encoder, "
                                "2e-3 for the head)")
-    finetune.add_argument("--rank", type=_positive_int, default=8,
-                          help="LoRA rank r; AdaLoRA's final average rank (default: 8)")
-    finetune.add_argument("--alpha", type=_positive_float, default=16.0,
-                          help="LoRA alpha; the update is scaled by alpha/r (default: 16)")
-    finetune.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default: 0)")
-    finetune.add_argument("--target-modules", type=_module_list,
-                          default=list(DEFAULT_TARGET_MODULES),
+    # The adapter options default to None: with --resume an unset option
+    # takes the saved run's value, and a set one must agree with it.
+    resumed = "; with --resume: the saved run's"
+    finetune.add_argument("--rank", type=_positive_int, default=None,
+                          help=f"LoRA rank r; AdaLoRA's final average rank (default: 8{resumed})")
+    finetune.add_argument("--alpha", type=_positive_float, default=None,
+                          help="LoRA alpha; the update is scaled by alpha/r "
+                               f"(default: 16{resumed})")
+    finetune.add_argument("--dropout", type=_dropout, default=None,
+                          help=f"LoRA dropout, in [0, 1) (default: 0{resumed})")
+    finetune.add_argument("--target-modules", type=_module_list, default=None,
                           help="comma-separated module names to adapt "
-                               f"(default: {','.join(DEFAULT_TARGET_MODULES)})")
+                               f"(default: {','.join(DEFAULT_TARGET_MODULES)}{resumed}); "
+                               "not with --method full")
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--max-train-samples", type=_positive_int, default=None,
                           help="train on a stratified random sample of N training examples "
@@ -128,30 +143,35 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(arguments: argparse.Namespace, method: str, output_dir: Optional[str]):
     from .finetune.train import FinetuneSettings
 
-    if not 0.0 <= arguments.dropout < 1.0:
-        raise UsageError(f"--dropout must be in [0, 1), got {arguments.dropout}")
     return FinetuneSettings(
         method=method, data=arguments.data, epochs=arguments.epochs,
         batch_size=arguments.batch_size, learning_rate=arguments.lr, rank=arguments.rank,
         alpha=arguments.alpha, dropout=arguments.dropout,
-        target_modules=tuple(arguments.target_modules), seed=arguments.seed,
+        target_modules=arguments.target_modules, seed=arguments.seed,
         max_train_samples=arguments.max_train_samples, max_length=arguments.max_length,
         threads=arguments.threads, device=arguments.device, output_dir=output_dir,
         resume=arguments.resume, progress=not arguments.no_progress)
 
 
 def _child_arguments(arguments: argparse.Namespace, method: str, output_dir: Path) -> list[str]:
-    """The command line of one --compare run, repeating every shared option."""
+    """The command line of one --compare run, repeating every shared option.
+
+    The adapter options go to the adapter methods only: ``full`` refuses them.
+    """
     command = [sys.executable, "-m", "lowrank_ext.cli", "finetune", "--method", method,
                "--output-dir", str(output_dir), "--epochs", str(arguments.epochs),
-               "--batch-size", str(arguments.batch_size), "--rank", str(arguments.rank),
-               "--alpha", str(arguments.alpha), "--dropout", str(arguments.dropout),
-               "--target-modules", ",".join(arguments.target_modules),
+               "--batch-size", str(arguments.batch_size),
                "--seed", str(arguments.seed), "--max-length", str(arguments.max_length),
                "--device", arguments.device]
-    for flag, value in (("--data", arguments.data), ("--lr", arguments.lr),
-                        ("--max-train-samples", arguments.max_train_samples),
-                        ("--threads", arguments.threads)):
+    options = [("--data", arguments.data), ("--lr", arguments.lr),
+               ("--max-train-samples", arguments.max_train_samples),
+               ("--threads", arguments.threads)]
+    if method != "full":
+        options += [("--rank", arguments.rank), ("--alpha", arguments.alpha),
+                    ("--dropout", arguments.dropout),
+                    ("--target-modules", arguments.target_modules
+                     and ",".join(arguments.target_modules))]
+    for flag, value in options:
         if value is not None:
             command += [flag, str(value)]
     if arguments.no_progress:

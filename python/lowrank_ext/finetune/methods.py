@@ -22,6 +22,11 @@ METHODS = ("qlora", "lora", "adalora", "full")
 # QLoRA paper, which adapts all linear layers.
 DEFAULT_TARGET_MODULES = ("query", "key", "value", "dense")
 
+# The options that shape an adapter: (FinetuneSettings field, CLI flag, default).
+ADAPTER_OPTIONS = (("rank", "--rank", 8), ("alpha", "--alpha", 16.0),
+                   ("dropout", "--dropout", 0.0),
+                   ("target_modules", "--target-modules", DEFAULT_TARGET_MODULES))
+
 # Saved next to the adapter so a run can be resumed or served without
 # guessing the method or label order.
 RUN_FILE = "finetune_run.json"
@@ -143,6 +148,21 @@ def read_run_info(directory: Path) -> dict:
     if not path.is_file():
         raise MethodError(f"{directory} was not written by 'lowrank-ext finetune' (no {RUN_FILE})")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def saved_adapter_options(directory: Path, run_info: dict) -> dict:
+    """The adapter options a saved run trained with, keyed as in :data:`ADAPTER_OPTIONS`.
+
+    Runs saved before ``dropout`` was recorded have it in the PEFT config only.
+    """
+    saved = dict(run_info)
+    if "dropout" not in saved:
+        config_path = directory / "adapter_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        saved["dropout"] = config.get("lora_dropout", 0.0)
+    if saved.get("target_modules") is not None:
+        saved["target_modules"] = tuple(saved["target_modules"])
+    return {name: saved.get(name) for name, _, _ in ADAPTER_OPTIONS}
 
 
 def load(model: nn.Module, method: str, directory: Path, options: MethodOptions) -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -38,10 +38,12 @@ class FinetuneSettings:
     epochs: int = 2
     batch_size: int = 32
     learning_rate: Optional[float] = None
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: Sequence[str] = methods.DEFAULT_TARGET_MODULES
+    # The adapter options: None means the saved run's value with ``resume``,
+    # else the default of :data:`methods.ADAPTER_OPTIONS`.
+    rank: Optional[int] = None
+    alpha: Optional[float] = None
+    dropout: Optional[float] = None
+    target_modules: Optional[Sequence[str]] = None
     seed: int = 0
     max_train_samples: Optional[int] = None
     max_length: int = 64
@@ -74,6 +76,40 @@ class History:
     validation_steps: list[int] = field(default_factory=list)
     validation_loss: list[float] = field(default_factory=list)
     validation_accuracy: list[float] = field(default_factory=list)
+
+
+def resolve_adapter_options(settings: FinetuneSettings,
+                            saved: Optional[dict] = None) -> FinetuneSettings:
+    """``settings`` with every adapter option set.
+
+    An option left unset takes the value saved with the run being resumed
+    (``saved``), else its default. An option set to another value than the
+    saved one raises :class:`methods.MethodError`: a resumed adapter keeps
+    its rank, scale, dropout and layers, and the report must describe the
+    adapter that was trained. ``full`` trains no adapter: its options stay
+    None, and setting one is an error.
+    """
+    values = {}
+    for field_name, flag, default in methods.ADAPTER_OPTIONS:
+        value = getattr(settings, field_name)
+        if settings.method == "full":
+            if value is not None:
+                raise methods.MethodError(f"{flag} does not apply to --method full "
+                                          "(it trains every weight, no adapter)")
+            continue
+        if field_name == "target_modules" and value is not None:
+            value = tuple(value)
+        if saved is not None:
+            if value is not None and value != saved[field_name]:
+                shown = ",".join(value) if field_name == "target_modules" else value
+                kept = (",".join(saved[field_name]) if field_name == "target_modules"
+                        else saved[field_name])
+                raise methods.MethodError(
+                    f"{flag} {shown} differs from the adapter in --resume {settings.resume} "
+                    f"({kept}); omit {flag} to continue with the saved value")
+            value = saved[field_name]
+        values[field_name] = default if value is None else value
+    return replace(settings, **values)
 
 
 def load_splits(data: Optional[str]) -> DataSplits:
@@ -141,6 +177,8 @@ def run_finetune(settings: FinetuneSettings, splits: Optional[DataSplits] = None
             raise methods.MethodError(
                 f"--resume {settings.resume} holds a {resume_info['method']!r} run, "
                 f"but --method is {settings.method!r}")
+    settings = resolve_adapter_options(
+        settings, resume_info and methods.saved_adapter_options(Path(settings.resume), resume_info))
 
     splits = splits or load_splits(settings.data)
     if resume_info and resume_info["labels"] != splits.label_names:
@@ -156,10 +194,11 @@ def run_finetune(settings: FinetuneSettings, splits: Optional[DataSplits] = None
 
     steps_per_epoch = math.ceil(len(train_set) / settings.batch_size)
     total_steps = max(1, steps_per_epoch * settings.epochs)
-    options = methods.MethodOptions(
-        rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout,
-        target_modules=tuple(settings.target_modules), modules_to_save=(HEAD_NAME,),
-        total_step=total_steps)
+    # ``full`` has no adapter options; MethodOptions' defaults stand in, unused.
+    adapter_options = {name: getattr(settings, name) for name, _, _ in methods.ADAPTER_OPTIONS
+                       if getattr(settings, name) is not None}
+    options = methods.MethodOptions(**adapter_options, modules_to_save=(HEAD_NAME,),
+                                    total_step=total_steps)
 
     model = build_classifier(len(splits.label_names), seed=settings.seed)
     _, base_parameters = methods.count_parameters(model)
@@ -246,14 +285,15 @@ def run_finetune(settings: FinetuneSettings, splits: Optional[DataSplits] = None
     adapter_dir = output_dir / "adapter"
     run_info = {"method": settings.method, "labels": splits.label_names,
                 "max_length": settings.max_length, "rank": settings.rank,
-                "alpha": settings.alpha, "target_modules": list(settings.target_modules)}
+                "alpha": settings.alpha, "dropout": settings.dropout,
+                "target_modules": settings.target_modules and list(settings.target_modules)}
     methods.save(module, settings.method, adapter_dir, run_info)
 
     report = {
         "method": settings.method,
         "settings": {**asdict(settings), "learning_rate": learning_rate,
                      "head_learning_rate": head_learning_rate,
-                     "target_modules": list(settings.target_modules)},
+                     "target_modules": run_info["target_modules"]},
         "data": {**splits.summary(), "train_used": len(train_set)},
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
