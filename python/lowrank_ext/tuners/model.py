@@ -10,7 +10,8 @@ add only how their layers are built; an AdaLoRA wrapper subclasses it the same w
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional, Sequence
+import inspect
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +26,57 @@ from .targets import get_submodule_parent, match_modules_to_save, match_targets
 # Prefix PEFT puts in front of module paths in saved adapter files
 # (PeftModel.base_model -> LoraModel.model -> the user's model).
 PEFT_KEY_PREFIX = "base_model.model."
+
+
+class _BoundForward:
+    """``wrapper.forward``: calls like a bound method, with the wrapped model's signature.
+
+    Training tools read ``inspect.signature(model.forward)`` to learn which
+    inputs a model takes (the Hugging Face Trainer drops every dataset column
+    not named there), so the wrapper shows the wrapped model's parameters plus
+    ``adapter_names``. ``__func__`` / ``__self__`` are a bound method's:
+    Accelerate rewraps ``model.forward.__func__`` for mixed precision.
+    """
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, function: Callable, wrapper: "AdapterModel"):
+        self.__func__ = function
+        self.__self__ = wrapper
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        own = inspect.signature(AdapterModel.forward).parameters["adapter_names"]
+        try:
+            signature = inspect.signature(self.__self__._modules["model"].forward)
+        except (TypeError, ValueError):  # a forward inspect cannot read: show our own
+            signature = inspect.signature(self.__func__)
+            return signature.replace(parameters=list(signature.parameters.values())[1:])
+        parameters = [parameter for parameter in signature.parameters.values()
+                      if parameter.name != "adapter_names"]
+        # A keyword-only parameter goes before a trailing **kwargs.
+        at = len(parameters) - (1 if parameters and parameters[-1].kind is
+                                inspect.Parameter.VAR_KEYWORD else 0)
+        parameters.insert(at, own.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+        return signature.replace(parameters=parameters)
+
+
+class _ForwardWithModelSignature:
+    """Holds a wrapper class's ``forward``; looked up on a wrapper it gives a
+    :class:`_BoundForward`. It has no ``__set__``, so assigning
+    ``wrapper.forward`` (as Accelerate and TRL do) still overrides it."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+        self.__doc__ = function.__doc__
+
+    def __get__(self, wrapper: Optional["AdapterModel"], owner: Optional[type] = None):
+        if wrapper is None:
+            return self.function
+        return _BoundForward(self.function, wrapper)
 
 
 class AdapterModel(nn.Module):
@@ -51,6 +103,13 @@ class AdapterModel(nn.Module):
             raise TypeError("model is already wrapped; use .add_adapter() to add another adapter")
         self._setup(model)
         self.add_adapter(adapter_name, config, **kwargs)
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        # A subclass's own forward (AdaLoRA's) shows the wrapped model's signature too.
+        forward = cls.__dict__.get("forward")
+        if forward is not None and not isinstance(forward, _ForwardWithModelSignature):
+            cls.forward = _ForwardWithModelSignature(forward)
 
     def _setup(self, model: nn.Module) -> None:
         self.model = model
@@ -92,6 +151,8 @@ class AdapterModel(nn.Module):
             return model(*args, **kwargs)
         finally:
             self._leave_row_adapters(layers)
+
+    forward = _ForwardWithModelSignature(forward)
 
     @contextlib.contextmanager
     def row_adapters(self, adapter_names: Sequence[str]) -> Iterator[None]:
