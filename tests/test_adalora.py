@@ -430,6 +430,25 @@ def test_allocation_is_never_silently_skipped():
         fresh.allocate(4)
 
 
+def test_long_gradient_accumulation_with_an_attached_optimizer():
+    # The attached optimizer's hooks allocate at every step, so no number of
+    # micro-batches between steps can mean a forgotten allocation.
+    options = dict(SCHEDULE, total_step=4, tinit=0, tfinal=1, deltaT=1)
+    wrapper = AdaLoRAModule(fresh_classifier(), **options)
+    optimizer = torch.optim.AdamW([p for p in wrapper.parameters() if p.requires_grad], lr=1e-2)
+    wrapper.attach_optimizer(optimizer)
+    inputs, labels = synthetic_task()
+    for _ in range(options["total_step"]):
+        for micro in range(60):
+            rows = slice(micro % 48, micro % 48 + 2)
+            (nn.functional.cross_entropy(wrapper(inputs[rows]), labels[rows]) / 60).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert wrapper.allocation_step == options["total_step"]
+    assert wrapper.allocator.frozen
+    assert sum(layer.rank("default") for _, layer in wrapper.adapter_layers()) == 3 * 2
+
+
 def test_target_rank_zero_prunes_everything_to_the_base():
     model = fresh_classifier()
     reference = copy.deepcopy(model)

@@ -233,7 +233,9 @@ class AdaLoRAModule(AdapterModel):
       ``optimizer.step()`` as well gives exactly the hook path.
 
     If neither runs, the ``unallocated_backward_limit``-th (default 50)
-    backward pass without an allocation raises ``RuntimeError``.
+    backward pass without an allocation raises ``RuntimeError`` (never while
+    an optimizer is attached: its steps allocate, whatever the gradient
+    accumulation).
 
     When the pattern is final (step ``total_step - tfinal``) the masked
     triplets stay masked (exactly zero in the output, whatever an optimizer
@@ -330,7 +332,10 @@ class AdaLoRAModule(AdapterModel):
 
     def _count_backward(self, adapter_name: str) -> None:
         allocator = self.allocators.get(adapter_name)
-        if allocator is None or allocator.frozen or adapter_name != self.active_adapter:
+        # An attached optimizer allocates at each of its steps, however many
+        # backward passes (gradient accumulation) come in between.
+        if allocator is None or allocator.frozen or adapter_name != self.active_adapter \
+                or self._attached_optimizers:
             return
         self._backward_passes += 1
         limit = self.unallocated_backward_limit
