@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_ext import QLoRAModule
+from lowrank_ext import QLoRAModule, load_adapter
 from lowrank_ext.nn import NF4Linear, QLoRALinear
 
 transformers = pytest.importorskip("transformers")
@@ -117,3 +117,64 @@ def test_merge_and_unload_safe_merge_refuses_without_changing_the_model():
         model.merge_and_unload(safe_merge=True)
     assert model.model.model.layers[1].self_attn.v_proj is layer
     assert isinstance(model.model.model.layers[0].self_attn.q_proj, QLoRALinear)
+
+
+# --------------------------------------------------------- modules_to_save
+
+
+def bert_classifier():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=48, num_labels=3)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def llama_classifier():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=2, vocab_size=128, num_labels=3,
+                                      pad_token_id=0)
+    return transformers.LlamaForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("build, targets, head", [
+    (bert_classifier, ["query", "value"], "classifier"),
+    (llama_classifier, ["q_proj", "v_proj"], "score")])
+def test_modules_to_save_stay_dense_train_and_load_elsewhere(tmp_path, build, targets, head):
+    peft = pytest.importorskip("peft")
+    model = QLoRAModule(build(), r=4, target_modules=targets, modules_to_save=[head])
+    wrapper = getattr(model.model, head)
+    copy = wrapper.modules_to_save["default"]
+    assert type(wrapper.original_module) is nn.Linear and type(copy) is nn.Linear
+    assert copy.weight.requires_grad
+    ids = IDS.clamp(min=1)  # no padding token (0): Llama pools the last non-pad position
+    before = copy.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):  # the first step moves only B, the head and nothing else of the adapter
+        model(ids, labels=torch.tensor([0, 2])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.equal(copy.weight, before)
+
+    model.save_adapter(str(tmp_path))
+    saved = model.adapter_state_dict()
+    # The head's own tensors (Llama's score has no bias), no 4-bit codes.
+    assert {key for key in saved if f".{head}." in key} == {
+        f"base_model.model.{head}.{name}" for name, _ in copy.named_parameters()}
+    ours = load_adapter(build(), str(tmp_path))
+    theirs = peft.PeftModel.from_pretrained(build(), str(tmp_path))
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        # Same adapter and head on the same dense model: summation order only.
+        torch.testing.assert_close(ours(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(getattr(theirs.base_model.model, head)
+                                   .modules_to_save["default"].weight, copy.weight)
+
+
+def test_modules_to_save_already_quantized_is_refused():
+    model = QLoRAModule(bert_classifier(), r=4, target_modules=["query"])
+    assert isinstance(model.model.classifier, NF4Linear)
+    with pytest.raises(ValueError, match=r"\['classifier'\] are already 4-bit"):
+        model.add_adapter("second", target_modules=["value"], modules_to_save=["classifier"])
+    assert list(model.peft_config) == ["default"]
+    assert isinstance(model.model.classifier, NF4Linear)

@@ -237,7 +237,8 @@ class QLoRAConfig(LoRAConfig):
             ``"all-linear"`` (default, as loading a model in 4-bit does; the
             output head stays dense) or a target spec like ``target_modules``;
             adapted linear layers are quantized too, except those a Hugging Face
-            model keeps in full precision (``_keep_in_fp32_modules``).
+            model keeps in full precision (``_keep_in_fp32_modules``);
+            ``modules_to_save`` modules never are (they are trained whole).
     """
 
     blocksize: int = 64

@@ -692,10 +692,26 @@ class QLoRAModule(LoRAModule):
     config_class = QLoRAConfig
 
     def _prepare_model(self, config, targets, replaced):
+        # modules_to_save modules are trained whole, so they are never
+        # quantized (neither by PEFT's exclusion rule nor by the suffix rule
+        # that picks the modules to wrap).
+        save_names = list(config.modules_to_save or [])
+        saved = match_modules_to_save(self.model, save_names, require_all=False)
+        quantized = [path for root in saved
+                     for path, module in self.model.get_submodule(root).named_modules(prefix=root)
+                     if isinstance(module, NF4Linear)]
+        if quantized:
+            raise ValueError(f"modules_to_save selects {saved}, but {quantized} are already "
+                             "4-bit (quantized by an earlier adapter or before wrapping) and "
+                             "cannot be trained whole; name them in the first adapter's "
+                             "modules_to_save")
         quantize = set(targets)
         if config.quantize_modules is not None:
             quantize |= set(match_targets(self.model, config.quantize_modules,
-                                          "quantize_modules", require_all=False))
+                                          "quantize_modules", require_all=False,
+                                          exclude=save_names))
+        quantize = {path for path in quantize
+                    if not any(path == root or path.startswith(root + ".") for root in saved)}
         # Layers a Hugging Face model keeps in full precision (T5's "wo") stay
         # dense, as when the model is loaded in 4 bits: its code reads their
         # weight dtype to cast activations.
