@@ -467,3 +467,40 @@ def test_peft_all_linear_adapter_on_attention_loads_without_its_no_op_part(tmp_p
     assert ours.targeted_modules["default"] == ["lin0"]
     with torch.no_grad():
         torch.testing.assert_close(ours(MHA_INPUT), reference(MHA_INPUT), **TOLERANCE)
+
+
+# ------------------------------------------------------- tied embeddings --
+
+
+def tied_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2,
+                                     n_positions=16)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("build, embedding, head", [(tied_llama, "model.embed_tokens", "lm_head"),
+                                                    (gpt2, "transformer.wte", "lm_head")])
+def test_merging_into_a_tied_embedding_warns_that_the_head_changes(build, embedding, head):
+    base = build()
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    model = LoRAModule(base, target_modules=[embedding.rsplit(".", 1)[-1]], r=4)
+    randomize(model)
+    with pytest.warns(UserWarning, match=rf"{embedding}.*{head}.*tie_word_embeddings=False"):
+        model.merge_and_unload()
+
+
+def test_merging_into_an_untied_embedding_does_not_warn():
+    model = LoRAModule(llama(), target_modules=["embed_tokens", "q_proj"], r=4)
+    randomize(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.merge_and_unload()

@@ -21,7 +21,8 @@ from ..nn import (AdapterLayer, LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, 
                   QLoRALinear, is_transformers_conv1d)
 from .config import LoRAConfig, QLoRAConfig, layer_init
 from .modules_to_save import ModulesToSave
-from .targets import get_submodule_parent, match_modules_to_save, match_targets
+from .targets import (get_submodule_parent, match_modules_to_save, match_targets,
+                      warn_tied_merges)
 
 # Prefix PEFT puts in front of module paths in saved adapter files
 # (PeftModel.base_model -> LoraModel.model -> the user's model).
@@ -427,6 +428,7 @@ class AdapterModel(nn.Module):
                             layer.delta_weight(name)).all():
                         raise ValueError(f"adapter {name!r} has non-finite weights in {path!r}; "
                                          "nothing was merged")
+        warn_tied_merges(self.model, self.adapter_layers(), names)
         report: dict[str, dict[str, float]] = {}
         newly_merged: list[AdapterLayer] = []
         try:

@@ -172,3 +172,26 @@ def get_submodule_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     """(parent module, attribute name) of the module at ``path``."""
     parent_path, _, name = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), name
+
+
+def warn_tied_merges(model: nn.Module, layers: Iterator[tuple[str, nn.Module]],
+                     adapter_names: Sequence[str]) -> None:
+    """Warn for every adapter layer about to merge ``adapter_names`` whose base
+    weight is also another module's (tied input/output embeddings): merging
+    changes that module too, unlike the unmerged adapter (PEFT warns too)."""
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(path)
+    for path, layer in layers:
+        if not any(name in layer.adapter_names for name in adapter_names):
+            continue
+        weight = layer.base_layer._parameters.get("weight")
+        others = [other for other in owners.get(id(weight), [])
+                  if other != f"{path}.base_layer"] if weight is not None else []
+        if others:
+            warnings.warn(f"merging into {path!r} also changes {others}, which share its weight "
+                          "(tied embeddings), so the merged model differs from the unmerged "
+                          "one; load the model with tie_word_embeddings=False to merge safely",
+                          UserWarning, stacklevel=3)
