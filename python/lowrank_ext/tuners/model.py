@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -599,6 +600,29 @@ class AdapterModel(nn.Module):
         from .serialization import save_adapter
 
         save_adapter(self, directory, adapter_name)
+
+    def save_pretrained(self, save_directory: str, selected_adapters: Optional[Sequence[str]] = None,
+                        is_main_process: bool = True, **kwargs: Any) -> None:
+        """Save adapters as ``PeftModel.save_pretrained`` does: ``"default"`` in
+        ``save_directory``, any other in ``save_directory/<name>`` (where
+        :meth:`load_adapter` and PEFT look for it). Only adapters, never the base.
+
+        ``selected_adapters`` defaults to all; ``is_main_process=False`` writes
+        nothing (for the other ranks of a distributed run). Other PEFT options
+        (``safe_serialization``, ...) are accepted and have no effect: the files
+        are always safetensors. Raises ``KeyError`` for an unknown adapter name.
+        """
+        from .serialization import save_adapter
+
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise KeyError(f"no adapter named {unknown}; have {list(self.peft_config)}")
+        if not is_main_process:
+            return
+        for name in names:
+            save_adapter(self, save_directory if name == "default"
+                         else os.path.join(save_directory, name), name)
 
     def load_adapter(self, directory: str, adapter_name: str = "default",
                      is_trainable: bool = False) -> None:
