@@ -1,12 +1,17 @@
 """lowrank_ext: LoRA, AdaLoRA and QLoRA on fast NF4 and fused low-rank kernels.
 
-Import order matters: torch first (it loads libtorch), then the compiled
-module (which registers the ops), then the Python layers built on them.
+Import order matters: torch first (it loads libtorch), then a check that it is
+the torch the compiled module was built for, then the compiled module (which
+registers the ops), then the Python layers built on them.
 """
 
 import torch
 
-from . import _C, ops
+from ._torch_check import check_running_torch
+
+check_running_torch()
+
+from . import _C, ops  # noqa: E402  (only after the torch version check)
 from .quant import NF4Weight, dynamic_map, nf4_codebook
 from . import nn, tuners  # noqa: E402  (layers need the ops registered first)
 from .tuners import (
