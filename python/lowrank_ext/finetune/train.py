@@ -59,6 +59,16 @@ class FinetuneSettings:
         return DEFAULT_LEARNING_RATES[self.method]
 
 
+class Interrupted(Exception):
+    """Training was stopped by Ctrl-C after ``step`` of ``total_steps`` steps;
+    the adapter trained so far is saved in ``adapter_dir``."""
+
+    def __init__(self, step: int, total_steps: int, adapter_dir: Path):
+        super().__init__(f"interrupted after step {step} of {total_steps}; the adapter trained "
+                         f"so far is saved in {adapter_dir}: continue with --resume {adapter_dir}")
+        self.step, self.total_steps, self.adapter_dir = step, total_steps, adapter_dir
+
+
 @dataclass
 class Evaluation:
     """Mean cross-entropy and accuracy over a data set."""
@@ -241,40 +251,56 @@ def run_finetune(settings: FinetuneSettings, splits: Optional[DataSplits] = None
     samples = 0
     train_seconds = 0.0
     module.train()
-    with PeakMemory(device) as peak_memory:
-        for _ in range(settings.epochs):
-            epoch_start = time.perf_counter()
-            for indices in torch.randperm(len(train_set), generator=order_generator).split(
-                    settings.batch_size):
-                batch = tokenized["train"].batch(indices).to(device)
-                # Looked up every step: AdaLoRA swaps its factors for smaller ones.
-                resident = methods.weight_storages(module)
-                with SavedActivations(resident) as saved:
-                    logits = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-                    loss = functional.cross_entropy(logits.float(), batch.labels)
-                    regularization = methods.regularization_loss(module, settings.method)
-                    objective = loss if regularization is None else loss + regularization
-                peak_activation_bytes = max(peak_activation_bytes, saved.bytes)
-                objective.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-                optimizer.step()
-                training_state_bytes = max(training_state_bytes,
-                                           gradient_and_optimizer_bytes(optimizer))
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-                samples += len(indices)
-                history.train_steps.append(step)
-                history.train_loss.append(loss.item())
-                elapsed = train_seconds + time.perf_counter() - epoch_start
-                progress.set_postfix(loss=f"{loss.item():.3f}",
-                                     samples_per_s=f"{samples / max(elapsed, 1e-9):.1f}")
-                progress.update(1)
-            train_seconds += time.perf_counter() - epoch_start
-            validation = evaluate(module, tokenized["validation"], 2 * settings.batch_size, device)
-            history.validation_steps.append(step)
-            history.validation_loss.append(validation.loss)
-            history.validation_accuracy.append(validation.accuracy)
+    adapter_dir = output_dir / "adapter"
+    run_info = {"method": settings.method, "labels": splits.label_names,
+                "max_length": settings.max_length, "rank": settings.rank,
+                "alpha": settings.alpha, "dropout": settings.dropout,
+                "target_modules": settings.target_modules and list(settings.target_modules)}
+    try:
+        with PeakMemory(device) as peak_memory:
+            for _ in range(settings.epochs):
+                epoch_start = time.perf_counter()
+                for indices in torch.randperm(len(train_set), generator=order_generator).split(
+                        settings.batch_size):
+                    batch = tokenized["train"].batch(indices).to(device)
+                    # Looked up every step: AdaLoRA swaps its factors for smaller ones.
+                    resident = methods.weight_storages(module)
+                    with SavedActivations(resident) as saved:
+                        logits = module(input_ids=batch.input_ids,
+                                        attention_mask=batch.attention_mask)
+                        loss = functional.cross_entropy(logits.float(), batch.labels)
+                        regularization = methods.regularization_loss(module, settings.method)
+                        objective = loss if regularization is None else loss + regularization
+                    peak_activation_bytes = max(peak_activation_bytes, saved.bytes)
+                    objective.backward()
+                    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+                    optimizer.step()
+                    training_state_bytes = max(training_state_bytes,
+                                               gradient_and_optimizer_bytes(optimizer))
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    step += 1
+                    samples += len(indices)
+                    history.train_steps.append(step)
+                    history.train_loss.append(loss.item())
+                    elapsed = train_seconds + time.perf_counter() - epoch_start
+                    progress.set_postfix(loss=f"{loss.item():.3f}",
+                                         samples_per_s=f"{samples / max(elapsed, 1e-9):.1f}")
+                    progress.update(1)
+                train_seconds += time.perf_counter() - epoch_start
+                validation = evaluate(module, tokenized["validation"], 2 * settings.batch_size,
+                                      device)
+                history.validation_steps.append(step)
+                history.validation_loss.append(validation.loss)
+                history.validation_accuracy.append(validation.accuracy)
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what was trained, so --resume can continue from it.
+        progress.close()
+        if not step:
+            raise
+        methods.save(module, settings.method, adapter_dir,
+                     {**run_info, "interrupted_at_step": step})
+        raise Interrupted(step, total_steps, adapter_dir) from None
     progress.close()
     # AdaLoRA shrinks its factors in place at the end: count what is left.
     trainable_after, _ = methods.count_parameters(module)
@@ -282,11 +308,6 @@ def run_finetune(settings: FinetuneSettings, splits: Optional[DataSplits] = None
     after = {"validation": validation if settings.epochs else before["validation"],
              "test": evaluate(module, tokenized["test"], 2 * settings.batch_size, device)}
 
-    adapter_dir = output_dir / "adapter"
-    run_info = {"method": settings.method, "labels": splits.label_names,
-                "max_length": settings.max_length, "rank": settings.rank,
-                "alpha": settings.alpha, "dropout": settings.dropout,
-                "target_modules": settings.target_modules and list(settings.target_modules)}
     methods.save(module, settings.method, adapter_dir, run_info)
 
     report = {
