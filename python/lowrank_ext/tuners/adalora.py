@@ -22,7 +22,7 @@ from ..nn import NF4Linear, is_transformers_conv1d
 from ..nn.adalora import AdaLoRALinear, RankAllocator
 from ..nn.lora import validate_adapter_arguments
 from .config import (_BIAS_MODES, _UNSUPPORTED_PEFT_OPTIONS, LoRAConfig, TargetSpec,
-                     check_flags, normalized_modules_to_save, normalized_target_modules)
+                     check_flags, normalized_target_modules, with_task_heads)
 from .model import AdapterModel
 from .serialization import register_adapter_type
 
@@ -145,7 +145,7 @@ class AdaLoRAConfig:
             raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES} for AdaLoRA, "
                              f"got {self.init_lora_weights!r}")
         self.target_modules = normalized_target_modules(self.target_modules)
-        self.modules_to_save = normalized_modules_to_save(self.modules_to_save)
+        self.modules_to_save = with_task_heads(self.task_type, self.modules_to_save)
         check_flags(self, "fan_in_fan_out")
         if self.rank_pattern == {}:
             self.rank_pattern = None

@@ -20,7 +20,7 @@ from torch import nn
 from ..nn.lora import BASE_ROW
 from ..nn import (AdapterLayer, LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, NF4Linear,
                   QLoRALinear, is_transformers_conv1d)
-from .config import LoRAConfig, QLoRAConfig, layer_init
+from .config import LoRAConfig, QLoRAConfig, layer_init, task_heads
 from .modules_to_save import ModulesToSave
 from .targets import (get_submodule_parent, match_modules_to_save, match_targets,
                       warn_tied_merges)
@@ -296,7 +296,8 @@ class AdapterModel(nn.Module):
         targets = match_targets(self.model, config.target_modules, require_all=strict,
                                 exclude=save_names)
         self._check_targets(targets, config)
-        save_paths = (match_modules_to_save(self.model, save_names, require_all=strict)
+        save_paths = (match_modules_to_save(self.model, save_names, require_all=strict,
+                                            optional=task_heads(config.task_type))
                       if save_names else [])
         replaced: list = []
         extended: list[AdapterLayer] = []
