@@ -10,7 +10,7 @@ and ``lora_embedding_B[name]`` ``[embedding_dim, r]``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,63 @@ _INIT_CHOICES = (True, False, "default", "gaussian", "pissa")
 FEW_ROWS = 16
 # Per-row adapter name meaning "no adapter" in mixed-adapter batches (PEFT's name).
 BASE_ROW = "__base__"
+# Key of the per-row adapter names a mixed-adapter call records in the metadata
+# of the autograd nodes it created (see record_row_adapters).
+ROW_NAMES_KEY = "lowrank_ext.adapter_names"
+# A leaf whose views number the autograd nodes created from here on.
+_NODE_PROBE = torch.zeros((), requires_grad=True)
+
+
+def row_adapters_in_use(names: Optional[tuple[str, ...]]) -> Optional[tuple[str, ...]]:
+    """The per-row adapter names a layer call uses: ``names`` (those set on the
+    layer) in a forward. Inside backward, where activation checkpointing runs a
+    block's forward again after the call that set the names has returned (and
+    reset them), the names recorded on the node being run by the forward that
+    created it (None: that forward had none)."""
+    node = torch._C._current_autograd_node()
+    if node is None:
+        return names
+    return node.metadata.get(ROW_NAMES_KEY)
+
+
+@torch.compiler.disable
+def next_node_number() -> int:
+    """Sequence number of the next autograd node created in this thread."""
+    return _NODE_PROBE.view(()).grad_fn._sequence_nr() + 1
+
+
+@torch.compiler.disable
+def record_row_adapters(outputs, names: tuple[str, ...], first: int) -> None:
+    """Record ``names`` on every autograd node behind ``outputs`` numbered ``first``
+    or later (those the call created), for :func:`row_adapters_in_use`.
+
+    Any of them may be the one running when a checkpointed block is
+    recomputed: the checkpoint's own node (reentrant checkpointing) or whichever
+    node of the block first needs a dropped tensor (non-reentrant). Nodes of
+    earlier calls keep their own names.
+    """
+    pending = [tensor.grad_fn for tensor in _output_tensors(outputs)
+               if tensor.grad_fn is not None]
+    seen = set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen or node._sequence_nr() < first:
+            continue
+        seen.add(node)
+        node.metadata[ROW_NAMES_KEY] = names
+        pending.extend(child for child, _ in node.next_functions)
+
+
+def _output_tensors(value) -> list[torch.Tensor]:
+    """The tensors in a model output: a tensor, or nested mappings (Hugging Face's
+    ModelOutput), lists and tuples of them."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _output_tensors(item)]
+    return []
 
 
 # Parameters registered (or replaced) on any module since the first
@@ -90,7 +147,7 @@ class LoRALayer(AdapterLayer):
         self.lora_dropout: dict[str, float] = {}
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
-        self.row_adapter_names: Optional[tuple[str, ...]] = None
+        self.__dict__["_row_names"] = None
         self._row_indices: Optional[tuple] = None
         self._row_stack: Optional[tuple] = None
 
@@ -106,8 +163,13 @@ class LoRALayer(AdapterLayer):
                 f"per-row adapter names are supported on linear LoRA layers, not on "
                 f"{type(self).__name__}")
         # A plain attribute (not a parameter or module): skip nn.Module.__setattr__'s checks.
-        self.__dict__["row_adapter_names"] = (
+        self.__dict__["_row_names"] = (
             None if names is None else names if isinstance(names, tuple) else tuple(names))
+
+    @property
+    def row_adapter_names(self) -> Optional[tuple[str, ...]]:
+        """The per-row adapter names this call uses (see :func:`row_adapters_in_use`)."""
+        return row_adapters_in_use(self.__dict__.get("_row_names"))
 
     supports_row_adapters = False
 

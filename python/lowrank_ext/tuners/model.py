@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ..nn.lora import BASE_ROW
+from ..nn.lora import BASE_ROW, next_node_number, record_row_adapters
 from ..nn import (AdapterLayer, LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, NF4Linear,
                   QLoRALinear, is_transformers_conv1d)
 from .config import LoRAConfig, QLoRAConfig, layer_init, task_heads
@@ -143,16 +143,32 @@ class AdapterModel(nn.Module):
         ``adapter_names`` (one name per batch row, ``"__base__"`` for none)
         runs a mixed-adapter batch: every row of the batch uses its own adapter,
         in one multi-adapter op per layer; it works in training too (no
-        dropout). See :meth:`row_adapters`.
+        dropout), with activation checkpointing (reentrant or not): the call
+        records the rows on the autograd graph it builds, so blocks recomputed
+        in backward use them again. See :meth:`row_adapters`.
         """
         model = self._modules["model"]
         if adapter_names is None:
-            return model(*args, **kwargs)
-        layers = self._enter_row_adapters(adapter_names)
+            names = self.__dict__.get("_row_context")
+            if names is None or not torch.is_grad_enabled():
+                return model(*args, **kwargs)
+            return self._recorded_call(model, names, args, kwargs)
+        layers, names = self._enter_row_adapters(adapter_names)
         try:
-            return model(*args, **kwargs)
+            if not torch.is_grad_enabled():
+                return model(*args, **kwargs)
+            return self._recorded_call(model, names, args, kwargs)
         finally:
             self._leave_row_adapters(layers)
+
+    @staticmethod
+    def _recorded_call(model: nn.Module, names: tuple[str, ...], args: tuple, kwargs: dict):
+        """``model(*args, **kwargs)`` with ``names`` recorded on the autograd graph it builds,
+        so that blocks recomputed in backward (activation checkpointing) use the same rows."""
+        first = next_node_number()
+        output = model(*args, **kwargs)
+        record_row_adapters(output, names, first)
+        return output
 
     forward = _ForwardWithModelSignature(forward)
 
@@ -166,16 +182,23 @@ class AdapterModel(nn.Module):
         when the batch size differs from ``len(adapter_names)``. The adapter
         layers are looked up once and remembered (a model walk per call would
         cost more than the adapters themselves); this wrapper's own methods
-        that add, remove or replace layers or adapters refresh that.
+        that add, remove or replace layers or adapters refresh that. With
+        activation checkpointing, call the wrapper itself in the block (it
+        records the rows for the recomputation in backward), not ``.model``.
         """
-        layers = self._enter_row_adapters(adapter_names)
+        layers, names = self._enter_row_adapters(adapter_names)
+        outer = self.__dict__.get("_row_context")
+        self.__dict__["_row_context"] = names
         try:
             yield
         finally:
+            self.__dict__["_row_context"] = outer
             self._leave_row_adapters(layers)
 
-    def _enter_row_adapters(self, adapter_names: Sequence[str]) -> list[nn.Module]:
-        """Checks the names and hands them to every adapter layer; returns the layers."""
+    def _enter_row_adapters(self, adapter_names: Sequence[str]
+                            ) -> tuple[list[nn.Module], tuple[str, ...]]:
+        """Checks the names and hands them to every adapter layer; returns the layers
+        and the names as the layers got them."""
         names = tuple(adapter_names)
         cached = self._row_layers()
         checked = self.__dict__.get("_row_names_checked")
@@ -187,7 +210,7 @@ class AdapterModel(nn.Module):
         layers = cached[0]
         for layer in layers:
             layer.set_row_adapters(names)
-        return layers
+        return layers, names
 
     def _check_row_names(self, names: tuple[str, ...], cached: tuple) -> tuple:
         """Raises for names no layer holds or layers that cannot mix rows; returns the
