@@ -198,3 +198,49 @@ def test_sft_trainer_trains_checkpoints_and_saves_the_adapter(tmp_path, precisio
     trainer.save_model(str(tmp_path / "final"))
     assert_adapter_only_checkpoint(tmp_path / "final", model)
     peft_logits_match(model, str(tmp_path / "final"))
+
+
+# --------------------------------------------------------------- Accelerate --
+
+
+def accelerate_run(kind, state_dir, save_at=None, load=False, steps=4):
+    """``steps`` AdamW steps through Accelerate; saves the state after ``save_at`` steps,
+    or (``load``) starts from the saved state and runs the remaining ones."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Each run is its own script: Accelerate's process-wide state starts fresh.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = accelerate.Accelerator(cpu=True)
+    integrations.register_adapter_state_hooks(accelerator)
+    model = wrapped(kind)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loader = torch.utils.data.DataLoader(
+        [{key: torch.tensor(value[i]) for key, value in lm_rows().items()} for i in range(16)],
+        batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    done = 0
+    if load:
+        accelerator.load_state(str(state_dir))
+        done = save_at
+    batches = list(loader)
+    for step in range(done, steps):
+        loss = model(**batches[step]).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        if step + 1 == save_at and not load:
+            accelerator.save_state(str(state_dir))
+    return accelerator.unwrap_model(model)
+
+
+@pytest.mark.parametrize("kind", sorted(WRAPPERS))
+def test_accelerate_saves_and_loads_the_adapter_state(tmp_path, kind):
+    uninterrupted = accelerate_run(kind, tmp_path / "state", save_at=2)
+    assert_adapter_only_checkpoint(tmp_path / "state", uninterrupted)
+    assert any(name.startswith("optimizer") for name in os.listdir(tmp_path / "state"))
+    resumed = accelerate_run(kind, tmp_path / "state", save_at=2, load=True)
+    assert_same_adapter(adapter(resumed), adapter(uninterrupted), **RESUME_TOLERANCE)
+    resumed.save_adapter(str(tmp_path / "final"))
+    peft_logits_match(resumed, str(tmp_path / "final"))
