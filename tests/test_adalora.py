@@ -582,6 +582,47 @@ def test_mid_allocation_adapter_saves_kept_triplets_only(tmp_path):
         wrapper.load_adapter_state_dict("default", loaded.adapter_state_dict())
 
 
+@pytest.mark.parametrize("via", ["pickle", "torch.save", "deepcopy"])
+def test_whole_wrapper_pickles_mid_allocation_and_keeps_allocating(tmp_path, via):
+    import pickle
+
+    options = dict(SCHEDULE, total_step=10, tfinal=2)
+    wrapper = AdaLoRAModule(fresh_classifier(), **options)
+    train(wrapper, 5, "hooks")  # mid-allocation, an optimizer attached
+    assert 0 < wrapper.allocator.allocations and not wrapper.allocator.frozen
+    if via == "pickle":
+        restored = pickle.loads(pickle.dumps(wrapper))
+    elif via == "torch.save":
+        torch.save(wrapper, tmp_path / "whole.pt")
+        restored = torch.load(tmp_path / "whole.pt", weights_only=False)
+    else:
+        restored = copy.deepcopy(wrapper)
+    wrapper.eval(), restored.eval()
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        assert torch.equal(restored(x), wrapper(x))
+    assert restored.allocator.active_rank() == wrapper.allocator.active_rank()
+    # Optimizers are not part of the copy: attach the new one, and the
+    # schedule goes on from where it was, to the target budget.
+    restored.train()
+    optimizer = torch.optim.Adam([p for p in restored.parameters() if p.requires_grad], lr=3e-2)
+    restored.attach_optimizer(optimizer)
+    inputs, labels = synthetic_task()
+    for _ in range(5):
+        nn.functional.cross_entropy(restored(inputs[:16]), labels[:16]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert restored.allocation_step == options["total_step"] and restored.allocator.frozen
+    assert sum(layer.rank("default") for _, layer in restored.adapter_layers()) == 3 * 2
+    # The forgotten-allocation check survives the copy too.
+    again = pickle.loads(pickle.dumps(wrapper)) if via != "deepcopy" else copy.deepcopy(wrapper)
+    again.train()
+    again.unallocated_backward_limit = 2
+    nn.functional.cross_entropy(again(inputs[:8]), labels[:8]).backward()
+    with pytest.raises(RuntimeError, match="without an AdaLoRA allocation"):
+        nn.functional.cross_entropy(again(inputs[:8]), labels[:8]).backward()
+
+
 # PEFT also reads AdaLoRA's boolean rank_pattern as a LoRA {regex: rank} map and
 # warns that it matches nothing; its AdaLoRA loader then uses it correctly.
 peft_rank_pattern_warning = pytest.mark.filterwarnings(

@@ -196,6 +196,17 @@ class AdaLoRAConfig:
             return cls(**kept)
 
 
+class _CountBackward:
+    """Post-accumulate-grad hook on one factor of an adapter: tells the wrapper
+    that a backward pass ran (a class, not a closure, so it is named by module)."""
+
+    def __init__(self, wrapper: "AdaLoRAModule", adapter_name: str):
+        self.wrapper, self.adapter_name = wrapper, adapter_name
+
+    def __call__(self, parameter: torch.Tensor) -> None:
+        self.wrapper._count_backward(self.adapter_name)
+
+
 class _AllocationHooks:
     """Handle returned by :meth:`AdaLoRAModule.attach_optimizer`; ``remove()`` detaches."""
 
@@ -266,7 +277,9 @@ class AdaLoRAModule(AdapterModel):
         self.allocation_step = 0
         self.unallocated_backward_limit: Optional[int] = 50
         self._attached_optimizers: list[torch.optim.Optimizer] = []
-        self._backward_hooks: dict[str, Any] = {}
+        # {adapter name: handle of its _CountBackward hook}; not named
+        # _backward_hooks, which is nn.Module's own.
+        self._backward_watchers: dict[str, Any] = {}
         self._backward_passes = 0
         # True between update_importance() and the allocate() that consumes it.
         self._importance_pending = False
@@ -316,17 +329,37 @@ class AdaLoRAModule(AdapterModel):
             layers, adapter_name, config.target_r, config.total_step, config.tinit,
             config.tfinal, config.deltaT, config.beta1, config.beta2,
             frozen=config.rank_pattern is not None)
-        if layers and config.rank_pattern is None:
+        self._watch_backward(adapter_name)
+
+    def _watch_backward(self, adapter_name: str) -> None:
+        """Count the adapter's backward passes until its allocation is final."""
+        allocator = self.allocators[adapter_name]
+        if allocator.layers and not allocator.frozen:
             # One factor is enough to count backward passes.
-            sentinel = layers[0][1].lora_E[adapter_name]
-            self._backward_hooks[adapter_name] = sentinel.register_post_accumulate_grad_hook(
-                lambda parameter, name=adapter_name: self._count_backward(name))
+            sentinel = allocator.layers[0][1].lora_E[adapter_name]
+            self._backward_watchers[adapter_name] = sentinel.register_post_accumulate_grad_hook(
+                _CountBackward(self, adapter_name))
+
+    # Pickling, torch.save and deepcopy: tensor hooks and optimizer hooks are
+    # not part of a copy, so the copy leaves out what refers to them (hook
+    # handles, attached optimizers) and registers its own counting hooks.
+    # An optimizer for the copy is attached anew.
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_backward_watchers"] = {}
+        state["_attached_optimizers"] = []
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for adapter_name in self.allocators:
+            self._watch_backward(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and its allocator; see :meth:`AdapterModel.delete_adapter`."""
         super().delete_adapter(adapter_name)
         self.allocators.pop(adapter_name, None)
-        handle = self._backward_hooks.pop(adapter_name, None)
+        handle = self._backward_watchers.pop(adapter_name, None)
         if handle is not None:
             handle.remove()
 
@@ -384,7 +417,7 @@ class AdaLoRAModule(AdapterModel):
         if allocator.allocations != allocations:
             self.peft_config[self.active_adapter].rank_pattern = allocator.rank_pattern()
         if froze:
-            handle = self._backward_hooks.pop(self.active_adapter, None)
+            handle = self._backward_watchers.pop(self.active_adapter, None)
             if handle is not None:
                 handle.remove()
         optimizers = list(self._attached_optimizers)
