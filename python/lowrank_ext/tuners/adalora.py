@@ -261,6 +261,10 @@ class AdaLoRAModule(AdapterModel):
     budget without shrinking, as PEFT's does. Saving needs no shrink: the
     file holds the kept triplets only.
 
+    The wrapper pickles (``torch.save``, ``copy.deepcopy``) whole, allocation
+    state included; attached optimizers are not part of the copy: attach the
+    copy's optimizer to it again.
+
     In training mode, ``forward`` adds :meth:`orthogonal_regularization` to
     the output's ``loss`` when it has one (a Hugging Face model given labels).
 
