@@ -504,3 +504,69 @@ def test_merging_into_an_untied_embedding_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.merge_and_unload()
+
+
+# ------------------------------------------------------ PEFT's task types --
+# PEFT trains a task's head whole (modules_to_save: "classifier" and "score"
+# for SEQ_CLS / TOKEN_CLS, "qa_outputs" for QUESTION_ANS), so all-linear
+# never puts an adapter on it.
+
+
+def task_model(kind, family):
+    torch.manual_seed(0)
+    if family == "bert":
+        # BERT's QA head splits its num_labels outputs into start and end logits.
+        config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=24,
+                                         num_labels=2 if "Question" in kind else 3)
+        prefix = "Bert"
+    else:
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24,
+                                          num_hidden_layers=1, num_attention_heads=2,
+                                          num_key_value_heads=1, num_labels=3, pad_token_id=0)
+        prefix = "Llama"
+    return getattr(transformers, prefix + kind)(config).eval()
+
+
+def task_outputs(model):
+    with torch.no_grad():
+        output = model(input_ids=IDS)
+    if hasattr(output, "start_logits"):
+        return torch.stack([output.start_logits, output.end_logits])
+    return output.logits
+
+
+TASKS = [("SEQ_CLS", "ForSequenceClassification", "bert", "classifier"),
+         ("SEQ_CLS", "ForSequenceClassification", "llama", "score"),
+         ("TOKEN_CLS", "ForTokenClassification", "bert", "classifier"),
+         ("TOKEN_CLS", "ForTokenClassification", "llama", "score"),
+         ("QUESTION_ANS", "ForQuestionAnswering", "bert", "qa_outputs"),
+         ("QUESTION_ANS", "ForQuestionAnswering", "llama", "qa_outputs")]
+
+
+@pytest.mark.parametrize("task, kind, family, head", TASKS)
+def test_task_type_adapters_train_the_head_and_move_both_ways(tmp_path, task, kind, family,
+                                                              head):
+    ours = LoRAModule(task_model(kind, family), task_type=task, target_modules="all-linear")
+    wrapped_head = ours.model.get_submodule(head)
+    assert type(wrapped_head).__name__ == "ModulesToSave"
+    assert all(p.requires_grad for p in wrapped_head.modules_to_save["default"].parameters())
+    assert not any(path.startswith(head) for path in ours.targeted_modules["default"])
+    randomize(ours)
+    ours.save_adapter(str(tmp_path / "ours"))
+    theirs = peft.PeftModel.from_pretrained(task_model(kind, family), str(tmp_path / "ours"))
+    torch.testing.assert_close(task_outputs(theirs), task_outputs(ours), **TOLERANCE)
+
+    # PEFT's all-linear leaves out only a SEQ_CLS head; on the others it
+    # fails (LoRA on the head, then modules_to_save on that LoRA layer).
+    targets = "all-linear" if task == "SEQ_CLS" else (
+        ["query", "value"] if family == "bert" else ["q_proj", "v_proj"])
+    reference = peft_saved(tmp_path / "peft", task_model(kind, family), task_type=task,
+                           target_modules=targets)
+    loaded = load_adapter(task_model(kind, family), str(tmp_path / "peft"))
+    torch.testing.assert_close(task_outputs(loaded), task_outputs(reference), **TOLERANCE)
+
+
+def test_unknown_task_type_names_the_field():
+    with pytest.raises(ValueError, match="task_type"):
+        LoRAModule(bert(), task_type="SEQ_CLASSIFICATION", target_modules=["query"])

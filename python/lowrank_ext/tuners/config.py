@@ -32,6 +32,30 @@ _UNSUPPORTED_PEFT_OPTIONS = {
     "alora_invocation_tokens": (None,),
 }
 
+# PEFT's task types, and the heads its task models train whole
+# (PeftModelForSequenceClassification & co. add them to modules_to_save,
+# which also keeps them out of the targets).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
+              "FEATURE_EXTRACTION")
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
+
+
+def task_heads(task_type) -> tuple[str, ...]:
+    """The head module names PEFT's ``task_type`` trains as ``modules_to_save``
+    (a model has one of them, so none is required to match)."""
+    return _TASK_HEADS.get(task_type, ())
+
+
+def with_task_heads(task_type, modules_to_save):
+    """``modules_to_save`` (normalized) plus the heads of ``task_type``, as
+    PEFT extends it; raises ``ValueError`` naming task_type for an unknown one."""
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise ValueError(f"task_type must be None or one of PEFT's {TASK_TYPES}, "
+                         f"got {task_type!r}")
+    modules_to_save = normalized_modules_to_save(modules_to_save)
+    heads = [name for name in task_heads(task_type) if name not in (modules_to_save or [])]
+    return (modules_to_save or []) + heads if heads else modules_to_save
 
 
 def normalized_target_modules(target_modules):
@@ -119,13 +143,17 @@ class LoRAConfig:
             Linear/Conv1D except the output head). None means ``"all-linear"``.
         bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"``
             (train the biases of adapted layers).
-        modules_to_save: modules (names or suffixes) trained in full and saved.
+        modules_to_save: modules (names or suffixes) trained in full and saved;
+            PEFT's ``task_type`` heads are added (``"classifier"`` and
+            ``"score"`` for SEQ_CLS / TOKEN_CLS, ``"qa_outputs"`` for QUESTION_ANS).
         rank_pattern / alpha_pattern: ``{regex: value}`` overriding r / alpha
             for modules whose path ends with a match.
         init_lora_weights: True, False, ``"gaussian"`` or ``"pissa"`` (PEFT's
             ``"pissa_niter_<n>"`` runs as exact PiSSA).
         fan_in_fan_out: weights stored ``[in, out]``; detected for Conv1D anyway.
-        base_model_name_or_path, task_type: recorded in ``adapter_config.json``.
+        base_model_name_or_path: recorded in ``adapter_config.json``.
+        task_type: None or one of PEFT's task types (recorded, and its head
+            trained whole, as PEFT does).
 
     Raises ``ValueError`` naming the field for an out-of-range value.
     """
@@ -154,7 +182,7 @@ class LoRAConfig:
             raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES} (or PEFT's "
                              f"'pissa_niter_<n>'), got {self.init_lora_weights!r}")
         self.target_modules = normalized_target_modules(self.target_modules)
-        self.modules_to_save = normalized_modules_to_save(self.modules_to_save)
+        self.modules_to_save = with_task_heads(self.task_type, self.modules_to_save)
         check_flags(self, "use_rslora", "fan_in_fan_out")
         check_patterns("rank_pattern", self.rank_pattern)
         check_patterns("alpha_pattern", self.alpha_pattern)

@@ -144,14 +144,14 @@ def is_excluded(path: str, modules_to_save: Sequence[str]) -> bool:
 
 
 def match_modules_to_save(model: nn.Module, names: Sequence[str],
-                          require_all: bool = True) -> list[str]:
+                          require_all: bool = True, optional: Sequence[str] = ()) -> list[str]:
     """Paths ``modules_to_save`` wraps: every module whose path ends with an
     entry (PEFT's plain suffix rule, so ``"norm"`` also selects
     ``input_layernorm``), outermost first; none inside an adapter layer.
 
-    Raises ``ValueError`` (only with ``require_all``) when an entry matches
-    nothing; otherwise, as PEFT, unmatched entries are ignored (PEFT's
-    classifier adapters list both ``classifier`` and ``score``).
+    Raises ``ValueError`` (only with ``require_all``) when an entry not in
+    ``optional`` matches nothing; otherwise, as PEFT, unmatched entries are
+    ignored (PEFT's classifier adapters list both ``classifier`` and ``score``).
     """
     found: list[str] = []
     used = set()
@@ -162,7 +162,7 @@ def match_modules_to_save(model: nn.Module, names: Sequence[str],
         if hits:
             found.append(path)
             used.update(hits)
-    unknown = [name for name in names if name not in used]
+    unknown = [name for name in names if name not in used and name not in optional]
     if require_all and unknown:
         raise ValueError(f"modules_to_save entries {unknown} match no module of the model")
     return found
