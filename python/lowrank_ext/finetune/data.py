@@ -217,11 +217,23 @@ def stdlib_docstring_splits(packages: Sequence[str] = STDLIB_PACKAGES,
 
 
 def _read_rows(path: Path) -> list[dict]:
-    """Rows of a CSV (with header) or JSONL file as dicts."""
+    """Rows of a CSV (with header) or JSONL file as dicts.
+
+    Files are UTF-8, with or without the byte order mark Excel writes.
+    """
+    try:
+        return _read_utf8_rows(path)
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start]
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start} is 0x{byte:02x}); "
+                        "save the file as UTF-8") from None
+
+
+def _read_utf8_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         rows = []
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -234,11 +246,18 @@ def _read_rows(path: Path) -> list[dict]:
                 rows.append(row)
         return rows
     if suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as handle:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-            if reader.fieldnames is None:
-                return []
-            return list(reader)
+            try:
+                if reader.fieldnames is None:
+                    return []
+                return list(reader)
+            except csv.Error as error:
+                # The csv module's field limit mostly catches an unclosed
+                # quote that swallowed the rest of the file.
+                hint = (f" (a field longer than {csv.field_size_limit()} characters: "
+                        "often an unclosed quote)" if "field larger" in str(error) else "")
+                raise DataError(f"{path}: line {reader.line_num}: {error}{hint}") from None
     raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv or .jsonl")
 
 

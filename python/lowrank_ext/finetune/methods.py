@@ -104,6 +104,18 @@ def prepare(model: nn.Module, method: str, options: MethodOptions) -> nn.Module:
         model, lowrank_ext.AdaLoRAConfig(**options.adalora_schedule(), **common))
 
 
+def check_target_modules(model: nn.Module, target_modules: Sequence[str],
+                         modules_to_save: Sequence[str]) -> None:
+    """:class:`MethodError` unless every entry of ``target_modules`` names a module of
+    ``model`` (outside ``modules_to_save``): a typo would silently adapt fewer layers."""
+    from lowrank_ext.tuners.targets import match_targets
+
+    try:
+        match_targets(model, list(target_modules), "--target-modules", exclude=modules_to_save)
+    except ValueError as error:
+        raise MethodError(str(error)) from None
+
+
 def attach_optimizer(module: nn.Module, method: str, optimizer: torch.optim.Optimizer) -> None:
     """Hook per-step method work onto ``optimizer``.
 
@@ -147,7 +159,14 @@ def read_run_info(directory: Path) -> dict:
         raise MethodError(f"adapter directory not found: {directory}")
     if not path.is_file():
         raise MethodError(f"{directory} was not written by 'lowrank-ext finetune' (no {RUN_FILE})")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MethodError(f"cannot resume from {directory}: {RUN_FILE} is corrupt ({error})") from None
+    missing = [key for key in ("method", "labels") if not isinstance(info, dict) or key not in info]
+    if missing:
+        raise MethodError(f"cannot resume from {directory}: {RUN_FILE} lacks {', '.join(missing)}")
+    return info
 
 
 def saved_adapter_options(directory: Path, run_info: dict) -> dict:
@@ -170,15 +189,16 @@ def load(model: nn.Module, method: str, directory: Path, options: MethodOptions)
 
     Raises :class:`MethodError` when the saved weights do not fit the model.
     """
-    if method == "full":
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(directory / FULL_WEIGHTS_FILE)))
-        return prepare(model, method, options)
     import lowrank_ext
     from lowrank_ext.tuners.serialization import read_adapter_weights
+    from safetensors import SafetensorError
 
     try:
+        if method == "full":
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(directory / FULL_WEIGHTS_FILE)))
+            return prepare(model, method, options)
         if method == "qlora":
             # A saved adapter does not say the base was quantized: quantize
             # it as the original run did, then copy the adapter in.
@@ -188,8 +208,12 @@ def load(model: nn.Module, method: str, directory: Path, options: MethodOptions)
             return module
         # LoRA, and AdaLoRA at the ranks its finished allocation kept.
         return lowrank_ext.load_adapter(model, str(directory), is_trainable=True)
-    except (OSError, ValueError) as error:
-        raise MethodError(f"cannot resume from {directory}: {error}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        # One line: load_state_dict lists every mismatched key on its own line.
+        reason = " ".join(str(error).split())
+        if len(reason) > 300:
+            reason = reason[:300] + " ..."
+        raise MethodError(f"cannot resume from {directory}: {reason}") from None
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:

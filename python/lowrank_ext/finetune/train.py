@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from torch import nn
 from . import methods
 from .data import DataSplits, load_file_splits, stdlib_docstring_splits
 from .memory import PeakMemory, SavedActivations, gradient_and_optimizer_bytes
-from .model import HEAD_NAME, Tokenized, build_classifier, load_tokenizer
+from .model import HEAD_NAME, Tokenized, build_classifier, load_tokenizer, max_positions
 
 # Learning rates for this task and model (see docs/finetune.md): adapters
 # train a few small matrices and tolerate a large step; updating all 22.7M
@@ -57,6 +58,64 @@ class FinetuneSettings:
         if self.learning_rate is not None:
             return self.learning_rate
         return DEFAULT_LEARNING_RATES[self.method]
+
+
+class SettingsError(ValueError):
+    """An option the run cannot use (a user error), found before any work."""
+
+
+def check_device(text: str) -> torch.device:
+    """``text`` as a device this build can train on, else :class:`SettingsError`."""
+    import lowrank_ext
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SettingsError(f"--device {text!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingsError(f"--device {text}: no CUDA device is available to torch "
+                                f"{torch.__version__}; use --device cpu")
+        if "cuda" not in lowrank_ext.build_info()["backends"]:
+            raise SettingsError(f"--device {text}: lowrank_ext was built without CUDA kernels; "
+                                "use --device cpu or a CUDA build")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SettingsError(f"--device {text}: this machine has "
+                                f"{torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_output_dir(path: Path) -> None:
+    """Refuse an output folder that cannot be written, before hours of training are lost.
+
+    Nothing is created: the check writes (and removes) a temporary file in
+    the folder, or in its nearest existing parent.
+    """
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is below a file, {existing}"
+        raise SettingsError(f"--output-dir {path} {where}; pass a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise SettingsError(f"--output-dir {path}: cannot write in {existing} "
+                            f"({error.strerror or error})") from None
+
+
+def check_settings(settings: FinetuneSettings, output_dir: Path) -> torch.device:
+    """Every check that needs no data and no model; the device to train on."""
+    device = check_device(settings.device)
+    positions = max_positions()
+    if settings.max_length > positions:
+        raise SettingsError(f"--max-length {settings.max_length} exceeds the model's "
+                            f"{positions} positions")
+    check_output_dir(output_dir)
+    return device
 
 
 class Interrupted(Exception):
@@ -168,17 +227,22 @@ def run_finetune(settings: FinetuneSettings, splits: Optional[DataSplits] = None
 
     Returns the report (also written to ``<output_dir>/report.json``).
 
+    Options are checked before any work (data, model, training), so a
+    mistake costs seconds, not a run.
+
     Raises:
-        DataError, MethodError, DependencyError: user-facing problems.
+        DataError, MethodError, DependencyError, SettingsError: user-facing
+        problems.
+        Interrupted: Ctrl-C during training, after saving the adapter.
     """
     from . import report as reporting
 
     methods.check_method(settings.method)
     wall_start = time.perf_counter()
+    output_dir = Path(settings.output_dir) if settings.output_dir else default_output_dir(settings.method)
+    device = check_settings(settings, output_dir)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    device = torch.device(settings.device)
-    output_dir = Path(settings.output_dir) if settings.output_dir else default_output_dir(settings.method)
 
     resume_info = None
     if settings.resume:
@@ -211,6 +275,8 @@ def run_finetune(settings: FinetuneSettings, splits: Optional[DataSplits] = None
                                     total_step=total_steps)
 
     model = build_classifier(len(splits.label_names), seed=settings.seed)
+    if settings.method != "full":
+        methods.check_target_modules(model, settings.target_modules, (HEAD_NAME,))
     _, base_parameters = methods.count_parameters(model)
     # The base model's fp32 footprint, the reference the methods are compared to.
     base_weight_bytes = methods.weight_bytes(model)
