@@ -243,6 +243,26 @@ def test_load_adapter_into_a_wrapper_keeps_the_active_adapter_training(tmp_path,
     assert not torch.allclose(model(x), expected)
 
 
+def test_set_adapter_takes_one_name_and_refuses_several_clearly():
+    model = LoRAModule(fresh_model(), target_modules=["query"], r=2, init_lora_weights=False)
+    model.add_adapter("b", target_modules=["query"], r=2, init_lora_weights=False)
+    x = ids()
+    model.set_adapter("default")
+    expected = model(x)
+    trainable = _trainable_names(model)
+    # As PEFT's PeftModel.set_adapter, one adapter is active; refused before
+    # anything changes (it failed with "unhashable type: 'list'").
+    with pytest.raises(ValueError, match=r"adapter_name.*\['default', 'b'\]"):
+        model.set_adapter(["default", "b"])
+    assert model.active_adapter == "default" and _trainable_names(model) == trainable
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    model.set_adapter(["b"])  # a list of one is that adapter
+    assert model.active_adapter == "b"
+    assert not torch.allclose(model(x), expected)
+    with pytest.raises(KeyError, match="nope"):
+        model.set_adapter(["nope"])
+
+
 def _saved_adapter(tmp_path, **options):
     model = LoRAModule(fresh_model(), target_modules=["query", "value"], init_lora_weights=False,
                        **options)

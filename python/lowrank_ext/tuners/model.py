@@ -383,11 +383,22 @@ class AdapterModel(nn.Module):
 
     # -------------------------------------------------------------- selection
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Use ``adapter_name`` in every layer that has it; only its parameters train.
 
-        Raises ``KeyError`` for an unknown name.
+        ``adapter_name`` is one name, or a list holding one. Raises
+        ``KeyError`` for an unknown name and ``ValueError`` for several names
+        (one adapter is active at a time, as with PEFT's
+        ``PeftModel.set_adapter``; ``adapter_names=`` in the forward call
+        mixes adapters per batch row).
         """
+        if isinstance(adapter_name, (list, tuple)) and len(adapter_name) == 1:
+            adapter_name = adapter_name[0]
+        if not isinstance(adapter_name, str):
+            raise ValueError(f"set_adapter takes one adapter name (one adapter is active at a "
+                             f"time, as with PEFT's PeftModel.set_adapter), got adapter_name="
+                             f"{adapter_name!r}; for a batch whose rows use different "
+                             "adapters, pass adapter_names=[...] to the forward call")
         if adapter_name not in self.peft_config:
             raise KeyError(f"no adapter named {adapter_name!r}; have {list(self.peft_config)}")
         config = self.peft_config[adapter_name]
