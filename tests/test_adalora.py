@@ -568,6 +568,23 @@ def test_save_and_load_round_trip(tmp_path):
     assert not any(parameter.requires_grad for parameter in loaded.parameters())
 
 
+def test_loading_another_adapter_leaves_the_one_in_training_alone(tmp_path):
+    trained_and_pruned().save_adapter(str(tmp_path))
+    wrapper = AdaLoRAModule(fresh_classifier(), **SCHEDULE)
+    _, optimizer = train(wrapper, 4, "combined")
+    trainable = {name for name, p in wrapper.named_parameters() if p.requires_grad}
+    assert len(trainable) == 3 * 3
+    wrapper.load_adapter(str(tmp_path), "pruned")
+    assert wrapper.active_adapter == "default"
+    assert {name for name, p in wrapper.named_parameters() if p.requires_grad} == trainable
+    # The allocation of the adapter in training goes on.
+    inputs, labels = synthetic_task()
+    nn.functional.cross_entropy(wrapper(inputs[:16]), labels[:16]).backward()
+    optimizer.step()
+    wrapper.update_and_allocate(4, optimizer)
+    assert wrapper.allocator.adapter_name == "default"
+
+
 def test_mid_allocation_adapter_saves_kept_triplets_only(tmp_path):
     wrapper = trained_and_pruned(steps=8, total_step=20)
     assert not wrapper.allocator.frozen
