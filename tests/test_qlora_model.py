@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_ext import QLoRAModule, load_adapter
+from lowrank_ext import LoRAModule, QLoRAModule, load_adapter
 from lowrank_ext.nn import NF4Linear, QLoRALinear
 
 transformers = pytest.importorskip("transformers")
@@ -178,3 +178,64 @@ def test_modules_to_save_already_quantized_is_refused():
         model.add_adapter("second", target_modules=["value"], modules_to_save=["classifier"])
     assert list(model.peft_config) == ["default"]
     assert isinstance(model.model.classifier, NF4Linear)
+
+
+# ------------------------------------------------------ nn.MultiheadAttention
+
+
+def encoder():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+                         nn.Linear(32, 5)).eval()
+
+
+def test_attention_out_proj_stays_dense_and_the_encoder_trains():
+    # MHA passes out_proj.weight to F.multi_head_attention_forward itself:
+    # 4-bit codes there made every forward fail.
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        dense = encoder()(x)
+    with pytest.warns(UserWarning, match=r"0\.self_attn\.out_proj"):
+        model = QLoRAModule(encoder(), r=4, target_modules="all-linear")
+    layer = model.model[0]
+    assert type(layer.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(layer.linear1, QLoRALinear) and isinstance(model.model[1], QLoRALinear)
+    with torch.no_grad():
+        out = model(x)
+    # No-op adapters: only the NF4 rounding of linear1, linear2 and the head
+    # (about 10% per weight for 4-bit codes) separates it from the dense model.
+    assert 0 < (out - dense).norm() < 0.15 * dense.norm()
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(3):
+        loss = model(x).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("wrapper", [LoRAModule, QLoRAModule])
+def test_encoder_inference_runs_through_the_adapter_layers(wrapper):
+    # In eval mode nn.TransformerEncoderLayer (and nn.TransformerEncoder, with
+    # a padding mask) take a fused kernel that reads linear1/linear2.weight
+    # itself: adapters there were skipped silently, 4-bit codes crashed it.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = wrapper(nn.TransformerEncoder(layer, 2, enable_nested_tensor=True), r=4,
+                    target_modules=["linear1", "linear2"], init_lora_weights=False)
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(2))
+    padding = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    model.train()  # dropout is 0: training mode differs only by taking no shortcut
+    expected = model(x, src_key_padding_mask=padding)
+    model.eval()
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(x, src_key_padding_mask=padding)
+        out = model(x, src_key_padding_mask=padding)
+    assert (expected - base).abs().max() > 0.1
+    # Rows of padded positions are not compared (the fused path zeroes them).
+    torch.testing.assert_close(out[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, :4], expected[1, :4], atol=1e-5, rtol=1e-5)

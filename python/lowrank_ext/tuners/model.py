@@ -353,6 +353,7 @@ class AdapterModel(nn.Module):
                 parameter.requires_grad_(requires_grad)
             raise
         self.targeted_modules[adapter_name] = targets
+        _use_encoder_submodules(self.model)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; layers left without adapters are unwrapped.
@@ -670,6 +671,32 @@ class AdapterModel(nn.Module):
         from .serialization import load_adapter
 
         load_adapter(self, directory, adapter_name, is_trainable)
+
+
+def _call_submodules(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that changes nothing: its presence alone makes
+    ``nn.TransformerEncoderLayer`` skip its fused inference kernel."""
+
+
+def _use_encoder_submodules(model: nn.Module) -> None:
+    """Route encoder layers holding adapter or 4-bit layers through those layers.
+
+    In eval mode ``nn.TransformerEncoderLayer`` runs one fused kernel that
+    reads ``linear1.weight`` / ``linear2.weight`` itself: it would silently
+    skip the adapters there, and fail on 4-bit codes. It takes its
+    module-by-module path when a forward hook is attached, and
+    ``nn.TransformerEncoder`` feeds its layers nested tensors unless
+    ``use_nested_tensor`` is off; both are set here (results are unchanged,
+    only those fused shortcuts are not taken).
+    """
+    for module in model.modules():
+        if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) or not any(
+                isinstance(inner, (AdapterLayer, NF4Linear)) for inner in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+        elif _call_submodules not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_call_submodules)
 
 
 def _first(items: list[str], count: int = 5) -> str:
