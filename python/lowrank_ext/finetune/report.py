@@ -22,6 +22,19 @@ def progress_bar(total: int, method: str, enabled: bool = True):
                 dynamic_ncols=True)
 
 
+PLOT_MISSING = ("matplotlib is not installed: the run trains and reports, but writes no "
+                "loss.png; pip install 'lowrank-ext[finetune]' for the plot")
+
+
+def plot_available() -> bool:
+    """Whether matplotlib, which only the loss plot needs, can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot_history(history, path: Path, title: str) -> None:
     """Train loss per step and validation loss per epoch, saved as a PNG."""
     import matplotlib
@@ -124,7 +137,7 @@ def summary(report: dict) -> str:
         table([result_row(report)], columns(report["data"])),
         f"adapter: {report['adapter_dir']}",
         f"report:  {Path(report['adapter_dir']).parent / 'report.json'}  "
-        f"plot: {Path(report['adapter_dir']).parent / 'loss.png'}",
+        f"plot: {report['plot'] or 'not written (matplotlib is not installed)'}",
         MEMORY_NOTE.format(measures=report["peak_memory_measures"]),
     ]
     return "\n".join(lines)

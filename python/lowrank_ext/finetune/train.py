@@ -6,6 +6,7 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,7 +18,8 @@ from torch import nn
 from . import methods
 from .data import DataSplits, load_file_splits, stdlib_docstring_splits
 from .memory import PeakMemory, SavedActivations, gradient_and_optimizer_bytes
-from .model import HEAD_NAME, Tokenized, build_classifier, load_tokenizer, max_positions
+from .model import (HEAD_NAME, Tokenized, build_classifier, check_dependencies, load_tokenizer,
+                    max_positions)
 
 # Learning rates for this task and model (see docs/finetune.md): adapters
 # train a few small matrices and tolerate a large step; updating all 22.7M
@@ -109,6 +111,7 @@ def check_output_dir(path: Path) -> None:
 
 def check_settings(settings: FinetuneSettings, output_dir: Path) -> torch.device:
     """Every check that needs no data and no model; the device to train on."""
+    check_dependencies()
     device = check_device(settings.device)
     positions = max_positions()
     if settings.max_length > positions:
@@ -241,6 +244,10 @@ def run_finetune(settings: FinetuneSettings, splits: Optional[DataSplits] = None
     wall_start = time.perf_counter()
     output_dir = Path(settings.output_dir) if settings.output_dir else default_output_dir(settings.method)
     device = check_settings(settings, output_dir)
+    # Only the plot needs matplotlib: without it the run still trains and reports.
+    plot = reporting.plot_available()
+    if not plot:
+        warnings.warn(reporting.PLOT_MISSING, UserWarning, stacklevel=2)
     if settings.threads:
         torch.set_num_threads(settings.threads)
 
@@ -403,12 +410,14 @@ def run_finetune(settings: FinetuneSettings, splits: Optional[DataSplits] = None
         "history": asdict(history),
         "adapter_dir": str(adapter_dir),
         "resumed_from": settings.resume,
+        "plot": str(output_dir / "loss.png") if plot else None,
     }
     report["wall_seconds"] = time.perf_counter() - wall_start
     # CPU time of this process (all threads) since it started, model loading
     # included: next to the wall time it shows how contended the machine was.
     report["process_cpu_seconds"] = time.process_time()
     output_dir.mkdir(parents=True, exist_ok=True)
-    reporting.plot_history(history, output_dir / "loss.png", settings.method)
+    if plot:
+        reporting.plot_history(history, output_dir / "loss.png", settings.method)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
