@@ -239,3 +239,25 @@ def test_encoder_inference_runs_through_the_adapter_layers(wrapper):
     # Rows of padded positions are not compared (the fused path zeroes them).
     torch.testing.assert_close(out[0], expected[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1, :4], expected[1, :4], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ export
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_merged_model_exports_to_a_plain_from_pretrained(tmp_path, kind):
+    if kind == "llama":
+        model = adapted_llama()
+    else:
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=128,
+                                         n_positions=16)
+        model = QLoRAModule(transformers.GPT2LMHeadModel(config).eval(), r=4,
+                            target_modules=["c_attn", "c_proj"])
+        randomize(model)
+    expected = logits(model)
+    model.merge_and_unload().save_pretrained(str(tmp_path))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert not any(isinstance(m, NF4Linear) for m in reloaded.modules())
+    # The reload holds the dense merged weights: as close as the merge itself.
+    torch.testing.assert_close(logits(reloaded), expected, **DENSE)
