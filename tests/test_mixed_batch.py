@@ -140,6 +140,25 @@ def _write_through_data(wrapper):
     weight.data = torch.randn_like(weight)
 
 
+def _add_through_data(wrapper):
+    # In-place writes through .data bump no version counter (p.data is a new
+    # tensor with its own counter) and keep the data address.
+    wrapper.model.up.lora_B["second"].weight.data.add_(0.5)
+
+
+def _copy_through_data(wrapper):
+    # A hot swap: new weights copied into the same storage.
+    weight = wrapper.model.down.lora_A["third"].weight
+    weight.data.copy_(torch.randn_like(weight))
+
+
+def _ema_through_data(wrapper):
+    # An EMA update as training code writes it (shadow = decay * shadow + (1 - decay) * p).
+    for name, parameter in wrapper.named_parameters():
+        if "lora_B" in name:
+            parameter.data.mul_(0.5).add_(torch.ones_like(parameter), alpha=0.5)
+
+
 def _round_trip_dtype(wrapper):
     wrapper.model.to(torch.float64)
     with torch.no_grad():
@@ -151,7 +170,8 @@ def _round_trip_dtype(wrapper):
 
 @pytest.mark.parametrize("change", [_replace_parameter, _replace_module, _swap_modules,
                                     _load_with_assign, _copy_state, _change_scale,
-                                    _write_through_data, _round_trip_dtype])
+                                    _write_through_data, _add_through_data, _copy_through_data,
+                                    _ema_through_data, _round_trip_dtype])
 def test_stacked_factor_cache_notices_every_kind_of_change(change):
     """The inference cache of stacked factors never serves factors that changed."""
     wrapper = wrapped("lora")
@@ -164,6 +184,20 @@ def test_stacked_factor_cache_notices_every_kind_of_change(change):
         expected = reference_rows(wrapper, x, names)
     assert not torch.allclose(before, expected, atol=1e-4)  # the change matters
     torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_stack_made_in_inference_mode_serves_later_calls():
+    """A stack built under inference_mode is refreshed in place on reuse, which
+    torch forbids outside inference mode: such a call gets its own stack."""
+    wrapper = wrapped("lora")
+    names = ["third", "default"]
+    x = torch.randn(2, 24)
+    with torch.inference_mode():
+        wrapper(x, adapter_names=names)
+    with torch.no_grad():
+        wrapper.model.up.lora_A["third"].weight.data.mul_(-1.0)
+        torch.testing.assert_close(wrapper(x, adapter_names=names),
+                                   reference_rows(wrapper, x, names), atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_model_matches_eager_and_sees_factor_updates():

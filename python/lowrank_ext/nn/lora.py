@@ -202,13 +202,22 @@ class LoRALayer(AdapterLayer):
                       device: torch.device) -> Optional[tuple]:
         """(lora_A, lora_B, ranks, scalings, indices) for multi_lora_linear; None if no row
         has an adapter."""
-        held, lora_A, lora_B, ranks, scalings = self._stacked(dtype, device)
-        indices = self._indices(names, held, device)
+        if torch.is_grad_enabled():
+            # Part of this call's graph (training, or gradients for the inputs): built anew.
+            held, lora_A, lora_B, ranks, scalings = self._stack_factors(
+                self._held_factors(), dtype, device)
+            indices, _ = self._indices(names, held, device)
+        else:
+            (held, lora_A, lora_B, ranks, scalings), fresh = self._stacked(dtype, device)
+            indices, used = self._indices(names, held, device)
+            if indices is not None and not fresh:
+                self._refresh_stack(used)
         return None if indices is None else (lora_A, lora_B, ranks, scalings, indices)
 
     def _indices(self, names: tuple[str, ...], held: tuple[str, ...],
-                 device: torch.device) -> Optional[torch.Tensor]:
-        """int64 index of each row's adapter in ``held`` (-1: none); None when no row has one.
+                 device: torch.device) -> tuple[Optional[torch.Tensor], tuple[int, ...]]:
+        """(int64 index of each row's adapter in ``held`` (-1: none), or None when no row
+        has one; the positions in ``held`` that some row uses).
 
         Remembered for the last (names, held, device): a model's layers share
         one names tuple per call, and a server often repeats a batch's names.
@@ -219,41 +228,58 @@ class LoRALayer(AdapterLayer):
             return cached[3]
         position = {name: index for index, name in enumerate(held)}
         values = [position.get(name, -1) for name in names]
-        indices = None
-        if any(value >= 0 for value in values):
-            indices = torch.tensor(values, dtype=torch.int64, device=device)
-        self.__dict__["_row_indices"] = (names, held, device, indices)
-        return indices
+        used = tuple(sorted({value for value in values if value >= 0}))
+        indices = torch.tensor(values, dtype=torch.int64, device=device) if used else None
+        self.__dict__["_row_indices"] = (names, held, device, (indices, used))
+        return indices, used
 
-    def _stacked(self, dtype: torch.dtype, device: torch.device) -> tuple:
-        """(held names, lora_A, lora_B, ranks, scalings) of every held adapter, stacked.
+    def _stacked(self, dtype: torch.dtype, device: torch.device) -> tuple[tuple, bool]:
+        """((held names, lora_A, lora_B, ranks, scalings) of every held adapter, stacked;
+        whether the stack was built by this call), for calls without autograd.
 
-        In training (grad mode on and a parameter requires grad) the stack is
-        part of this step's graph and is built anew. Otherwise it is reused
-        while nothing it was built from changed, checked in two cheap steps (a
+        The stack's buffers are reused while the factors they were built from
+        are the same tensors of the same shapes, checked in two cheap steps (a
         walk over the factors' Python objects right after a large GEMM, with
-        them out of the caches, cost a third of the multi-adapter op):
-        the structure, by identity (the factor modules, names and scale
-        objects, and the count of parameter registrations anywhere, which
-        moves when a factor parameter is replaced); then the contents, by the
-        factors' version counters and data addresses in one C++ pass.
+        them out of the caches, cost a third of the multi-adapter op): the
+        structure, by identity (the factor modules, names and scale objects,
+        and the count of parameter registrations anywhere, which moves when a
+        factor parameter is replaced); then the factors' version counters and
+        data addresses in one C++ pass (``p.data = ...`` moves the address).
         Replacements that bypass both (``_apply``) drop the cache explicitly.
+        Writes through ``p.data`` (EMA, hot-swapped weights) move neither, so
+        a reused stack is refreshed from the factors the batch uses on every
+        call (:meth:`_refresh_stack`).
         """
-        if torch.is_grad_enabled() and any(
-                parameter.requires_grad for parameter in self.parameters()):
-            return self._stack_factors(self._held_factors(), dtype, device)
+        # A stack made in inference mode cannot be written outside it.
         structure = (_parameter_registrations(), tuple(self.lora_A._modules.items()),
                      tuple(self.lora_B._modules.values()), tuple(self.scaling.values()),
-                     dtype, device)
+                     dtype, device, torch.is_inference_mode_enabled())
         cached = self._row_stack
         if cached is not None and cached[0] == structure and \
                 _C.tensor_fingerprint(cached[1]) == cached[2]:
-            return cached[3]
+            return cached[3], False
         held_factors = self._held_factors()
         stacked = self._stack_factors(held_factors, dtype, device)
         factors = [factor for pair in held_factors.values() for factor in pair]
-        self.__dict__["_row_stack"] = (structure, factors, _C.tensor_fingerprint(factors), stacked)
-        return stacked
+        _, lora_A, lora_B, ranks, _ = stacked
+        # (stack slice, factor) pairs per held adapter, for the refresh.
+        copies = [((lora_A[index, :a.shape[0]], a), (lora_B[index, :, :b.shape[1]], b))
+                  for index, (a, b) in enumerate(held_factors.values())]
+        self.__dict__["_row_stack"] = (structure, factors, _C.tensor_fingerprint(factors),
+                                       stacked, copies)
+        return stacked, True
+
+    def _refresh_stack(self, used: tuple[int, ...]) -> None:
+        """Copy the used adapters' factors into the reused stack, in one foreach op.
+
+        In-place writes through ``p.data`` bump no version counter (``p.data``
+        is a new tensor with its own) and keep the address, so no cheap check
+        sees them; rereading the factors the op is about to read anyway costs
+        about as much as the op reads and never serves stale values.
+        """
+        copies = self._row_stack[4]
+        pairs = [pair for index in used for pair in copies[index]]
+        torch._foreach_copy_([target for target, _ in pairs], [factor for _, factor in pairs])
 
     def _held_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{name: (A, B)} of every held adapter, in lora_A's order."""
