@@ -348,3 +348,62 @@ def test_without_transformers_the_error_names_the_extra_before_any_work(
     error = capsys.readouterr().err.strip()
     assert "pip install 'lowrank-ext[finetune]'" in error and "transformers" in error
     assert len(error.splitlines()) == 1
+
+
+# ------------------------------------------------------------- bench
+
+REPOSITORY = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_bench_runs_the_scripts_of_a_given_folder_with_their_arguments(tmp_path, capfd):
+    import sys
+
+    from lowrank_ext import cli
+
+    (tmp_path / "bench_echo.py").write_text(
+        "import sys\nprint('echo ran with', sys.argv[1:], 'on', sys.executable)\n")
+    (tmp_path / "machine.py").write_text("raise SystemExit('not a benchmark')\n")
+    assert cli.main(["bench", "--bench-dir", str(tmp_path), "--list"]) == 0
+    listed = capfd.readouterr().out
+    assert str(tmp_path / "bench_echo.py") in listed and "machine.py" not in listed
+    assert "echo ran" not in listed
+    assert cli.main(["bench", "--bench-dir", str(tmp_path), "echo", "--args", "--steps 5"]) == 0
+    assert f"echo ran with ['--steps', '5'] on {sys.executable}" in capfd.readouterr().out
+
+
+def _installed_copy(tmp_path):
+    """lowrank_ext copied out of the checkout, as pip installs it (no bench/ beside it)."""
+    import shutil
+
+    import lowrank_ext
+
+    site = tmp_path / "site-packages"
+    shutil.copytree(__import__("pathlib").Path(lowrank_ext.__file__).parent,
+                    site / "lowrank_ext", ignore=shutil.ignore_patterns("__pycache__"))
+    return site
+
+
+def test_run_sh_bench_runs_the_benchmarks_of_the_checkout(tmp_path):
+    """``./run.sh bench`` with an installed (non-editable) package still finds bench/."""
+    import os
+    import subprocess
+    import sys
+
+    site = _installed_copy(tmp_path)
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    # A stand-in venv: pip does nothing (no network, no build); the console
+    # script runs the installed copy with this test's interpreter.
+    (venv / "python").write_text(
+        f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && exit 0\nexec {sys.executable} "$@"\n')
+    (venv / "lowrank-ext").write_text(
+        f'#!/bin/sh\nPYTHONPATH={site} exec {sys.executable} -m lowrank_ext.cli "$@"\n')
+    for script in venv.iterdir():
+        script.chmod(0o755)
+    completed = subprocess.run(
+        [str(REPOSITORY / "run.sh"), "bench", "--list"], capture_output=True, text=True,
+        env=dict(os.environ, LOWRANK_VENV=str(tmp_path / "venv")), timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    for name in ("bench_nf4.py", "bench_linear.py", "bench_train_step.py"):
+        assert str(REPOSITORY / "bench" / name) in completed.stdout
+    assert "built-in" not in completed.stdout

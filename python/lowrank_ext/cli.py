@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import subprocess
 import sys
 import time
@@ -132,11 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="run the benchmarks",
-        description="Run the Python benchmarks in the source checkout's bench/ folder, or, "
-                    "when installed without it, a small built-in NF4-vs-dense timing.")
+        description="Run the benchmark scripts (bench_*.py) of a source checkout's bench/ "
+                    "folder: --bench-dir, else the checkout this package is imported from "
+                    "(./run.sh bench passes its own). An installed package without a "
+                    "checkout runs a small built-in NF4-vs-dense timing instead.")
     bench.add_argument("names", nargs="*", metavar="NAME",
-                       help="benchmarks of bench/ to run, e.g. nf4 for bench_nf4.py "
+                       help="benchmarks to run, e.g. nf4 for bench_nf4.py "
                             "(default: all that this machine can run)")
+    bench.add_argument("--bench-dir", metavar="DIR",
+                       help="folder of the bench_*.py scripts (default: bench/ of the source "
+                            "checkout this package is imported from, if any)")
+    bench.add_argument("--args", default="", metavar="ARGS",
+                       help="arguments for every script, e.g. --args='--steps 5'")
+    bench.add_argument("--list", action="store_true",
+                       help="print the scripts that would run, and run none")
     bench.add_argument("--builtin", action="store_true",
                        help="run the built-in timing even in a source checkout")
     bench.add_argument("--repeats", type=_positive_int, default=7,
@@ -237,15 +247,18 @@ def _finetune(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_scripts(names: Sequence[str]) -> list[Path]:
-    """``bench/bench_*.py`` of the source checkout this package was imported from.
+def _bench_scripts(names: Sequence[str], directory: Optional[str]) -> list[Path]:
+    """``bench_*.py`` of ``directory``, else of the source checkout this package was
+    imported from (none for an installed package).
 
     Without ``names``: all of them, except the CUDA ones on a machine without
-    a GPU. Unknown names raise :class:`UsageError`.
+    a GPU. Unknown names or a missing ``directory`` raise :class:`UsageError`.
     """
     import torch
 
-    bench = Path(__file__).resolve().parent.parent.parent / "bench"
+    if directory is not None and not Path(directory).is_dir():
+        raise UsageError(f"--bench-dir {directory} is not a folder")
+    bench = Path(directory or Path(__file__).resolve().parent.parent.parent / "bench")
     scripts = {path.stem[len("bench_"):]: path for path in sorted(bench.glob("bench_*.py"))}
     unknown = [name for name in names if name not in scripts]
     if unknown:
@@ -258,16 +271,30 @@ def _bench_scripts(names: Sequence[str]) -> list[Path]:
 
 
 def _bench(arguments: argparse.Namespace) -> int:
-    scripts = [] if arguments.builtin else _bench_scripts(arguments.names)
+    scripts = [] if arguments.builtin else _bench_scripts(arguments.names, arguments.bench_dir)
     if not scripts:
+        builtin = "the built-in NF4-vs-dense timing"
+        if not arguments.builtin:
+            # Say so: an installed package cannot see a checkout's bench/.
+            builtin += (" (no bench/ folder of a source checkout found; pass --bench-dir or "
+                        "use ./run.sh bench for the full benchmarks)")
+        if arguments.list:
+            print(builtin)
+            return 0
         from .finetune import benchmark
 
+        print(f"running {builtin}", flush=True)
         print(benchmark.run(arguments.repeats))
         return 0
+    if arguments.list:
+        print("\n".join(str(script) for script in scripts))
+        return 0
+    script_arguments = shlex.split(arguments.args)
     status = 0
     for script in scripts:
         print(f"== {script.name} ==", flush=True)
-        status = max(status, subprocess.run([sys.executable, str(script)]).returncode)
+        completed = subprocess.run([sys.executable, str(script), *script_arguments])
+        status = max(status, completed.returncode)
     return status
 
 
