@@ -147,9 +147,13 @@ def test_peft_bias_all_with_modules_to_save_loads(tmp_path):
                                    reference(input_ids=IDS).logits, **TOLERANCE)
 
 
-@pytest.mark.parametrize("init, saved_as", [("orthogonal", "orthogonal"),
-                                             ("pissa", "pissa"), ("pissa", "pissa_niter_4")])
+@pytest.mark.parametrize("init, saved_as", [("orthogonal", "orthogonal"), ("mica", "mica"),
+                                             (True, "eva"), ("pissa", "pissa"),
+                                             ("pissa", "pissa_niter_4")])
 def test_peft_inits_that_keep_or_rebuild_the_base_load(tmp_path, init, saved_as):
+    # orthogonal, MiCA and EVA only choose the first factors (MiCA then
+    # freezes lora_B): the base is untouched, so they load as plain LoRA (EVA
+    # needs data to initialize; the saved name is what matters here).
     # PiSSA's base is rebuilt on load (W minus its top-r SVD part). PEFT's
     # fast variant (randomized SVD) loads as exact PiSSA; to compare exactly,
     # the adapter is trained from exact PiSSA and its config then says
@@ -570,3 +574,88 @@ def test_task_type_adapters_train_the_head_and_move_both_ways(tmp_path, task, ki
 def test_unknown_task_type_names_the_field():
     with pytest.raises(ValueError, match="task_type"):
         LoRAModule(bert(), task_type="SEQ_CLASSIFICATION", target_modules=["query"])
+
+
+# ----------------------------------------------- PEFT options, one by one --
+# Every field of the installed PEFT's LoraConfig / AdaLoraConfig is read,
+# ignored (bookkeeping, or settings of an init that is refused anyway) or
+# refused by name when it is not at its default: a new PEFT option fails here.
+
+from lowrank_ext.tuners.config import LoRAConfig, peft_option_treatment  # noqa: E402
+
+
+@pytest.mark.parametrize("config_class", ["LoraConfig", "AdaLoraConfig"])
+def test_every_peft_option_has_a_known_treatment(config_class):
+    import dataclasses
+
+    unknown = [f.name for f in dataclasses.fields(getattr(peft, config_class))
+               if peft_option_treatment(f.name) not in ("read", "ignored", "refused")]
+    assert not unknown, f"PEFT options lowrank_ext has no rule for: {unknown}"
+
+
+def peft_defaults(config_class="LoraConfig", **options):
+    """adapter_config.json content of a default PEFT config, as PEFT writes it."""
+    import tempfile
+
+    config = getattr(peft, config_class)(target_modules=["q_proj"], **options)
+    with tempfile.TemporaryDirectory() as directory:
+        config.save_pretrained(directory)
+        with open(f"{directory}/adapter_config.json") as stream:
+            return json.load(stream)
+
+
+REFUSED = [("use_dora", True, "DoRA"), ("lora_bias", True, "lora_B bias"),
+           ("kasa_config", {"n_singular": 2}, "KaSA"),
+           ("velora_config", {"num_groups": 2}, "VeLoRA"),
+           ("monteclora_config", {"num_samples": 2}, "MonteCLoRA"),
+           ("use_bdlora", {"nblocks": 2}, "BD-LoRA"),
+           ("arrow_config", {"top_k": 2}, "Arrow"),
+           ("alora_invocation_tokens", [5, 6], "aLoRA"),
+           ("trainable_token_indices", [0, 3], "trainable tokens"),
+           ("target_parameters", ["mlp.experts.weight"], "nn.Parameter"),
+           ("layers_to_transform", [0], "layer"),
+           ("layers_pattern", "layers", "layer"),
+           ("exclude_modules", ["v_proj"], "exclude"),
+           ("layer_replication", [[0, 1]], "replicat"),
+           ("use_qalora", True, "QALoRA"),
+           ("megatron_config", {"tensor_model_parallel_size": 2}, "Megatron"),
+           ("ensure_weight_tying", True, "tie")]
+
+
+def test_refused_table_covers_every_refused_option():
+    import dataclasses
+
+    refused = {f.name for f in dataclasses.fields(peft.LoraConfig)
+               if peft_option_treatment(f.name) == "refused"}
+    assert refused == {name for name, _, _ in REFUSED}
+
+
+@pytest.mark.parametrize("name, value, feature", REFUSED)
+def test_peft_options_not_implemented_are_refused_by_name(name, value, feature):
+    values = peft_defaults()
+    values[name] = value
+    with pytest.raises(ValueError, match=rf"{name}=.*{feature}"):
+        LoRAConfig.from_peft_dict(values)
+
+
+def test_peft_default_configs_load_silently():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert LoRAConfig.from_peft_dict(peft_defaults()).target_modules == ["q_proj"]
+        lowrank_ext.AdaLoRAConfig.from_peft_dict(peft_defaults("AdaLoraConfig", total_step=10))
+
+
+@pytest.mark.parametrize("config_class", ["LoRAConfig", "AdaLoRAConfig"])
+def test_an_option_newer_than_this_library_is_refused_unless_unset(config_class):
+    load = getattr(lowrank_ext, config_class).from_peft_dict
+    values = (peft_defaults() if config_class == "LoRAConfig"
+              else peft_defaults("AdaLoraConfig", total_step=10))
+    values["future_option"] = None
+    load(values)
+    values["future_option"] = {"strength": 3}
+    with pytest.raises(ValueError, match="future_option"):
+        load(values)
+    values["future_option"] = None
+    values["kasa_config"] = {"n_singular": 2}
+    with pytest.raises(ValueError, match="kasa_config"):
+        load(values)

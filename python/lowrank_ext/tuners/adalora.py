@@ -21,7 +21,7 @@ from torch import nn
 from ..nn import NF4Linear, is_transformers_conv1d
 from ..nn.adalora import AdaLoRALinear, RankAllocator
 from ..nn.lora import validate_adapter_arguments
-from .config import (_BIAS_MODES, _UNSUPPORTED_PEFT_OPTIONS, LoRAConfig, TargetSpec,
+from .config import (_BIAS_MODES, LoRAConfig, TargetSpec, check_peft_options,
                      check_flags, normalized_target_modules, with_task_heads)
 from .model import AdapterModel
 from .serialization import register_adapter_type
@@ -184,11 +184,8 @@ class AdaLoRAConfig:
         if peft_type != cls.peft_type:
             raise ValueError(f"adapter_config.json has peft_type {peft_type!r}; "
                              f"{cls.__name__} loads {cls.peft_type!r}")
-        for name, neutral in _UNSUPPORTED_PEFT_OPTIONS.items():
-            if values.get(name, neutral[0]) not in neutral:
-                raise ValueError(f"adapter_config.json sets {name}={values[name]!r}, "
-                                 "which lowrank_ext does not support")
         names = {f.name for f in dataclasses.fields(cls)} - set(_NOT_IN_PEFT)
+        check_peft_options(values, names)
         kept = {key: value for key, value in values.items() if key in names}
         with warnings.catch_warnings():
             # PEFT writes its (ignored) r whatever it is; no need to warn on load.
