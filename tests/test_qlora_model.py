@@ -261,3 +261,82 @@ def test_merged_model_exports_to_a_plain_from_pretrained(tmp_path, kind):
     assert not any(isinstance(m, NF4Linear) for m in reloaded.modules())
     # The reload holds the dense merged weights: as close as the merge itself.
     torch.testing.assert_close(logits(reloaded), expected, **DENSE)
+
+
+# -------------------------------------------------- models loaded by bitsandbytes
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama")
+    llama().save_pretrained(str(directory))
+    return str(directory)
+
+
+def bnb_llama(directory, quant_type="nf4"):
+    pytest.importorskip("bitsandbytes")
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=config).eval()
+
+
+QUANT_TENSORS = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                 "weight.nested_quant_map")
+
+
+def test_bnb_4bit_model_is_taken_over_and_its_adapter_loads_in_peft(tmp_path, llama_dir):
+    peft = pytest.importorskip("peft")
+    model = bnb_llama(llama_dir)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    stored = {key: value.clone() for key, value in q_proj.state_dict().items()}
+    with torch.no_grad():
+        base = model(IDS).logits  # a CPU eval forward may repack bitsandbytes' codes
+    wrapped = QLoRAModule(model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    taken = wrapped.model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(taken, NF4Linear)
+    assert isinstance(wrapped.model.model.layers[0].mlp.up_proj, NF4Linear)
+    mine = taken.quantized_weight().state_dict("weight")
+    for key in QUANT_TENSORS:  # no requantization: bitsandbytes' own codes and scales
+        assert torch.equal(mine[key].reshape(-1), stored[key].reshape(-1)), key
+    with torch.no_grad():
+        # Zero B: the base model's output, now computed by our kernels (fp32,
+        # summation order only).
+        torch.testing.assert_close(logits(wrapped), base, atol=1e-4, rtol=1e-4)
+    wrapped.train()
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=1.0)
+    for _ in range(2):
+        wrapped(IDS, labels=IDS).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    wrapped.eval()
+    expected = logits(wrapped)
+    assert (expected - base).abs().max() > 1e-3  # trained
+    wrapped.save_adapter(str(tmp_path))
+    theirs = peft.PeftModel.from_pretrained(bnb_llama(llama_dir), str(tmp_path))
+    # bitsandbytes' CPU 4-bit matmul against ours on the same codes, fp32.
+    torch.testing.assert_close(logits(theirs), expected, atol=1e-4, rtol=1e-4)
+    # LoRAModule (here through load_adapter) puts QLoRA layers on those codes too.
+    ours = load_adapter(bnb_llama(llama_dir), str(tmp_path))
+    assert isinstance(ours.model.model.layers[0].self_attn.q_proj, QLoRALinear)
+    torch.testing.assert_close(logits(ours), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bnb_4bit_model_exports_dense(tmp_path, llama_dir):
+    model = QLoRAModule(bnb_llama(llama_dir), r=4, target_modules=["q_proj", "v_proj"])
+    randomize(model)
+    expected = logits(model)
+    model.merge_and_unload().save_pretrained(str(tmp_path))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert type(reloaded.model.layers[0].self_attn.q_proj) is nn.Linear
+    torch.testing.assert_close(logits(reloaded), expected, **DENSE)
+
+
+@pytest.mark.parametrize("wrapper", [LoRAModule, QLoRAModule])
+def test_bnb_fp4_model_is_refused_clearly(llama_dir, wrapper):
+    model = bnb_llama(llama_dir, quant_type="fp4")
+    layer = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="quant_type='fp4'.*bnb_4bit_quant_type='nf4'"):
+        wrapper(model, r=4, target_modules=["q_proj"])
+    assert model.model.layers[0].self_attn.q_proj is layer

@@ -17,6 +17,13 @@ _SCALE_BUFFERS = (("weight_absmax", "absmax"), ("weight_nested_absmax", "nested_
                   ("weight_nested_code", "nested_code"))
 
 
+def is_bnb_linear4bit(module: nn.Module) -> bool:
+    """True for bitsandbytes' 4-bit linear layers (``Linear4bit`` and its subclasses),
+    without importing bitsandbytes."""
+    return any(cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes")
+               for cls in type(module).__mro__)
+
+
 class NF4Linear(nn.Module):
     """``y = x @ dequant(W).T + bias`` with ``W`` held as NF4 buffers (never a parameter).
 
@@ -80,6 +87,32 @@ class NF4Linear(nn.Module):
         layer = cls(quantized, linear.bias, compute_dtype)
         layer.source_class = type(linear)
         return layer
+
+    @classmethod
+    def from_bnb(cls, linear: nn.Module) -> "NF4Linear":
+        """Take over a bitsandbytes ``Linear4bit`` (a model loaded with
+        ``BitsAndBytesConfig(load_in_4bit=True)``) without requantizing: the
+        same NF4 codes and scales (double quantization included), bias and
+        compute dtype.
+
+        Raises ``TypeError`` for another layer kind and ``ValueError`` for an
+        FP4 layer or one whose weight is not quantized yet.
+        """
+        if not is_bnb_linear4bit(linear):
+            raise TypeError(f"NF4Linear.from_bnb needs a bitsandbytes Linear4bit, got "
+                            f"{type(linear).__name__}")
+        quant_state = getattr(linear.weight, "quant_state", None)
+        if quant_state is None:
+            raise ValueError("this bitsandbytes Linear4bit holds no quantized weight yet "
+                             "(quantized when moved to its device)")
+        if quant_state.quant_type != "nf4":
+            raise ValueError(f"this bitsandbytes layer uses quant_type={quant_state.quant_type!r}; "
+                             "only NF4 can be taken over: load the model with "
+                             "BitsAndBytesConfig(bnb_4bit_quant_type='nf4')")
+        # Its state dict is bitsandbytes' checkpoint form (on CPU, eval-mode
+        # forwards repack the codes in place; saving undoes that).
+        weight = NF4Weight.from_state_dict(linear.state_dict(), "weight")
+        return cls(weight, linear.bias, linear.compute_dtype)
 
     def quantized_weight(self) -> NF4Weight:
         """The weight as an :class:`~lowrank_ext.NF4Weight` (sharing these buffers)."""

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..nn.lora import BASE_ROW, next_node_number, record_row_adapters
 from ..nn import (AdapterLayer, LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, NF4Linear,
-                  QLoRALinear, is_transformers_conv1d)
+                  QLoRALinear, is_bnb_linear4bit, is_transformers_conv1d)
 from .config import LoRAConfig, QLoRAConfig, layer_init, task_heads
 from .modules_to_save import ModulesToSave
 from .targets import (get_submodule_parent, match_modules_to_save, match_targets,
@@ -733,6 +733,8 @@ class LoRAModule(AdapterModel):
         options = self._layer_options(path, adapter_name, config)
         if isinstance(module, NF4Linear):
             return QLoRALinear(module, **options)
+        if is_bnb_linear4bit(module):  # a model loaded in 4 bits: QLoRA on its own codes
+            return QLoRALinear(NF4Linear.from_bnb(module), **options)
         if isinstance(module, nn.Linear) or is_transformers_conv1d(module):
             return LoRALinear(module, **options)
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -787,12 +789,18 @@ class QLoRAModule(LoRAModule):
         saved = match_modules_to_save(self.model, save_names, require_all=False)
         quantized = [path for root in saved
                      for path, module in self.model.get_submodule(root).named_modules(prefix=root)
-                     if isinstance(module, NF4Linear)]
+                     if isinstance(module, NF4Linear) or is_bnb_linear4bit(module)]
         if quantized:
             raise ValueError(f"modules_to_save selects {saved}, but {quantized} are already "
-                             "4-bit (quantized by an earlier adapter or before wrapping) and "
-                             "cannot be trained whole; name them in the first adapter's "
+                             "4-bit (quantized by an earlier adapter, or before wrapping: keep "
+                             "them dense with BitsAndBytesConfig(llm_int8_skip_modules=[...])) "
+                             "and cannot be trained whole; name them in the first adapter's "
                              "modules_to_save")
+        # A model loaded with bitsandbytes in 4 bits is taken over as stored:
+        # the same NF4 codes and scales, no second rounding.
+        for path, module in list(self.model.named_modules()):
+            if is_bnb_linear4bit(module):
+                self._replace(path, NF4Linear.from_bnb(module), replaced)
         quantize = set(targets)
         if config.quantize_modules is not None:
             quantize |= set(match_targets(self.model, config.quantize_modules,
@@ -870,4 +878,10 @@ class QLoRAModule(LoRAModule):
             if isinstance(module, NF4Linear):
                 parent, name = get_submodule_parent(model, path)
                 setattr(parent, name, module.to_dense())
+        quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+        if quantization is not None and hasattr(model, "hf_quantizer") and not any(
+                is_bnb_linear4bit(module) for module in model.modules()):
+            # Loaded with bitsandbytes, now dense: without this transformers
+            # would save it as, and reload it into, a 4-bit model.
+            model.hf_quantizer.remove_quantization_config(model)
         return model
