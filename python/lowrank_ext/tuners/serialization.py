@@ -211,6 +211,10 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
                     layer._initialize(adapter_name, "pissa")
     AdapterModel._copy_state(destinations, tensors)
     wrapper.peft_config[adapter_name] = config
+    if not is_trainable:
+        # As PEFT: an adapter loaded for inference runs without dropout (the
+        # new layers would otherwise be in training mode in an eval model).
+        wrapper.eval()
     if previous is None:
         if not is_trainable:
             for parameter in wrapper.parameters():
