@@ -55,6 +55,17 @@ def supported_cpu_isas() -> list[str]:
     return list(_C.supported_cpu_isas())
 
 
+def __getattr__(name: str):
+    # transformers is imported (and the quantizer registered with it) on first
+    # use: it costs seconds and is an optional dependency.
+    if name in ("NF4Config", "NF4HfQuantizer"):
+        from . import hf_quantizer
+
+        return getattr(hf_quantizer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# NF4Config is left out: a star import would import transformers.
 __all__ = [
     "AdaLoRAConfig",
     "AdaLoRAModule",
