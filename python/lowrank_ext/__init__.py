@@ -37,6 +37,16 @@ def build_info() -> dict:
     return info
 
 
+def use_fused_kernels(config):
+    """Make ``peft.get_peft_model`` build lowrank_ext's fused layers from a
+    ``peft.LoraConfig``; returns the config. See :mod:`lowrank_ext.peft_integration`
+    (imported here on first use, so that ``import lowrank_ext`` does not import PEFT).
+    """
+    from .peft_integration import use_fused_kernels as register
+
+    return register(config)
+
+
 def get_cpu_isa() -> str:
     """The CPU kernel set in use: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
     return _C.get_cpu_isa()
@@ -86,4 +96,5 @@ __all__ = [
     "set_cpu_isa",
     "supported_cpu_isas",
     "tuners",
+    "use_fused_kernels",
 ]
