@@ -20,7 +20,8 @@ from torch import nn
 from .. import ops
 from ..quant import NF4Weight
 from .adapter_layer import AdapterLayer, adapter_dropout
-from .lora import _adapter_dtype, is_transformers_conv1d, validate_adapter_arguments
+from .lora import (RowAdapterLayer, _adapter_dtype, is_transformers_conv1d,
+                   validate_adapter_arguments)
 from .nf4_linear import NF4Linear
 
 # (parameter container, dimension that indexes triplets) for each factor.
@@ -65,7 +66,7 @@ class TripletSlots(nn.Module):
         self.set_keep(self.keep.view(-1)[index] > 0)
 
 
-class AdaLoRALinear(AdapterLayer):
+class AdaLoRALinear(RowAdapterLayer, AdapterLayer):
     """AdaLoRA on ``nn.Linear``, Hugging Face ``Conv1D`` or a 4-bit :class:`NF4Linear` base.
 
     ``forward(x)``: ``x`` ``[..., in_features]`` -> ``[..., out_features]`` =
@@ -84,6 +85,10 @@ class AdaLoRALinear(AdapterLayer):
 
     Masked triplets keep their lambda at zero (see :meth:`set_kept`);
     :meth:`shrink` drops them physically once the allocation is final.
+
+    Mixed-adapter batches (``set_row_adapters``) give each row its adapter's
+    update, whatever the adapters' ranks, in one multi-adapter op over the
+    effective factors ``(Q * masked lambda, P)``.
     """
 
     adapter_dict_names = ("lora_A", "lora_E", "lora_B")
@@ -116,6 +121,7 @@ class AdaLoRALinear(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
         self._unmerged_base: Optional[NF4Weight] = None
+        self._init_row_adapters()
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
         self.update_layer(adapter_name, init_r, alpha, dropout, init, rank_pattern)
@@ -309,7 +315,16 @@ class AdaLoRALinear(AdapterLayer):
     def _lora_input(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
         return adapter_dropout(x, self.lora_dropout[adapter_name], self.training)
 
+    supports_row_adapters = True
+    # The rows' factors are products (Q * masked lambda) made per call: nothing to keep.
+    reuse_row_stack = False
+
+    def _held_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {name: self.effective_factors(name) for name in self.lora_A.keys()}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_adapter_names is not None and not self.adapters_disabled:
+            return self._row_forward(x)
         active = self._unmerged_active()
         if not active:
             return self.base_layer(x)
@@ -335,6 +350,21 @@ class AdaLoRALinear(AdapterLayer):
             factor_A, factor_B = self.effective_factors(name, dtype)
             result = result + ((branch @ factor_A.T) @ factor_B.T) * self.scaling[name]
         return result.to(x.dtype)
+
+    def _row_forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        bias = base.bias
+        if self.quantized:
+            dtype = base.compute_dtype_for(x)
+            inputs = x.to(dtype)
+            base_output = ops.nf4_linear(inputs, *base.linear_args(),
+                                         None if bias is None else bias.to(dtype))
+        else:
+            weight = base.weight.t() if self.fan_in_fan_out else base.weight
+            inputs = x.to(weight.dtype)
+            base_output = torch.nn.functional.linear(
+                inputs, weight, None if bias is None else bias.to(weight.dtype))
+        return self._row_adapter_forward(inputs, base_output).to(x.dtype)
 
     # -------------------------------------------------------------------- merge
 

@@ -127,29 +127,27 @@ def _adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if weight_dtype.is_floating_point else weight_dtype
 
 
-class LoRALayer(AdapterLayer):
-    """LoRA bookkeeping shared by every LoRA layer kind.
+class RowAdapterLayer:
+    """Mixed-adapter batches for an adapter layer (mixed into an :class:`AdapterLayer`).
 
-    Per adapter: ``r``, ``lora_alpha``, ``scaling`` (``alpha / r``, or
-    ``alpha / sqrt(r)`` with rsLoRA) and ``lora_dropout`` (probability applied
-    to the adapter branch's input only, in training).
+    Row ``i`` of the input gets ``scaling[name] * x_i @ A.T @ B.T`` for adapter
+    ``name = names[i]``, where ``(A, B)`` (``[r, in]``, ``[out, r]``, any ``r``
+    per adapter) come from :meth:`_held_factors`. Hosts call
+    :meth:`_init_row_adapters` in ``__init__``, set ``supports_row_adapters``
+    and call :meth:`_row_adapter_forward` from ``forward`` when
+    :attr:`row_adapter_names` is set. With ``reuse_row_stack`` the stacked
+    factors are kept between calls without autograd (the factors must then
+    be the parameters themselves, held in ``lora_A`` / ``lora_B`` module dicts).
     """
 
-    adapter_dict_names = ("lora_A", "lora_B")
+    supports_row_adapters = False
+    reuse_row_stack = True
 
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.lora_dropout: dict[str, float] = {}
-        for parameter in base_layer.parameters():
-            parameter.requires_grad_(False)
+    def _init_row_adapters(self) -> None:
+        # Plain attributes (not parameters or modules): skip nn.Module.__setattr__'s checks.
         self.__dict__["_row_names"] = None
-        self._row_indices: Optional[tuple] = None
-        self._row_stack: Optional[tuple] = None
+        self.__dict__["_row_indices"] = None
+        self.__dict__["_row_stack"] = None
 
     def set_row_adapters(self, names: Optional[Sequence[str]]) -> None:
         """Use adapter ``names[i]`` for row ``i`` of the next inputs (None: back to normal).
@@ -160,9 +158,8 @@ class LoRALayer(AdapterLayer):
         """
         if names is not None and not self.supports_row_adapters:
             raise NotImplementedError(
-                f"per-row adapter names are supported on linear LoRA layers, not on "
+                f"per-row adapter names are supported on linear LoRA and AdaLoRA layers, not on "
                 f"{type(self).__name__}")
-        # A plain attribute (not a parameter or module): skip nn.Module.__setattr__'s checks.
         self.__dict__["_row_names"] = (
             None if names is None else names if isinstance(names, tuple) else tuple(names))
 
@@ -171,14 +168,13 @@ class LoRALayer(AdapterLayer):
         """The per-row adapter names this call uses (see :func:`row_adapters_in_use`)."""
         return row_adapters_in_use(self.__dict__.get("_row_names"))
 
-    supports_row_adapters = False
-
     def _row_adapter_forward(self, inputs: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
         """``base_output`` plus each row's own adapter, in one multi-adapter op.
 
-        Every held adapter's factors are stacked once and reused until a factor
-        changes, and the row -> adapter indices once per batch of names, so the
-        per-call work does not grow with a per-adapter loop. Dropout does not
+        Every held adapter's factors are stacked in one buffer kept between
+        calls (refreshed in one copy, see :meth:`_stacked`), and the row ->
+        adapter indices computed once per batch of names, so the per-call work
+        does not grow with a per-adapter loop. Dropout does not
         apply here. Raises ``ValueError`` when the number of names differs from
         the batch size or an adapter is merged.
         """
@@ -192,7 +188,7 @@ class LoRALayer(AdapterLayer):
         # The stack and indices are host-side cache bookkeeping (Python objects,
         # a C++ fingerprint): under torch.compile they run outside the graph.
         prepare = (_prepare_rows_outside_graph if torch.compiler.is_compiling()
-                   else LoRALayer._prepare_rows)
+                   else RowAdapterLayer._prepare_rows)
         operands = prepare(self, names, inputs.dtype, inputs.device)
         if operands is None:
             return base_output
@@ -202,8 +198,9 @@ class LoRALayer(AdapterLayer):
                       device: torch.device) -> Optional[tuple]:
         """(lora_A, lora_B, ranks, scalings, indices) for multi_lora_linear; None if no row
         has an adapter."""
-        if torch.is_grad_enabled():
-            # Part of this call's graph (training, or gradients for the inputs): built anew.
+        if torch.is_grad_enabled() or not self.reuse_row_stack:
+            # Part of this call's graph (training, or gradients for the inputs), or
+            # factors computed per call: built anew.
             held, lora_A, lora_B, ranks, scalings = self._stack_factors(
                 self._held_factors(), dtype, device)
             indices, _ = self._indices(names, held, device)
@@ -282,7 +279,7 @@ class LoRALayer(AdapterLayer):
         torch._foreach_copy_([target for target, _ in pairs], [factor for _, factor in pairs])
 
     def _held_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{name: (A, B)} of every held adapter, in lora_A's order."""
+        """{name: (A, B)} of every held adapter, in lora_A's order (what the rows use)."""
         return {name: self._factor_tensors(name) for name in self.lora_A.keys()}
 
     def _stack_factors(self, held_factors: dict, dtype: torch.dtype,
@@ -300,6 +297,29 @@ class LoRALayer(AdapterLayer):
         # module's (bypassing the registration count): forget the stack.
         self.__dict__["_row_stack"] = None
         return super()._apply(*args, **kwargs)
+
+
+class LoRALayer(RowAdapterLayer, AdapterLayer):
+    """LoRA bookkeeping shared by every LoRA layer kind.
+
+    Per adapter: ``r``, ``lora_alpha``, ``scaling`` (``alpha / r``, or
+    ``alpha / sqrt(r)`` with rsLoRA) and ``lora_dropout`` (probability applied
+    to the adapter branch's input only, in training).
+    """
+
+    adapter_dict_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        for parameter in base_layer.parameters():
+            parameter.requires_grad_(False)
+        self._init_row_adapters()
 
     def update_layer(self, adapter_name: str, r: int, alpha: float, dropout: float = 0.0,
                      use_rslora: bool = False, init: Init = True) -> None:
@@ -408,7 +428,7 @@ class LoRALayer(AdapterLayer):
                          for name in self.adapter_names)
 
 
-_prepare_rows_outside_graph = torch.compiler.disable(LoRALayer._prepare_rows)
+_prepare_rows_outside_graph = torch.compiler.disable(RowAdapterLayer._prepare_rows)
 
 
 class LoRALinear(LoRALayer):

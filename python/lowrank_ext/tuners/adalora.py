@@ -532,8 +532,20 @@ class AdaLoRAModule(AdapterModel):
         total = total.sum() if config.orth_reg_form == "paper" else total.mean()
         return config.orth_reg_weight * total
 
+    def _enter_row_adapters(self, adapter_names):
+        if self.training:
+            raise ValueError("adapter_names (a mixed-adapter batch) cannot be used in training "
+                             "mode with AdaLoRA: rank allocation and the orthogonal penalty "
+                             "follow the active adapter only; call model.eval() first")
+        return super()._enter_row_adapters(adapter_names)
+
     def forward(self, *args: Any, **kwargs: Any):
-        """Call the wrapped model; in training, add the regularizer to ``output.loss``."""
+        """Call the wrapped model; in training, add the regularizer to ``output.loss``.
+
+        ``adapter_names`` (a mixed-adapter batch, adapters of any ranks) is
+        for evaluation mode, as in PEFT: raises ``ValueError`` in training,
+        where the rank allocation and the penalty follow the active adapter only.
+        """
         output = super().forward(*args, **kwargs)
         if not self.training or self.active_adapter is None:
             return output

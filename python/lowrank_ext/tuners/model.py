@@ -178,7 +178,7 @@ class AdapterModel(nn.Module):
 
         Raises ``KeyError`` for a name no layer holds, ``NotImplementedError``
         when the model has adapter layers that cannot mix adapters per row
-        (convolution, embedding, AdaLoRA), and ``ValueError`` (at call time)
+        (convolution, embedding), and ``ValueError`` (at call time)
         when the batch size differs from ``len(adapter_names)``. The adapter
         layers are looked up once and remembered (a model walk per call would
         cost more than the adapters themselves); this wrapper's own methods
@@ -225,8 +225,8 @@ class AdapterModel(nn.Module):
             if unknown:
                 raise KeyError(f"adapter_names: no adapter named {unknown}; known: {sorted(known)}")
         if unsupported:
-            raise NotImplementedError(f"per-row adapter_names need linear LoRA/QLoRA layers; this "
-                                      f"model also has {unsupported}")
+            raise NotImplementedError(f"per-row adapter_names need linear LoRA/QLoRA/AdaLoRA "
+                                      f"layers; this model also has {unsupported}")
         return cached
 
     @staticmethod
