@@ -777,6 +777,8 @@ class QLoRAModule(LoRAModule):
 
     ``merge(keep_merged_weight=False)`` requantizes (reporting the error);
     ``keep_merged_weight=True`` keeps dense merged weights instead.
+    ``modules_to_save`` modules are never quantized. A model loaded with
+    bitsandbytes in NF4 is taken over as stored (no requantization).
     """
 
     config_class = QLoRAConfig
