@@ -287,3 +287,52 @@ def test_adalora_refuses_mixed_batches_in_training():
     with pytest.raises(ValueError, match="adapter_names.*training"):
         with wrapper.row_adapters(["default", "second"]):
             pass
+
+
+def tiny_llama_wrapper():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    options = dict(target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    wrapper = lowrank_ext.LoRAModule(transformers.LlamaForCausalLM(config), r=4, lora_alpha=8,
+                                     **options)
+    wrapper.add_adapter("second", r=2, lora_alpha=8, **options)
+    return wrapper.eval()
+
+
+@pytest.mark.parametrize("search", [dict(), dict(num_beams=2),
+                                    dict(num_beams=2, num_return_sequences=2)])
+def test_generate_keeps_each_rows_adapter_for_every_step(search):
+    """Greedy (and beam) generation with adapter_names equals generating each row
+    alone with its adapter active; the rows expanded for beams or returned
+    sequences keep their row's adapter (PEFT repeats the names for beams too)."""
+    wrapper = tiny_llama_wrapper()
+    names = ["second", "__base__", "default", "second"]
+    prompts = torch.randint(1, 64, (len(names), 5), generator=torch.Generator().manual_seed(2))
+    options = dict(max_new_tokens=6, do_sample=False, **search)
+    mixed = wrapper.generate(prompts, adapter_names=names, **options)
+    per_row = []
+    for prompt, name in zip(prompts, names):
+        if name == "__base__":
+            with wrapper.disable_adapter():
+                per_row.append(wrapper.generate(prompt[None], **options))
+        else:
+            wrapper.set_adapter(name)
+            per_row.append(wrapper.generate(prompt[None], **options))
+    torch.testing.assert_close(mixed, torch.cat(per_row), rtol=0, atol=0)
+    base_rows = [row for row, name in zip(per_row, names) if name == "__base__"]
+    assert any(not torch.equal(row, base_rows[0]) for row in per_row)  # adapters matter
+    assert all(layer.row_adapter_names is None for _, layer in wrapper.adapter_layers())
+
+
+def test_generate_refuses_names_that_do_not_fit_the_batch():
+    wrapper = tiny_llama_wrapper()
+    prompts = torch.randint(1, 64, (3, 4))
+    with pytest.raises(ValueError, match="adapter_names has 2 entries"):
+        wrapper.generate(prompts, adapter_names=["default", "second"], max_new_tokens=2)
+    with pytest.raises(KeyError, match="no adapter named"):
+        wrapper.generate(prompts, adapter_names=["default", "nope", "second"], max_new_tokens=2)

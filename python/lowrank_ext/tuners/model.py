@@ -10,6 +10,7 @@ add only how their layers are built; an AdaLoRA wrapper subclasses it the same w
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -253,6 +254,50 @@ class AdapterModel(nn.Module):
 
     def _forget_row_layers(self) -> None:
         self.__dict__.pop("_row_layers_cache", None)
+
+    @property
+    def generate(self) -> Callable:
+        """The wrapped model's ``generate``, which also takes ``adapter_names``.
+
+        ``generate(..., adapter_names=[...])`` (one name per prompt,
+        ``"__base__"`` for none) keeps every prompt's adapter for every step,
+        including the rows generate repeats per prompt (``num_beams``,
+        ``num_return_sequences``). Raises as :meth:`row_adapters` does, and
+        ``ValueError`` when the names do not fit the prompts. A model without
+        ``generate`` has none here either.
+        """
+        return functools.partial(self._generate, self._modules["model"].generate)
+
+    def _generate(self, generate: Callable, *args: Any,
+                  adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        layers, names = self._enter_row_adapters(adapter_names)
+        prompts = _batch_rows(args, kwargs, ("inputs", "input_ids", "inputs_embeds"))
+        if prompts is not None and prompts != len(names):
+            self._leave_row_adapters(layers)
+            raise ValueError(f"adapter_names has {len(names)} entries but generate got "
+                             f"{prompts} prompts")
+
+        def each_step(module, step_args, step_kwargs):
+            # generate repeats each prompt's row in place (repeat_interleave) for
+            # beams and returned sequences; the encoder of an encoder-decoder model
+            # runs before that, with the names as given.
+            rows = _batch_rows(step_args, step_kwargs, (
+                "decoder_input_ids", "decoder_inputs_embeds", "input_ids", "inputs_embeds"))
+            if rows is None or rows == len(names):
+                return
+            if rows % len(names):
+                raise ValueError(f"adapter_names has {len(names)} entries but generate runs "
+                                 f"{rows} rows")
+            self._enter_row_adapters([name for name in names for _ in range(rows // len(names))])
+
+        handle = self._modules["model"].register_forward_pre_hook(each_step, with_kwargs=True)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            handle.remove()
+            self._leave_row_adapters(layers)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (adapter layers included)."""
@@ -697,6 +742,18 @@ def _use_encoder_submodules(model: nn.Module) -> None:
             module.use_nested_tensor = False
         elif _call_submodules not in module._forward_pre_hooks.values():
             module.register_forward_pre_hook(_call_submodules)
+
+
+def _batch_rows(args: tuple, kwargs: dict, names: tuple[str, ...]) -> Optional[int]:
+    """Rows of the batch a model call gets: the first of the keyword tensors
+    ``names`` present, else the first positional argument if a tensor."""
+    for name in names:
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0].shape[0]
+    return None
 
 
 def _first(items: list[str], count: int = 5) -> str:
