@@ -3,7 +3,9 @@
 A Llama-shaped model (transformers ``LlamaConfig``, random weights, bf16)
 with adapters r=16, alpha=32, dropout 0.05 on all seven linear projections.
 Prints the median step time of each setup and the ratios ours / PEFT
-(targets: <= 0.75 for LoRA and for QLoRA), plus the machine it ran on.
+(targets: <= 0.75 for LoRA and for QLoRA), plus the machine it ran on. The
+"PEFT + lowrank_ext kernels" rows are PEFT's own ``get_peft_model`` with
+``lowrank_ext.use_fused_kernels(config)``, against our wrappers (target <= 1.05).
 
     python bench/bench_train_step.py            # hidden 2048, 2 layers, batch 4x256
     python bench/bench_train_step.py --quick    # a small shape for a smoke run
@@ -81,6 +83,33 @@ def ours_qlora(args):
         quantize_modules=None, double_quant=True, **ADAPTER))
 
 
+def peft_fused_lora(args):
+    import lowrank_ext
+    import peft
+
+    return peft.get_peft_model(build_model(args),
+                               lowrank_ext.use_fused_kernels(peft.LoraConfig(**ADAPTER)))
+
+
+def peft_fused_qlora(args):
+    import lowrank_ext
+    import peft
+
+    # The projections stored as lowrank_ext's NF4Linear, as ours_qlora stores them
+    # (blocksize 64, double quantization, compute dtype of the input).
+    model = build_model(args)
+    for name, module in list(model.named_modules()):
+        parent, _, child = name.rpartition(".")
+        if child in PROJECTIONS:
+            setattr(model.get_submodule(parent), child,
+                    lowrank_ext.nn.NF4Linear.from_linear(module, 64, double_quant=True))
+    return peft.get_peft_model(model, lowrank_ext.use_fused_kernels(peft.LoraConfig(**ADAPTER)))
+
+
+# PEFT as the front end to our kernels, each against our own wrapper.
+FRONT_END_SETUPS = [("PEFT + lowrank_ext kernels LoRA", peft_fused_lora, "lowrank_ext LoRA"),
+                    ("PEFT + lowrank_ext kernels QLoRA", peft_fused_qlora, "lowrank_ext QLoRA")]
+
 # The adapter setups both this benchmark and bench_decode.py compare, each
 # after its own reference setup.
 ADAPTER_SETUPS = [("PEFT LoRA", peft_lora), ("lowrank_ext LoRA", ours_lora),
@@ -138,7 +167,13 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    setups = [("frozen base, no adapters (floor)", floor_setup)] + ADAPTER_SETUPS
+    # Each front-end row runs right after the wrapper it is compared with,
+    # so that a drift in the machine's load affects both alike.
+    setups = [("frozen base, no adapters (floor)", floor_setup)]
+    for label, build in ADAPTER_SETUPS:
+        setups.append((label, build))
+        setups += [(front, setup) for front, setup, wrapper in FRONT_END_SETUPS
+                   if wrapper == label]
     results = {}
     for label, build in setups:
         model = build(args)
@@ -154,6 +189,9 @@ def main():
     print(f"shape: {shape}, bf16, r=16 alpha=32 dropout=0.05 on {len(PROJECTIONS)} projections, "
           f"AdamW; median of {args.steps} steps after {args.warmup} warm-up")
     print_comparison(setups, results, "step s", "x floor", target=" (target <= 0.75)")
+    for label, _, wrapper in FRONT_END_SETUPS:
+        print(f"{label} / {wrapper} = {results[label] / results[wrapper]:.3f} "
+              "(target <= 1.05)")
 
 
 if __name__ == "__main__":
