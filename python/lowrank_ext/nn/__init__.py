@@ -1,6 +1,6 @@
 """Layers: LoRA on Linear/Conv/Embedding/Conv1D, the NF4 4-bit linear base, QLoRA and AdaLoRA."""
 
-from .adalora import AdaLoRALinear, RankAllocator
+from .adalora import AdaLoRAConv2d, AdaLoRALayer, AdaLoRALinear, RankAllocator
 from .adapter_layer import AdapterLayer
 from .lora import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, is_transformers_conv1d
 from .nf4_linear import NF4Linear, is_bnb_linear4bit
@@ -10,6 +10,8 @@ LoRAConv1d = LoRAConv
 LoRAConv2d = LoRAConv
 
 __all__ = [
+    "AdaLoRAConv2d",
+    "AdaLoRALayer",
     "AdaLoRALinear",
     "AdapterLayer",
     "LoRAConv",

@@ -3,7 +3,8 @@
 Each adapted weight gets ``W + scaling * P diag(lambda) Q``. The layout is
 PEFT's, so adapters move both ways between the two libraries: per adapter the
 raw parameters ``lora_B[name]`` = P ``[out, r]``, ``lora_E[name]`` = lambda
-``[r, 1]`` and ``lora_A[name]`` = Q ``[r, in]``. One (P column, lambda entry,
+``[r, 1]`` and ``lora_A[name]`` = Q ``[r, in]`` (on ``nn.Conv2d``, ``in`` is
+``in_channels * kh * kw``: the kernel seen as a matrix). One (P column, lambda entry,
 Q row) is a *triplet*. :class:`RankAllocator` scores triplets by smoothed
 sensitivity and keeps the globally best ``b(t)`` of them, so the total rank
 shrinks from ``sum(init_r)`` to ``target_r * layers`` over training.
@@ -66,16 +67,19 @@ class TripletSlots(nn.Module):
         self.set_keep(self.keep.view(-1)[index] > 0)
 
 
-class AdaLoRALinear(RowAdapterLayer, AdapterLayer):
-    """AdaLoRA on ``nn.Linear``, Hugging Face ``Conv1D`` or a 4-bit :class:`NF4Linear` base.
+class AdaLoRALayer(AdapterLayer):
+    """The triplet machinery of an AdaLoRA layer, whatever its base.
 
-    ``forward(x)``: ``x`` ``[..., in_features]`` -> ``[..., out_features]`` =
-    ``base(x) + scaling * dropout(x) @ (Q * (lambda * keep)).T @ P.T``, one
-    fused :func:`lowrank_ext.ops.lora_linear` (dense base) or
-    :func:`lowrank_ext.ops.qlora_linear` (NF4 base) call for the first active
-    adapter: Q scaled row-wise by the masked lambda is passed as the fused
-    op's ``lora_A``. It runs in the base weight's dtype (NF4: its compute
-    dtype) and returns ``x``'s dtype.
+    Per adapter: ``lora_A`` (Q ``[r, in_features]``), ``lora_E`` (lambda
+    ``[r, 1]``), ``lora_B`` (P ``[out_features, r]``) and their
+    :class:`TripletSlots`; rank queries, masking, shrinking, the effective
+    factors, the orthogonality residuals, merging into a dense base weight
+    and PEFT's state-dict layout. :class:`RankAllocator` and
+    :class:`~lowrank_ext.AdaLoRAModule` treat every subclass alike.
+
+    Subclasses set ``in_features`` / ``out_features`` (the base weight seen
+    as an ``[out, in]`` matrix) before :meth:`update_layer`, and implement
+    ``forward`` and :meth:`_as_weight`.
 
     Scale: ``scaling = lora_alpha / init_r``, fixed when the adapter is
     created and never recomputed from the current rank, so masking or
@@ -85,33 +89,12 @@ class AdaLoRALinear(RowAdapterLayer, AdapterLayer):
 
     Masked triplets keep their lambda at zero (see :meth:`set_kept`);
     :meth:`shrink` drops them physically once the allocation is final.
-
-    Mixed-adapter batches (``set_row_adapters``) give each row its adapter's
-    update, whatever the adapters' ranks, in one multi-adapter op over the
-    effective factors ``(Q * masked lambda, P)``.
     """
 
     adapter_dict_names = ("lora_A", "lora_E", "lora_B")
 
-    def __init__(self, base_layer: nn.Module, init_r: int = 12, alpha: float = 8,
-                 dropout: float = 0.0, init: Union[bool, str] = True,
-                 adapter_name: str = "default", rank_pattern: Optional[Sequence[bool]] = None,
-                 fan_in_fan_out: Optional[bool] = None):
-        conv1d = is_transformers_conv1d(base_layer)
-        self.quantized = isinstance(base_layer, NF4Linear)
-        if not (isinstance(base_layer, nn.Linear) or conv1d or self.quantized):
-            raise TypeError(f"AdaLoRALinear wraps nn.Linear, transformers Conv1D or NF4Linear, "
-                            f"got {type(base_layer).__name__}")
+    def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        # Conv1D stores its weight as [in, out], the transpose of nn.Linear's.
-        self.fan_in_fan_out = conv1d if fan_in_fan_out is None else bool(fan_in_fan_out)
-        if self.fan_in_fan_out and not conv1d:
-            raise ValueError("fan_in_fan_out=True needs a weight stored as [in, out] (Conv1D)")
-        if self.quantized:
-            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
-        else:
-            shape = tuple(base_layer.weight.shape)
-            self.out_features, self.in_features = shape[::-1] if self.fan_in_fan_out else shape
         self.lora_A = nn.ParameterDict()
         self.lora_E = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -120,11 +103,8 @@ class AdaLoRALinear(RowAdapterLayer, AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
-        self._unmerged_base: Optional[NF4Weight] = None
-        self._init_row_adapters()
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
-        self.update_layer(adapter_name, init_r, alpha, dropout, init, rank_pattern)
 
     # ----------------------------------------------------------------- adapters
 
@@ -163,13 +143,8 @@ class AdaLoRALinear(RowAdapterLayer, AdapterLayer):
                                  f"was created with init_r={init_r}")
             slots = [slot for slot, kept in enumerate(rank_pattern) if kept]
         rank = len(slots)
-        if self.quantized:
-            device, dtype = self.base_layer.weight.device, _adapter_dtype(
-                self.base_layer.weight_dtype)
-        else:
-            weight = self.base_layer.weight
-            device, dtype = weight.device, _adapter_dtype(weight.dtype)
-        options = dict(device=device, dtype=dtype)
+        options = self._factor_options()
+        device = options["device"]
         self.init_r[adapter_name] = init_r
         self.lora_alpha[adapter_name] = float(alpha)
         self.scaling[adapter_name] = float(alpha) / init_r
@@ -294,12 +269,21 @@ class AdaLoRALinear(RowAdapterLayer, AdapterLayer):
             factor_A, factor_B = factor_A.to(dtype), factor_B.to(dtype)
         return factor_A, factor_B
 
+    def _factor_options(self) -> dict:
+        """Device and dtype of new factors: the base weight's (fp32 below 16 bits)."""
+        weight = self.base_layer.weight
+        return dict(device=weight.device, dtype=_adapter_dtype(weight.dtype))
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scaling * P @ (Q * masked lambda)`` in fp32, laid out like the base weight."""
         with torch.no_grad():
             factor_A, factor_B = self.effective_factors(adapter_name, torch.float32)
             delta = (factor_B @ factor_A) * self.scaling[adapter_name]
-        return delta.T if self.fan_in_fan_out else delta
+        return self._as_weight(delta)
+
+    def _as_weight(self, delta: torch.Tensor) -> torch.Tensor:
+        """The ``[out_features, in_features]`` update in the base weight's layout."""
+        raise NotImplementedError
 
     def orthogonality_residuals(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Q Q^T - I, P^T P - I)``, both ``[r, r]`` in fp32, differentiable.
@@ -314,6 +298,107 @@ class AdaLoRALinear(RowAdapterLayer, AdapterLayer):
 
     def _lora_input(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
         return adapter_dropout(x, self.lora_dropout[adapter_name], self.training)
+
+    # -------------------------------------------------------------------- merge
+
+    def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> float:
+        weight = self.base_layer.weight
+        exact = weight.detach().float() + self.delta_weight(adapter_name)
+        self._check_finite(exact, adapter_name, safe_merge)
+        with torch.no_grad():
+            weight.copy_(exact)
+        return (weight.detach().float() - exact).abs().max().item()
+
+    def _unmerge_adapter(self, adapter_name: str) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            weight.copy_(weight.float() - self.delta_weight(adapter_name))
+
+    def _check_finite(self, exact: torch.Tensor, adapter_name: str, safe_merge: bool) -> None:
+        if safe_merge and not torch.isfinite(exact).all():
+            raise ValueError(f"merging adapter {adapter_name!r} into {type(self).__name__} "
+                             "gives non-finite weights; the layer was left unchanged")
+
+    # ------------------------------------------------------------ serialization
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """``lora_A`` / ``lora_E`` / ``lora_B`` of the kept triplets only (PEFT's layout).
+
+        While triplets are masked these are copies (sliced by the mask);
+        once every stored triplet is kept they share the parameters' storage.
+        """
+        state = super().adapter_state_dict(adapter_name)
+        if self.triplets[adapter_name].fully_active:
+            return state
+        index = self.kept(adapter_name).nonzero().view(-1)
+        return {key: value.index_select(dict(_TRIPLET_DIMENSIONS)[key], index)
+                for key, value in state.items()}
+
+    def load_adapter_state(self, adapter_name: str, state: dict[str, torch.Tensor],
+                           where: str = "") -> None:
+        """Copy saved tensors in; see :meth:`AdapterLayer.load_adapter_state`.
+
+        Raises ``ValueError`` while triplets are masked but not yet shrunk
+        (the file holds fewer triplets than the layer stores).
+        """
+        if not self.triplets[adapter_name].fully_active:
+            raise ValueError(f"{where or type(self).__name__}: adapter {adapter_name!r} is in "
+                             "the middle of a rank allocation; load into a fresh layer instead")
+        super().load_adapter_state(adapter_name, state, where)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}: rank={self.active_rank(name)}/{self.init_r[name]}, "
+                         f"alpha={self.lora_alpha[name]:g}" for name in self.adapter_names)
+
+
+class AdaLoRALinear(RowAdapterLayer, AdaLoRALayer):
+    """AdaLoRA on ``nn.Linear``, Hugging Face ``Conv1D`` or a 4-bit :class:`NF4Linear` base.
+
+    ``forward(x)``: ``x`` ``[..., in_features]`` -> ``[..., out_features]`` =
+    ``base(x) + scaling * dropout(x) @ (Q * (lambda * keep)).T @ P.T``, one
+    fused :func:`lowrank_ext.ops.lora_linear` (dense base) or
+    :func:`lowrank_ext.ops.qlora_linear` (NF4 base) call for the first active
+    adapter: Q scaled row-wise by the masked lambda is passed as the fused
+    op's ``lora_A``. It runs in the base weight's dtype (NF4: its compute
+    dtype) and returns ``x``'s dtype. Triplets, scale and allocation: see
+    :class:`AdaLoRALayer`.
+
+    Mixed-adapter batches (``set_row_adapters``) give each row its adapter's
+    update, whatever the adapters' ranks, in one multi-adapter op over the
+    effective factors ``(Q * masked lambda, P)``.
+    """
+
+    def __init__(self, base_layer: nn.Module, init_r: int = 12, alpha: float = 8,
+                 dropout: float = 0.0, init: Union[bool, str] = True,
+                 adapter_name: str = "default", rank_pattern: Optional[Sequence[bool]] = None,
+                 fan_in_fan_out: Optional[bool] = None):
+        conv1d = is_transformers_conv1d(base_layer)
+        self.quantized = isinstance(base_layer, NF4Linear)
+        if not (isinstance(base_layer, nn.Linear) or conv1d or self.quantized):
+            raise TypeError(f"AdaLoRALinear wraps nn.Linear, transformers Conv1D or NF4Linear, "
+                            f"got {type(base_layer).__name__}")
+        super().__init__(base_layer)
+        # Conv1D stores its weight as [in, out], the transpose of nn.Linear's.
+        self.fan_in_fan_out = conv1d if fan_in_fan_out is None else bool(fan_in_fan_out)
+        if self.fan_in_fan_out and not conv1d:
+            raise ValueError("fan_in_fan_out=True needs a weight stored as [in, out] (Conv1D)")
+        if self.quantized:
+            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+        else:
+            shape = tuple(base_layer.weight.shape)
+            self.out_features, self.in_features = shape[::-1] if self.fan_in_fan_out else shape
+        self._unmerged_base: Optional[NF4Weight] = None
+        self._init_row_adapters()
+        self.update_layer(adapter_name, init_r, alpha, dropout, init, rank_pattern)
+
+    def _factor_options(self) -> dict:
+        if not self.quantized:
+            return super()._factor_options()
+        base = self.base_layer
+        return dict(device=base.weight.device, dtype=_adapter_dtype(base.weight_dtype))
+
+    def _as_weight(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T if self.fan_in_fan_out else delta
 
     supports_row_adapters = True
     # The rows' factors are products (Q * masked lambda) made per call: nothing to keep.
@@ -371,12 +456,7 @@ class AdaLoRALinear(RowAdapterLayer, AdapterLayer):
     def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> float:
         if self.quantized:
             return self._merge_quantized(adapter_name, safe_merge)
-        weight = self.base_layer.weight
-        exact = weight.detach().float() + self.delta_weight(adapter_name)
-        self._check_finite(exact, adapter_name, safe_merge)
-        with torch.no_grad():
-            weight.copy_(exact)
-        return (weight.detach().float() - exact).abs().max().item()
+        return super()._merge_adapter(adapter_name, safe_merge)
 
     def _merge_quantized(self, adapter_name: str, safe_merge: bool) -> float:
         # Dequantize, add in fp32, quantize once; the original 4-bit data is
@@ -389,53 +469,82 @@ class AdaLoRALinear(RowAdapterLayer, AdapterLayer):
             self._unmerged_base = previous
         return error
 
-    def _check_finite(self, exact: torch.Tensor, adapter_name: str, safe_merge: bool) -> None:
-        if safe_merge and not torch.isfinite(exact).all():
-            raise ValueError(f"merging adapter {adapter_name!r} into {type(self).__name__} "
-                             "gives non-finite weights; the layer was left unchanged")
-
     def _unmerge_adapter(self, adapter_name: str) -> None:
-        if self.quantized:
-            # Merges on a 4-bit base stack up in the saved original, so the
-            # first unmerge restores it and the rest have nothing left to do.
-            if self._unmerged_base is not None:
-                self.base_layer.set_quantized_weight(self._unmerged_base)
-                self._unmerged_base = None
+        if not self.quantized:
+            super()._unmerge_adapter(adapter_name)
             return
-        weight = self.base_layer.weight
-        with torch.no_grad():
-            weight.copy_(weight.float() - self.delta_weight(adapter_name))
+        # Merges on a 4-bit base stack up in the saved original, so the
+        # first unmerge restores it and the rest have nothing left to do.
+        if self._unmerged_base is not None:
+            self.base_layer.set_quantized_weight(self._unmerged_base)
+            self._unmerged_base = None
 
-    # ------------------------------------------------------------ serialization
 
-    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """``lora_A`` / ``lora_E`` / ``lora_B`` of the kept triplets only (PEFT's layout).
+class AdaLoRAConv2d(AdaLoRALayer):
+    """AdaLoRA on ``nn.Conv2d``, as PEFT's ``SVDConv2d`` computes it.
 
-        While triplets are masked these are copies (sliced by the mask);
-        once every stored triplet is kept they share the parameters' storage.
-        """
-        state = super().adapter_state_dict(adapter_name)
-        if self.triplets[adapter_name].fully_active:
-            return state
-        index = self.kept(adapter_name).nonzero().view(-1)
-        return {key: value.index_select(dict(_TRIPLET_DIMENSIONS)[key], index)
-                for key, value in state.items()}
+    The kernel ``[out, in, kh, kw]`` is seen as the matrix
+    ``[out, in * kh * kw]`` (so ``in_features = in_channels * kh * kw``):
+    ``lora_A`` (Q) is ``[r, in_channels * kh * kw]``, ``lora_B`` (P)
+    ``[out_channels, r]``, ``lora_E`` ``[r, 1]``, PEFT's names and shapes,
+    so files move both ways. ``forward(x)`` = ``base(x) + scaling *
+    conv2d(dropout(x), (P @ (Q * masked lambda)).view(kernel shape))``
+    with the base's stride, padding and dilation, padded with zeros whatever
+    the base's ``padding_mode`` (PEFT's function). It is computed as an
+    ``r``-channel convolution by ``Q * lambda`` followed by a 1x1 one by
+    ``P`` (``r * (in * kh * kw + out)`` multiply-adds per output pixel
+    instead of ``out * in * kh * kw``), in the factors' dtype, and returned
+    in the base output's dtype.
 
-    def load_adapter_state(self, adapter_name: str, state: dict[str, torch.Tensor],
-                           where: str = "") -> None:
-        """Copy saved tensors in; see :meth:`AdapterLayer.load_adapter_state`.
+    Merging adds that kernel to the base's (unmerging subtracts it); it is
+    refused on a padded base whose ``padding_mode`` is not ``"zeros"`` (the
+    merged kernel would be padded the base's way). Grouped convolutions are
+    refused: the factors span every input channel, which a grouped kernel
+    cannot hold (PEFT's forward fails on them).
+    """
 
-        Raises ``ValueError`` while triplets are masked but not yet shrunk
-        (the file holds fewer triplets than the layer stores).
-        """
-        if not self.triplets[adapter_name].fully_active:
-            raise ValueError(f"{where or type(self).__name__}: adapter {adapter_name!r} is in "
-                             "the middle of a rank allocation; load into a fresh layer instead")
-        super().load_adapter_state(adapter_name, state, where)
+    def __init__(self, base_layer: nn.Conv2d, init_r: int = 12, alpha: float = 8,
+                 dropout: float = 0.0, init: Union[bool, str] = True,
+                 adapter_name: str = "default", rank_pattern: Optional[Sequence[bool]] = None):
+        if not isinstance(base_layer, nn.Conv2d):
+            raise TypeError(f"AdaLoRAConv2d wraps nn.Conv2d, got {type(base_layer).__name__}")
+        if base_layer.groups != 1:
+            raise ValueError(f"AdaLoRA on a grouped convolution (groups={base_layer.groups}) is "
+                             "not supported: its factors span every input channel, which the "
+                             "grouped kernel cannot hold (PEFT's forward fails on it too)")
+        super().__init__(base_layer)
+        self.out_features = base_layer.out_channels
+        self.in_features = base_layer.in_channels * math.prod(base_layer.kernel_size)
+        self.update_layer(adapter_name, init_r, alpha, dropout, init, rank_pattern)
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{name}: rank={self.active_rank(name)}/{self.init_r[name]}, "
-                         f"alpha={self.lora_alpha[name]:g}" for name in self.adapter_names)
+    def _as_weight(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.view(self.base_layer.weight.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        result = base(x)
+        for name in self._unmerged_active():
+            if self.rank(name) == 0:
+                continue
+            branch = self._lora_input(x, name)
+            branch = x if branch is None else branch
+            factor_A, factor_B = self.effective_factors(name)
+            kernel = factor_A.view(-1, base.in_channels, *base.kernel_size)
+            hidden = nn.functional.conv2d(branch.to(kernel.dtype), kernel, stride=base.stride,
+                                          padding=base.padding, dilation=base.dilation)
+            update = nn.functional.conv2d(hidden, factor_B[:, :, None, None])
+            result = result + (update * self.scaling[name]).to(result.dtype)
+        return result
+
+    def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> float:
+        base = self.base_layer
+        padded = (any(k > 1 for k in base.kernel_size) if base.padding == "same"
+                  else base.padding != "valid" and any(base.padding))
+        if base.padding_mode != "zeros" and padded:
+            raise ValueError(f"an AdaLoRA adapter on a convolution with padding_mode="
+                             f"{base.padding_mode!r} pads with zeros (as PEFT's does) and cannot "
+                             "be merged: the merged kernel would be padded the base's way")
+        return super()._merge_adapter(adapter_name, safe_merge)
 
 
 class RankAllocator:
@@ -465,11 +574,11 @@ class RankAllocator:
         budget: the budget in force (of the last allocation).
         allocations: how many times triplets were (re)selected.
         frozen: True once the final allocation is made.
-        resized: after :meth:`shrink`, what :meth:`AdaLoRALinear.shrink`
+        resized: after :meth:`shrink`, what :meth:`AdaLoRALayer.shrink`
             changed, for refreshing optimizer state.
     """
 
-    def __init__(self, layers: Iterable[tuple[str, AdaLoRALinear]], adapter_name: str,
+    def __init__(self, layers: Iterable[tuple[str, AdaLoRALayer]], adapter_name: str,
                  target_r: int, total_step: int, tinit: int = 0, tfinal: int = 0,
                  deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85,
                  frozen: bool = False):

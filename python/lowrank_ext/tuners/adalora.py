@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..nn import NF4Linear, is_transformers_conv1d
-from ..nn.adalora import AdaLoRALinear, RankAllocator
+from ..nn.adalora import AdaLoRAConv2d, AdaLoRALayer, AdaLoRALinear, RankAllocator
 from ..nn.lora import validate_adapter_arguments
 from .config import (_BIAS_MODES, LoRAConfig, TargetSpec, check_peft_options,
                      check_flags, normalized_target_modules, with_task_heads)
@@ -225,7 +225,10 @@ class AdaLoRAModule(AdapterModel):
     keyword overrides use its field names. Targeted ``nn.Linear`` / ``Conv1D``
     / :class:`~lowrank_ext.nn.NF4Linear` layers become
     :class:`~lowrank_ext.nn.AdaLoRALinear` (4-bit bases give QLoRA-style
-    AdaLoRA). Only adapter parameters (and the biases / modules the config
+    AdaLoRA), ``nn.Conv2d`` layers :class:`~lowrank_ext.nn.AdaLoRAConv2d`
+    (PEFT's layout; the allocation ranks their triplets with the others).
+    ``nn.Conv1d`` / ``nn.Conv3d`` are refused, as PEFT's AdaLoRA refuses
+    them. Only adapter parameters (and the biases / modules the config
     names) train.
 
     Training, either way (``step`` counts optimizer steps from 0):
@@ -270,7 +273,7 @@ class AdaLoRAModule(AdapterModel):
     """
 
     config_class = AdaLoRAConfig
-    layer_class = AdaLoRALinear
+    layer_class = AdaLoRALayer
 
     def _setup(self, model: nn.Module) -> None:
         super()._setup(model)
@@ -299,19 +302,25 @@ class AdaLoRAModule(AdapterModel):
                     rank_pattern=(config.rank_pattern or {}).get(f"{path}.lora_E"))
 
     def _create_layer(self, module, path, adapter_name, config):
+        options = self._layer_options(path, adapter_name, config)
+        if isinstance(module, nn.Conv2d):
+            return AdaLoRAConv2d(module, adapter_name=adapter_name, **options)
+        if isinstance(module, (nn.Conv1d, nn.Conv3d)):
+            raise ValueError(f"target module {path!r} is a {type(module).__name__}; AdaLoRA "
+                             "supports nn.Conv2d but not nn.Conv1d / nn.Conv3d (PEFT's AdaLoRA "
+                             "has no layer for them, so the adapter could not be loaded there)")
         if not (isinstance(module, (nn.Linear, NF4Linear)) or is_transformers_conv1d(module)):
             raise ValueError(f"target module {path!r} is a {type(module).__name__}; AdaLoRA "
-                             "supports nn.Linear, Conv1D and NF4Linear")
-        return AdaLoRALinear(module, adapter_name=adapter_name,
-                             **self._layer_options(path, adapter_name, config))
+                             "supports nn.Linear, Conv1D, nn.Conv2d and NF4Linear")
+        return AdaLoRALinear(module, adapter_name=adapter_name, **options)
 
     def _add_to_layer(self, layer, path, adapter_name, config):
-        if not isinstance(layer, AdaLoRALinear):
+        if not isinstance(layer, AdaLoRALayer):
             raise ValueError(f"module {path!r} already holds a {type(layer).__name__} adapter; "
                              "AdaLoRA cannot be added to it")
         layer.update_layer(adapter_name, **self._layer_options(path, adapter_name, config))
 
-    def _adapter_layers_of(self, adapter_name: str) -> list[tuple[str, AdaLoRALinear]]:
+    def _adapter_layers_of(self, adapter_name: str) -> list[tuple[str, AdaLoRALayer]]:
         return [(path, layer) for path, layer in self.adapter_layers()
                 if adapter_name in layer.adapter_names]
 
