@@ -356,3 +356,18 @@ def test_nf4_adapter_loads_in_qlora_wrapper_in_peft_and_in_fused_layers(tmp_path
 
     plain = peft.PeftModel.from_pretrained(dequantized(quantized(tiny_llama())), tmp_path)
     torch.testing.assert_close(_logits(plain, ids), expected, **NF4)
+
+
+def test_all_linear_covers_nf4_layers_when_given_the_model():
+    model = quantized(tiny_llama())
+    config = lowrank_ext.use_fused_kernels(lora_config(target_modules="all-linear"), model)
+    assert config.target_modules == set(PROJECTIONS)
+    fused = peft.get_peft_model(model, config)
+    assert sum(isinstance(m, FusedLoraNF4Linear) for m in fused.modules()) == \
+        LAYERS * len(PROJECTIONS)
+    # The output head stays dense and unadapted, as PEFT's all-linear leaves it.
+    assert type(fused.base_model.model.lm_head) is nn.Linear
+    # A dense model keeps PEFT's own expansion.
+    dense_config = lowrank_ext.use_fused_kernels(lora_config(target_modules="all-linear"),
+                                                 tiny_llama())
+    assert dense_config.target_modules == "all-linear"

@@ -37,14 +37,14 @@ def build_info() -> dict:
     return info
 
 
-def use_fused_kernels(config):
+def use_fused_kernels(config, model=None):
     """Make ``peft.get_peft_model`` build lowrank_ext's fused layers from a
     ``peft.LoraConfig``; returns the config. See :mod:`lowrank_ext.peft_integration`
     (imported here on first use, so that ``import lowrank_ext`` does not import PEFT).
     """
     from .peft_integration import use_fused_kernels as register
 
-    return register(config)
+    return register(config, model)
 
 
 def get_cpu_isa() -> str:

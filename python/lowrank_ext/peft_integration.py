@@ -53,6 +53,8 @@ from .nn.adapter_layer import adapter_dropout
 from .nn.lora import FEW_ROWS
 from .nn.nf4_linear import NF4Linear
 from .quant import NF4Weight
+from .tuners.config import task_heads
+from .tuners.targets import ALL_LINEAR, match_targets
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Devices the compiled ops are registered for.
@@ -251,7 +253,7 @@ class FusedLoraNF4Linear(_FusedLora):
         self.merged_adapters.clear()
 
 
-def use_fused_kernels(config: LoraConfig) -> LoraConfig:
+def use_fused_kernels(config: LoraConfig, model: Optional[nn.Module] = None) -> LoraConfig:
     """Make PEFT build lowrank_ext's fused layers from ``config``; returns ``config``.
 
     Registers :class:`FusedLoraLinear` for dense ``nn.Linear`` targets and
@@ -259,11 +261,26 @@ def use_fused_kernels(config: LoraConfig) -> LoraConfig:
     in ``config``'s custom-module mapping; other targets (embeddings,
     convolutions, Conv1D, quantized layers of other libraries) keep PEFT's
     layers. Call it before ``get_peft_model`` / ``PeftModel.from_pretrained(...,
-    config=config)``. Raises ``TypeError`` for anything but a ``LoraConfig``
-    (AdaLoRA builds its own layers).
+    config=config)``.
+
+    PEFT's ``target_modules="all-linear"`` selects ``nn.Linear`` and Conv1D
+    layers only; pass ``model`` to have it cover NF4Linear layers too: on a
+    model holding any, the config then names the layers lowrank_ext's
+    ``"all-linear"`` selects (the same rule with NF4Linear counted as linear:
+    no output head, no ``modules_to_save`` or task heads), by their last name
+    component as PEFT writes them.
+
+    Raises ``TypeError`` for anything but a ``LoraConfig`` (AdaLoRA builds
+    its own layers).
     """
     if not isinstance(config, LoraConfig) or isinstance(config, AdaLoraConfig):
         raise TypeError(f"use_fused_kernels takes a peft.LoraConfig, got {type(config).__name__}")
+    targets = config.target_modules
+    if (model is not None and isinstance(targets, str) and targets.lower() == ALL_LINEAR
+            and any(isinstance(module, NF4Linear) for module in model.modules())):
+        exclude = list(config.modules_to_save or []) + list(task_heads(config.task_type))
+        paths = match_targets(model, ALL_LINEAR, exclude=exclude)
+        config.target_modules = {path.rpartition(".")[2] for path in paths}
     config._register_custom_module({DenseLinear: FusedLoraLinear, NF4Linear: FusedLoraNF4Linear})
     return config
 
