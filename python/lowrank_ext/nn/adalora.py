@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import ops
 from ..quant import NF4Weight
-from .adapter_layer import AdapterLayer, adapter_dropout
+from .adapter_layer import AdapterLayer, adapter_dropout, autocast_enabled
 from .lora import _adapter_dtype, is_transformers_conv1d, validate_adapter_arguments
 from .nf4_linear import NF4Linear
 
@@ -319,7 +319,9 @@ class AdaLoRALinear(AdapterLayer):
         else:
             weight = base.weight.t() if self.fan_in_fan_out else base.weight
             dtype = weight.dtype
-        inputs = x.to(dtype)
+        # Under autocast the ops cast to the autocast dtype and the result keeps it.
+        autocast = autocast_enabled(x)
+        inputs = x if autocast else x.to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
         first = active[0]
         factor_A, factor_B = self.effective_factors(first, dtype)
@@ -334,7 +336,7 @@ class AdaLoRALinear(AdapterLayer):
             branch = inputs if branch is None else branch
             factor_A, factor_B = self.effective_factors(name, dtype)
             result = result + ((branch @ factor_A.T) @ factor_B.T) * self.scaling[name]
-        return result.to(x.dtype)
+        return result if autocast else result.to(x.dtype)
 
     # -------------------------------------------------------------------- merge
 
