@@ -111,8 +111,9 @@ def test_autocast_trains_in_fp32_parameters_close_to_the_fp32_run(kind, model_na
     # a few u; over this depth (2 decoder layers, or 2 MLP layers) and the
     # backward's own roundings, 64u bounds the loss (2^-3 for bfloat16,
     # 2^-6 for float16) and 256u each gradient tensor's relative error, with
-    # room for the attention softmax amplifying it. The measured errors are
-    # about ten times smaller.
+    # room for the attention softmax amplifying it. Measured: the loss within
+    # 0.4u, gradients within 10u, except AdaLoRA's lambda on Llama under
+    # float16 at 69u (a small gradient summed from cancelling terms).
     u = UNIT_ROUNDOFF[dtype]
     assert abs(loss.item() - loss32.item()) <= 64 * u * abs(loss32.item())
     for name in trainable:
