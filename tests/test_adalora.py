@@ -344,14 +344,68 @@ def test_shrinking_keeps_outputs_and_cuts_parameters():
     wrapper.update_and_allocate(12)
 
 
+@pytest.mark.parametrize("make_optimizer", [
+    lambda parameters: torch.optim.AdamW(parameters, lr=1e-2),
+    lambda parameters: torch.optim.SGD(parameters, lr=1e-1, momentum=0.9),
+    lambda parameters: torch.optim.Adam(parameters, lr=1e-2),
+], ids=["adamw", "sgd-momentum", "adam"])
+def test_peft_documented_loop_with_an_unattached_optimizer_runs_past_total_step(make_optimizer):
+    # PEFT's recipe: the optimizer is the caller's own and never shown to the
+    # wrapper, so the final allocation must not reshape the parameters it holds.
+    options = dict(SCHEDULE, total_step=12, tfinal=3)
+    wrapper = AdaLoRAModule(fresh_classifier(), **options)
+    optimizer = make_optimizer([p for p in wrapper.parameters() if p.requires_grad])
+    inputs, labels = synthetic_task()
+    x = torch.randn(5, 12)
+    for step in range(options["total_step"] + 4):
+        loss = nn.functional.cross_entropy(wrapper(inputs[:16]), labels[:16])
+        loss.backward()
+        optimizer.step()
+        wrapper.update_and_allocate(step)
+        optimizer.zero_grad()
+        if step == options["total_step"] - options["tfinal"]:
+            wrapper.eval()
+            with torch.no_grad():
+                frozen_output = wrapper(x)
+            wrapper.train()
+    assert wrapper.allocator.frozen
+    assert wrapper.allocator.active_rank() == 3 * 2  # the target budget
+    pattern = wrapper.peft_config["default"].rank_pattern
+    assert sum(sum(kept) for kept in pattern.values()) == 3 * 2
+    # The masked triplets stay out while the optimizer keeps moving the rest.
+    wrapper.eval()
+    with torch.no_grad():
+        assert not torch.allclose(wrapper(x), frozen_output)
+        before = wrapper(x)
+    trainable = wrapper.trainable_parameter_summary()[0]
+    # Shrinking is the caller's explicit call, with the optimizer to refresh.
+    wrapper.shrink(optimizer)
+    assert sum(layer.rank("default") for _, layer in wrapper.adapter_layers()) == 3 * 2
+    assert wrapper.trainable_parameter_summary()[0] < trainable
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x), before, atol=1e-6, rtol=1e-6)
+    wrapper.train()
+    nn.functional.cross_entropy(wrapper(inputs[:16]), labels[:16]).backward()
+    optimizer.step()
+    wrapper.update_and_allocate(options["total_step"] + 4)
+
+
+def test_shrink_before_the_allocation_is_final_is_refused():
+    wrapper = AdaLoRAModule(fresh_classifier(), **SCHEDULE)
+    train(wrapper, 6, "combined")
+    with pytest.raises(RuntimeError, match="not final"):
+        wrapper.shrink()
+
+
 def test_stale_optimizer_is_refreshed_by_refresh_optimizer():
     wrapper = AdaLoRAModule(fresh_classifier(), **dict(SCHEDULE, total_step=8, tfinal=1))
     _, optimizer = train(wrapper, 6, "combined")
     other = copy.deepcopy(optimizer.state_dict())
     inputs, labels = synthetic_task()
     nn.functional.cross_entropy(wrapper(inputs[:8]), labels[:8]).backward()
-    wrapper.update_and_allocate(7)  # final: shrinks, no optimizer given
+    wrapper.update_and_allocate(7)  # final: the pattern freezes, masked
     assert wrapper.allocator.frozen
+    wrapper.shrink()  # no optimizer given: the caller's one goes stale
     with pytest.raises(RuntimeError):
         optimizer.step()  # momenta of the old shape: fails loudly, never silently
     optimizer.load_state_dict(other)
@@ -374,6 +428,25 @@ def test_allocation_is_never_silently_skipped():
     fresh = AdaLoRAModule(fresh_classifier(), **SCHEDULE)
     with pytest.raises(RuntimeError, match="importance was never updated"):
         fresh.allocate(4)
+
+
+def test_long_gradient_accumulation_with_an_attached_optimizer():
+    # The attached optimizer's hooks allocate at every step, so no number of
+    # micro-batches between steps can mean a forgotten allocation.
+    options = dict(SCHEDULE, total_step=4, tinit=0, tfinal=1, deltaT=1)
+    wrapper = AdaLoRAModule(fresh_classifier(), **options)
+    optimizer = torch.optim.AdamW([p for p in wrapper.parameters() if p.requires_grad], lr=1e-2)
+    wrapper.attach_optimizer(optimizer)
+    inputs, labels = synthetic_task()
+    for _ in range(options["total_step"]):
+        for micro in range(60):
+            rows = slice(micro % 48, micro % 48 + 2)
+            (nn.functional.cross_entropy(wrapper(inputs[rows]), labels[rows]) / 60).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert wrapper.allocation_step == options["total_step"]
+    assert wrapper.allocator.frozen
+    assert sum(layer.rank("default") for _, layer in wrapper.adapter_layers()) == 3 * 2
 
 
 def test_target_rank_zero_prunes_everything_to_the_base():
@@ -404,6 +477,50 @@ def test_orthogonal_regularizer_matches_direct_formula():
         torch.testing.assert_close(value, expected)
         value.backward()
         assert all(factor_A.grad is not None for _, factor_A, _, _ in adapter_factors(wrapper))
+
+
+def test_default_penalty_is_peft_s_on_the_same_weights(peft):
+    # A recipe ported from PEFT (same field names, orth_reg_weight=0.5) must
+    # optimize the same objective: PEFT adds orth_reg_weight times the mean,
+    # over every P and Q, of ||P^T P - I||_F / ||Q Q^T - I||_F to output.loss.
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=16,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        num_labels=3)
+    options = dict(target_modules=["query", "value"], init_r=6, target_r=2, total_step=10,
+                   orth_reg_weight=0.5, init_lora_weights=False)
+
+    def bert():
+        torch.manual_seed(0)
+        return BertForSequenceClassification(config)
+
+    ours = AdaLoRAModule(bert(), **options)
+    with torch.no_grad():
+        for _, factor_A, _, factor_B in adapter_factors(ours):
+            factor_A.mul_(20)  # far from orthonormal, so the two forms differ a lot
+            factor_B.mul_(5)
+    theirs = peft.get_peft_model(bert(), peft.AdaLoraConfig(**options))
+    result = peft.set_peft_model_state_dict(theirs, ours.adapter_state_dict())
+    assert not [key for key in result.missing_keys if "lora_" in key]
+    ids = torch.randint(0, 64, (4, 8))
+    labels = torch.tensor([0, 1, 2, 1])
+
+    def penalty(model):
+        output = model(input_ids=ids, labels=labels)
+        return output.loss - nn.functional.cross_entropy(output.logits, labels)
+
+    ours.train()
+    theirs.train()
+    # PEFT adds it in AdaLoraModel.forward (a PeftModel without task_type
+    # calls the bare model and skips it; with one it goes through there).
+    expected = penalty(theirs.base_model)
+    assert expected.item() > 1.0
+    # Float32 sums of 4 matrix norms in another order: 1e-5 relative.
+    torch.testing.assert_close(penalty(ours), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.orthogonal_regularization(), expected, rtol=1e-5, atol=1e-5)
+    assert "orth_reg_form" not in ours.peft_config["default"].to_peft_dict()
 
 
 def test_forward_adds_regularizer_to_a_loss_output_in_training_only():
@@ -451,6 +568,23 @@ def test_save_and_load_round_trip(tmp_path):
     assert not any(parameter.requires_grad for parameter in loaded.parameters())
 
 
+def test_loading_another_adapter_leaves_the_one_in_training_alone(tmp_path):
+    trained_and_pruned().save_adapter(str(tmp_path))
+    wrapper = AdaLoRAModule(fresh_classifier(), **SCHEDULE)
+    _, optimizer = train(wrapper, 4, "combined")
+    trainable = {name for name, p in wrapper.named_parameters() if p.requires_grad}
+    assert len(trainable) == 3 * 3
+    wrapper.load_adapter(str(tmp_path), "pruned")
+    assert wrapper.active_adapter == "default"
+    assert {name for name, p in wrapper.named_parameters() if p.requires_grad} == trainable
+    # The allocation of the adapter in training goes on.
+    inputs, labels = synthetic_task()
+    nn.functional.cross_entropy(wrapper(inputs[:16]), labels[:16]).backward()
+    optimizer.step()
+    wrapper.update_and_allocate(4, optimizer)
+    assert wrapper.allocator.adapter_name == "default"
+
+
 def test_mid_allocation_adapter_saves_kept_triplets_only(tmp_path):
     wrapper = trained_and_pruned(steps=8, total_step=20)
     assert not wrapper.allocator.frozen
@@ -463,6 +597,47 @@ def test_mid_allocation_adapter_saves_kept_triplets_only(tmp_path):
         == wrapper.allocator.active_rank()
     with pytest.raises(ValueError, match="middle of a rank allocation"):
         wrapper.load_adapter_state_dict("default", loaded.adapter_state_dict())
+
+
+@pytest.mark.parametrize("via", ["pickle", "torch.save", "deepcopy"])
+def test_whole_wrapper_pickles_mid_allocation_and_keeps_allocating(tmp_path, via):
+    import pickle
+
+    options = dict(SCHEDULE, total_step=10, tfinal=2)
+    wrapper = AdaLoRAModule(fresh_classifier(), **options)
+    train(wrapper, 5, "hooks")  # mid-allocation, an optimizer attached
+    assert 0 < wrapper.allocator.allocations and not wrapper.allocator.frozen
+    if via == "pickle":
+        restored = pickle.loads(pickle.dumps(wrapper))
+    elif via == "torch.save":
+        torch.save(wrapper, tmp_path / "whole.pt")
+        restored = torch.load(tmp_path / "whole.pt", weights_only=False)
+    else:
+        restored = copy.deepcopy(wrapper)
+    wrapper.eval(), restored.eval()
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        assert torch.equal(restored(x), wrapper(x))
+    assert restored.allocator.active_rank() == wrapper.allocator.active_rank()
+    # Optimizers are not part of the copy: attach the new one, and the
+    # schedule goes on from where it was, to the target budget.
+    restored.train()
+    optimizer = torch.optim.Adam([p for p in restored.parameters() if p.requires_grad], lr=3e-2)
+    restored.attach_optimizer(optimizer)
+    inputs, labels = synthetic_task()
+    for _ in range(5):
+        nn.functional.cross_entropy(restored(inputs[:16]), labels[:16]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert restored.allocation_step == options["total_step"] and restored.allocator.frozen
+    assert sum(layer.rank("default") for _, layer in restored.adapter_layers()) == 3 * 2
+    # The forgotten-allocation check survives the copy too.
+    again = pickle.loads(pickle.dumps(wrapper)) if via != "deepcopy" else copy.deepcopy(wrapper)
+    again.train()
+    again.unallocated_backward_limit = 2
+    nn.functional.cross_entropy(again(inputs[:8]), labels[:8]).backward()
+    with pytest.raises(RuntimeError, match="without an AdaLoRA allocation"):
+        nn.functional.cross_entropy(again(inputs[:8]), labels[:8]).backward()
 
 
 # PEFT also reads AdaLoRA's boolean rank_pattern as a LoRA {regex: rank} map and

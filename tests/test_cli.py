@@ -66,7 +66,7 @@ def test_builtin_bench_prints_ratio_table(capsys):
     (["finetune", "--data", "does-not-exist.csv"], "data file not found"),
     (["finetune", "--epochs", "0"], "expected a positive integer"),
     (["finetune", "--lr", "fast"], "expected a positive number"),
-    (["finetune", "--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["finetune", "--dropout", "1.5"], "argument --dropout: expected a number in [0, 1)"),
     (["finetune", "--compare", "--resume", "somewhere"], "cannot be combined"),
     (["finetune", "--resume", "no-such-adapter"], "adapter directory not found"),
     (["train"], "invalid choice"),
@@ -116,7 +116,9 @@ def test_compare_on_a_file_runs_every_method_and_prints_one_table(tmp_path, smal
     for method, report in by_method.items():
         assert report["data"]["labels"] == ["email", "unittest"]
         assert report["data"]["train_used"] == 16 and report["steps"] == 2
-        assert report["settings"]["target_modules"] == ["query", "value"]
+        # The adapter options go to the adapter methods; full has none.
+        assert report["settings"]["target_modules"] == (
+            None if method == "full" else ["query", "value"])
         assert (output / method / "loss.png").is_file()
         assert (output / method / "adapter" / "finetune_run.json").is_file()
     config = json.loads((output / "lora" / "adapter" / "adapter_config.json").read_text())

@@ -140,6 +140,25 @@ def _write_through_data(wrapper):
     weight.data = torch.randn_like(weight)
 
 
+def _add_through_data(wrapper):
+    # In-place writes through .data bump no version counter (p.data is a new
+    # tensor with its own counter) and keep the data address.
+    wrapper.model.up.lora_B["second"].weight.data.add_(0.5)
+
+
+def _copy_through_data(wrapper):
+    # A hot swap: new weights copied into the same storage.
+    weight = wrapper.model.down.lora_A["third"].weight
+    weight.data.copy_(torch.randn_like(weight))
+
+
+def _ema_through_data(wrapper):
+    # An EMA update as training code writes it (shadow = decay * shadow + (1 - decay) * p).
+    for name, parameter in wrapper.named_parameters():
+        if "lora_B" in name:
+            parameter.data.mul_(0.5).add_(torch.ones_like(parameter), alpha=0.5)
+
+
 def _round_trip_dtype(wrapper):
     wrapper.model.to(torch.float64)
     with torch.no_grad():
@@ -151,7 +170,8 @@ def _round_trip_dtype(wrapper):
 
 @pytest.mark.parametrize("change", [_replace_parameter, _replace_module, _swap_modules,
                                     _load_with_assign, _copy_state, _change_scale,
-                                    _write_through_data, _round_trip_dtype])
+                                    _write_through_data, _add_through_data, _copy_through_data,
+                                    _ema_through_data, _round_trip_dtype])
 def test_stacked_factor_cache_notices_every_kind_of_change(change):
     """The inference cache of stacked factors never serves factors that changed."""
     wrapper = wrapped("lora")
@@ -164,6 +184,20 @@ def test_stacked_factor_cache_notices_every_kind_of_change(change):
         expected = reference_rows(wrapper, x, names)
     assert not torch.allclose(before, expected, atol=1e-4)  # the change matters
     torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_stack_made_in_inference_mode_serves_later_calls():
+    """A stack built under inference_mode is refreshed in place on reuse, which
+    torch forbids outside inference mode: such a call gets its own stack."""
+    wrapper = wrapped("lora")
+    names = ["third", "default"]
+    x = torch.randn(2, 24)
+    with torch.inference_mode():
+        wrapper(x, adapter_names=names)
+    with torch.no_grad():
+        wrapper.model.up.lora_A["third"].weight.data.mul_(-1.0)
+        torch.testing.assert_close(wrapper(x, adapter_names=names),
+                                   reference_rows(wrapper, x, names), atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_model_matches_eager_and_sees_factor_updates():
@@ -202,3 +236,54 @@ def test_unsupported_layers_are_named():
     wrapper = lowrank_ext.LoRAModule(model, r=2, target_modules=["0", "2"])
     with pytest.raises(NotImplementedError, match="LoRAConv"):
         wrapper(torch.randn(2, 4, 4), adapter_names=["default", "__base__"])
+
+
+def adalora_wrapped(quantized):
+    """Two AdaLoRA adapters of different ranks: "default" with every layer at
+    init_r=6, one layer masked to 3 triplets (not shrunk) and the other shrunk
+    to 2; "second" built from a rank pattern (4 of 5 triplets kept)."""
+    torch.manual_seed(0)
+    model = TinyModel()
+    if quantized:
+        model.up = lowrank_ext.nn.NF4Linear.from_linear(model.up, 64, False, None)
+    options = dict(target_modules=["up", "down"], total_step=10, init_lora_weights=False)
+    wrapper = lowrank_ext.AdaLoRAModule(model, init_r=6, target_r=2, lora_alpha=8, **options)
+    wrapper.add_adapter("second", init_r=5, target_r=2, lora_alpha=4,
+                        rank_pattern={"up.lora_E": [True, False, True, True, True],
+                                      "down.lora_E": [True, True, False, True, True]},
+                        **options)
+    up, down = wrapper.model.up, wrapper.model.down
+    up.set_kept("default", torch.tensor([True, False, True, False, True, False]))
+    down.set_kept("default", torch.tensor([False, True, False, False, True, False]))
+    down.shrink("default")
+    with torch.no_grad():  # a trained lambda, so every adapter changes the output
+        for name, parameter in wrapper.named_parameters():
+            if "lora_E" in name:
+                parameter.add_(0.5)
+    for layer in (up, down):
+        layer.zero_masked("default")
+    return wrapper.eval()
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_adalora_rows_of_different_ranks_match_each_adapter_alone(quantized):
+    wrapper = adalora_wrapped(quantized)
+    assert wrapper.model.down.rank("default") == 2 and wrapper.model.up.active_rank("default") == 3
+    names = ["second", "__base__", "default", "second", "default"]
+    x = torch.randn(len(names), 24)
+    with torch.no_grad():
+        mixed = wrapper(x, adapter_names=names)
+        expected = reference_rows(wrapper, x, names)
+        with wrapper.disable_adapter():
+            base = wrapper(x)
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed[[0, 2]], base[[0, 2]], atol=1e-3)  # the adapters matter
+
+
+def test_adalora_refuses_mixed_batches_in_training():
+    wrapper = adalora_wrapped(False).train()
+    with pytest.raises(ValueError, match="adapter_names.*training"):
+        wrapper(torch.randn(2, 24), adapter_names=["default", "second"])
+    with pytest.raises(ValueError, match="adapter_names.*training"):
+        with wrapper.row_adapters(["default", "second"]):
+            pass

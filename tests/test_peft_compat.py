@@ -147,9 +147,13 @@ def test_peft_bias_all_with_modules_to_save_loads(tmp_path):
                                    reference(input_ids=IDS).logits, **TOLERANCE)
 
 
-@pytest.mark.parametrize("init, saved_as", [("orthogonal", "orthogonal"),
-                                             ("pissa", "pissa"), ("pissa", "pissa_niter_4")])
+@pytest.mark.parametrize("init, saved_as", [("orthogonal", "orthogonal"), ("mica", "mica"),
+                                             (True, "eva"), ("pissa", "pissa"),
+                                             ("pissa", "pissa_niter_4")])
 def test_peft_inits_that_keep_or_rebuild_the_base_load(tmp_path, init, saved_as):
+    # orthogonal, MiCA and EVA only choose the first factors (MiCA then
+    # freezes lora_B): the base is untouched, so they load as plain LoRA (EVA
+    # needs data to initialize; the saved name is what matters here).
     # PiSSA's base is rebuilt on load (W minus its top-r SVD part). PEFT's
     # fast variant (randomized SVD) loads as exact PiSSA; to compare exactly,
     # the adapter is trained from exact PiSSA and its config then says
@@ -340,3 +344,318 @@ def test_peft_multi_adapter_save_layout_loads_by_name(tmp_path):
             ours.set_adapter(name)
             torch.testing.assert_close(ours(input_ids=IDS).logits,
                                        reference(input_ids=IDS).logits, **TOLERANCE)
+
+
+# ------------------------------------------- convolutions PEFT builds plainly --
+# PEFT's conv lora_A copies only kernel_size, stride and padding from the base:
+# it pads with zeros whatever the base's padding_mode and has no dilation.
+
+
+def padded_conv(mode):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, padding_mode=mode))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate"])
+def test_padding_mode_convolution_adapters_mean_the_same_both_ways(tmp_path, mode):
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    reference = peft_saved(tmp_path / "peft", padded_conv(mode), target_modules=["0"], r=4)
+    ours = load_adapter(padded_conv(mode), str(tmp_path / "peft"))
+    with torch.no_grad():
+        expected = reference(x)
+        # The adapter's own border differs from the base's: it must show.
+        with reference.disable_adapter():
+            assert (expected - reference(x)).abs().max() > 0.1
+        torch.testing.assert_close(ours(x), expected, **TOLERANCE)
+    ours.save_adapter(str(tmp_path / "ours"))
+    back = peft.PeftModel.from_pretrained(padded_conv(mode), str(tmp_path / "ours"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), expected, **TOLERANCE)
+
+
+def test_padding_mode_convolution_merge_is_refused_with_the_reason():
+    # The merged kernel would be padded the base's way, the adapter's zeros lost.
+    model = LoRAModule(padded_conv("reflect"), target_modules=["0"], r=4)
+    randomize(model)
+    before = model.model[0].base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        model.merge_and_unload()
+    assert torch.equal(model.model[0].base_layer.weight, before)
+
+
+def test_unpadded_convolution_with_another_padding_mode_merges():
+    # padding=0: no border is ever padded, so any padding_mode merges exactly.
+    torch.manual_seed(0)
+    model = LoRAModule(nn.Sequential(nn.Conv2d(3, 6, 3, padding_mode="reflect")),
+                       target_modules=["0"], r=4)
+    randomize(model)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(model.merge_and_unload()(x), expected, **TOLERANCE)
+
+
+def dilated_conv():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=2, dilation=2))
+
+
+def test_dilated_convolution_is_refused_with_the_reason(tmp_path):
+    # PEFT's lora_A is undilated: its output has another size (PEFT fails on
+    # the first forward) or, where sizes happen to agree, another function.
+    with pytest.raises(ValueError, match="dilation"):
+        LoRAModule(dilated_conv(), target_modules=["0"])
+    peft.get_peft_model(dilated_conv(), peft.LoraConfig(target_modules=["0"])).save_pretrained(
+        str(tmp_path))
+    model = dilated_conv()
+    with pytest.raises(ValueError, match="dilation"):
+        load_adapter(model, str(tmp_path))
+    assert type(model[0]) is nn.Conv2d
+
+
+def test_dilation_of_a_one_wide_kernel_is_no_dilation(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, (1, 3), padding=(0, 1), dilation=(2, 1)))
+    ours = LoRAModule(model, target_modules=["0"], r=4)
+    randomize(ours)
+    x = torch.randn(2, 3, 5, 5)
+    ours.save_adapter(str(tmp_path))
+    torch.manual_seed(0)
+    back = peft.PeftModel.from_pretrained(
+        nn.Sequential(nn.Conv2d(3, 6, (1, 3), padding=(0, 1), dilation=(2, 1))), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ours(x), **TOLERANCE)
+
+
+# ------------------------------------------------------ nn.MultiheadAttention --
+# MHA reads out_proj.weight itself (F.multi_head_attention_forward), so a
+# layer put in out_proj's place is bypassed: an adapter there does nothing.
+
+
+class AttentionModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mha = nn.MultiheadAttention(8, 2)
+        self.lin0 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.lin0(self.mha(x, x, x)[0])
+
+
+MHA_INPUT = torch.randn(5, 2, 8, generator=torch.Generator().manual_seed(3))
+
+
+def test_all_linear_leaves_attention_out_proj_out_with_a_warning():
+    with pytest.warns(UserWarning, match=r"mha\.out_proj.*MultiheadAttention"):
+        model = LoRAModule(AttentionModel(), target_modules="all-linear")
+    assert model.targeted_modules["default"] == ["lin0"]
+    assert type(model.model.mha.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+@pytest.mark.parametrize("targets", [["out_proj"], ["lin0", "mha.out_proj"], r".*out_proj"])
+def test_explicit_attention_out_proj_target_is_refused(targets):
+    model = AttentionModel()
+    with pytest.raises(ValueError, match=r"mha\.out_proj.*MultiheadAttention"):
+        LoRAModule(model, target_modules=targets)
+    assert type(model.lin0) is nn.Linear
+
+
+def test_peft_all_linear_adapter_on_attention_loads_without_its_no_op_part(tmp_path):
+    # PEFT's all-linear wraps out_proj, and its adapter there changes nothing.
+    reference = peft_saved(tmp_path, AttentionModel(), target_modules="all-linear")
+    assert "mha.out_proj" in json.loads((tmp_path / "adapter_config.json").read_text())[
+        "target_modules"]
+    with pytest.warns(UserWarning, match=r"mha\.out_proj"):
+        ours = load_adapter(AttentionModel(), str(tmp_path))
+    assert ours.targeted_modules["default"] == ["lin0"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(MHA_INPUT), reference(MHA_INPUT), **TOLERANCE)
+
+
+# ------------------------------------------------------- tied embeddings --
+
+
+def tied_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2,
+                                     n_positions=16)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("build, embedding, head", [(tied_llama, "model.embed_tokens", "lm_head"),
+                                                    (gpt2, "transformer.wte", "lm_head")])
+def test_merging_into_a_tied_embedding_warns_that_the_head_changes(build, embedding, head):
+    base = build()
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    model = LoRAModule(base, target_modules=[embedding.rsplit(".", 1)[-1]], r=4)
+    randomize(model)
+    with pytest.warns(UserWarning, match=rf"{embedding}.*{head}.*tie_word_embeddings=False"):
+        model.merge_and_unload()
+
+
+def test_merging_into_an_untied_embedding_does_not_warn():
+    model = LoRAModule(llama(), target_modules=["embed_tokens", "q_proj"], r=4)
+    randomize(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.merge_and_unload()
+
+
+# ------------------------------------------------------ PEFT's task types --
+# PEFT trains a task's head whole (modules_to_save: "classifier" and "score"
+# for SEQ_CLS / TOKEN_CLS, "qa_outputs" for QUESTION_ANS), so all-linear
+# never puts an adapter on it.
+
+
+def task_model(kind, family):
+    torch.manual_seed(0)
+    if family == "bert":
+        # BERT's QA head splits its num_labels outputs into start and end logits.
+        config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=24,
+                                         num_labels=2 if "Question" in kind else 3)
+        prefix = "Bert"
+    else:
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24,
+                                          num_hidden_layers=1, num_attention_heads=2,
+                                          num_key_value_heads=1, num_labels=3, pad_token_id=0)
+        prefix = "Llama"
+    return getattr(transformers, prefix + kind)(config).eval()
+
+
+def task_outputs(model):
+    with torch.no_grad():
+        output = model(input_ids=IDS)
+    if hasattr(output, "start_logits"):
+        return torch.stack([output.start_logits, output.end_logits])
+    return output.logits
+
+
+TASKS = [("SEQ_CLS", "ForSequenceClassification", "bert", "classifier"),
+         ("SEQ_CLS", "ForSequenceClassification", "llama", "score"),
+         ("TOKEN_CLS", "ForTokenClassification", "bert", "classifier"),
+         ("TOKEN_CLS", "ForTokenClassification", "llama", "score"),
+         ("QUESTION_ANS", "ForQuestionAnswering", "bert", "qa_outputs"),
+         ("QUESTION_ANS", "ForQuestionAnswering", "llama", "qa_outputs")]
+
+
+@pytest.mark.parametrize("task, kind, family, head", TASKS)
+def test_task_type_adapters_train_the_head_and_move_both_ways(tmp_path, task, kind, family,
+                                                              head):
+    ours = LoRAModule(task_model(kind, family), task_type=task, target_modules="all-linear")
+    wrapped_head = ours.model.get_submodule(head)
+    assert type(wrapped_head).__name__ == "ModulesToSave"
+    assert all(p.requires_grad for p in wrapped_head.modules_to_save["default"].parameters())
+    assert not any(path.startswith(head) for path in ours.targeted_modules["default"])
+    randomize(ours)
+    ours.save_adapter(str(tmp_path / "ours"))
+    theirs = peft.PeftModel.from_pretrained(task_model(kind, family), str(tmp_path / "ours"))
+    torch.testing.assert_close(task_outputs(theirs), task_outputs(ours), **TOLERANCE)
+
+    # PEFT's all-linear leaves out only a SEQ_CLS head; on the others it
+    # fails (LoRA on the head, then modules_to_save on that LoRA layer).
+    targets = "all-linear" if task == "SEQ_CLS" else (
+        ["query", "value"] if family == "bert" else ["q_proj", "v_proj"])
+    reference = peft_saved(tmp_path / "peft", task_model(kind, family), task_type=task,
+                           target_modules=targets)
+    loaded = load_adapter(task_model(kind, family), str(tmp_path / "peft"))
+    torch.testing.assert_close(task_outputs(loaded), task_outputs(reference), **TOLERANCE)
+
+
+def test_unknown_task_type_names_the_field():
+    with pytest.raises(ValueError, match="task_type"):
+        LoRAModule(bert(), task_type="SEQ_CLASSIFICATION", target_modules=["query"])
+
+
+# ----------------------------------------------- PEFT options, one by one --
+# Every field of the installed PEFT's LoraConfig / AdaLoraConfig is read,
+# ignored (bookkeeping, or settings of an init that is refused anyway) or
+# refused by name when it is not at its default: a new PEFT option fails here.
+
+from lowrank_ext.tuners.config import LoRAConfig, peft_option_treatment  # noqa: E402
+
+
+@pytest.mark.parametrize("config_class", ["LoraConfig", "AdaLoraConfig"])
+def test_every_peft_option_has_a_known_treatment(config_class):
+    import dataclasses
+
+    unknown = [f.name for f in dataclasses.fields(getattr(peft, config_class))
+               if peft_option_treatment(f.name) not in ("read", "ignored", "refused")]
+    assert not unknown, f"PEFT options lowrank_ext has no rule for: {unknown}"
+
+
+def peft_defaults(config_class="LoraConfig", **options):
+    """adapter_config.json content of a default PEFT config, as PEFT writes it."""
+    import tempfile
+
+    config = getattr(peft, config_class)(target_modules=["q_proj"], **options)
+    with tempfile.TemporaryDirectory() as directory:
+        config.save_pretrained(directory)
+        with open(f"{directory}/adapter_config.json") as stream:
+            return json.load(stream)
+
+
+REFUSED = [("use_dora", True, "DoRA"), ("lora_bias", True, "lora_B bias"),
+           ("kasa_config", {"n_singular": 2}, "KaSA"),
+           ("velora_config", {"num_groups": 2}, "VeLoRA"),
+           ("monteclora_config", {"num_samples": 2}, "MonteCLoRA"),
+           ("use_bdlora", {"nblocks": 2}, "BD-LoRA"),
+           ("arrow_config", {"top_k": 2}, "Arrow"),
+           ("alora_invocation_tokens", [5, 6], "aLoRA"),
+           ("trainable_token_indices", [0, 3], "trainable tokens"),
+           ("target_parameters", ["mlp.experts.weight"], "nn.Parameter"),
+           ("layers_to_transform", [0], "layer"),
+           ("layers_pattern", "layers", "layer"),
+           ("exclude_modules", ["v_proj"], "exclude"),
+           ("layer_replication", [[0, 1]], "replicat"),
+           ("use_qalora", True, "QALoRA"),
+           ("megatron_config", {"tensor_model_parallel_size": 2}, "Megatron"),
+           ("ensure_weight_tying", True, "tie")]
+
+
+def test_refused_table_covers_every_refused_option():
+    import dataclasses
+
+    refused = {f.name for f in dataclasses.fields(peft.LoraConfig)
+               if peft_option_treatment(f.name) == "refused"}
+    assert refused == {name for name, _, _ in REFUSED}
+
+
+@pytest.mark.parametrize("name, value, feature", REFUSED)
+def test_peft_options_not_implemented_are_refused_by_name(name, value, feature):
+    values = peft_defaults()
+    values[name] = value
+    with pytest.raises(ValueError, match=rf"{name}=.*{feature}"):
+        LoRAConfig.from_peft_dict(values)
+
+
+def test_peft_default_configs_load_silently():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert LoRAConfig.from_peft_dict(peft_defaults()).target_modules == ["q_proj"]
+        lowrank_ext.AdaLoRAConfig.from_peft_dict(peft_defaults("AdaLoraConfig", total_step=10))
+
+
+@pytest.mark.parametrize("config_class", ["LoRAConfig", "AdaLoRAConfig"])
+def test_an_option_newer_than_this_library_is_refused_unless_unset(config_class):
+    load = getattr(lowrank_ext, config_class).from_peft_dict
+    values = (peft_defaults() if config_class == "LoRAConfig"
+              else peft_defaults("AdaLoraConfig", total_step=10))
+    values["future_option"] = None
+    load(values)
+    values["future_option"] = {"strength": 3}
+    with pytest.raises(ValueError, match="future_option"):
+        load(values)
+    values["future_option"] = None
+    values["kasa_config"] = {"n_singular": 2}
+    with pytest.raises(ValueError, match="kasa_config"):
+        load(values)

@@ -216,6 +216,53 @@ def test_save_load_round_trip_and_atomic_files(tmp_path):
     assert any(p.requires_grad for p in trainable.parameters())
 
 
+def _trainable_names(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_load_adapter_into_a_wrapper_keeps_the_active_adapter_training(tmp_path, is_trainable):
+    # PEFT's PeftModel.load_adapter adds the adapter without activating it,
+    # leaves every existing parameter's requires_grad as it was, and makes
+    # the loaded adapter trainable only with is_trainable=True.
+    LoRAModule(fresh_model(1), target_modules=["query"], init_lora_weights=False,
+               r=2).save_adapter(str(tmp_path))
+    model = LoRAModule(fresh_model(), target_modules=["query", "value"], r=2, bias="lora_only")
+    before = _trainable_names(model)
+    x = ids()
+    expected = model(x)
+    model.load_adapter(str(tmp_path), "other", is_trainable=is_trainable)
+    assert model.active_adapter == "default"
+    loaded = {name for name, _ in model.named_parameters() if ".other" in name}
+    assert len(loaded) == 2
+    assert _trainable_names(model) == before | (loaded if is_trainable else set())
+    assert len(before) == 2 * 2 + 2  # A and B of two layers, their two biases
+    # The active adapter still computes the output.
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    model.set_adapter("other")
+    assert not torch.allclose(model(x), expected)
+
+
+def test_set_adapter_takes_one_name_and_refuses_several_clearly():
+    model = LoRAModule(fresh_model(), target_modules=["query"], r=2, init_lora_weights=False)
+    model.add_adapter("b", target_modules=["query"], r=2, init_lora_weights=False)
+    x = ids()
+    model.set_adapter("default")
+    expected = model(x)
+    trainable = _trainable_names(model)
+    # As PEFT's PeftModel.set_adapter, one adapter is active; refused before
+    # anything changes (it failed with "unhashable type: 'list'").
+    with pytest.raises(ValueError, match=r"adapter_name.*\['default', 'b'\]"):
+        model.set_adapter(["default", "b"])
+    assert model.active_adapter == "default" and _trainable_names(model) == trainable
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    model.set_adapter(["b"])  # a list of one is that adapter
+    assert model.active_adapter == "b"
+    assert not torch.allclose(model(x), expected)
+    with pytest.raises(KeyError, match="nope"):
+        model.set_adapter(["nope"])
+
+
 def _saved_adapter(tmp_path, **options):
     model = LoRAModule(fresh_model(), target_modules=["query", "value"], init_lora_weights=False,
                        **options)

@@ -1,12 +1,17 @@
 """lowrank_ext: LoRA, AdaLoRA and QLoRA on fast NF4 and fused low-rank kernels.
 
-Import order matters: torch first (it loads libtorch), then the compiled
-module (which registers the ops), then the Python layers built on them.
+Import order matters: torch first (it loads libtorch), then a check that it is
+the torch the compiled module was built for, then the compiled module (which
+registers the ops), then the Python layers built on them.
 """
 
 import torch
 
-from . import _C, ops
+from ._torch_check import check_running_torch
+
+check_running_torch()
+
+from . import _C, ops  # noqa: E402  (only after the torch version check)
 from .quant import NF4Weight, dynamic_map, nf4_codebook
 from . import nn, tuners  # noqa: E402  (layers need the ops registered first)
 from .tuners import (
@@ -32,6 +37,16 @@ def build_info() -> dict:
     return info
 
 
+def use_fused_kernels(config):
+    """Make ``peft.get_peft_model`` build lowrank_ext's fused layers from a
+    ``peft.LoraConfig``; returns the config. See :mod:`lowrank_ext.peft_integration`
+    (imported here on first use, so that ``import lowrank_ext`` does not import PEFT).
+    """
+    from .peft_integration import use_fused_kernels as register
+
+    return register(config)
+
+
 def get_cpu_isa() -> str:
     """The CPU kernel set in use: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
     return _C.get_cpu_isa()
@@ -50,6 +65,17 @@ def supported_cpu_isas() -> list[str]:
     return list(_C.supported_cpu_isas())
 
 
+def __getattr__(name: str):
+    # transformers is imported (and the quantizer registered with it) on first
+    # use: it costs seconds and is an optional dependency.
+    if name in ("NF4Config", "NF4HfQuantizer"):
+        from . import hf_quantizer
+
+        return getattr(hf_quantizer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# NF4Config is left out: a star import would import transformers.
 __all__ = [
     "AdaLoRAConfig",
     "AdaLoRAModule",
@@ -70,4 +96,5 @@ __all__ = [
     "set_cpu_isa",
     "supported_cpu_isas",
     "tuners",
+    "use_fused_kernels",
 ]

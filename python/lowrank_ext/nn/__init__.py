@@ -3,7 +3,7 @@
 from .adalora import AdaLoRALinear, RankAllocator
 from .adapter_layer import AdapterLayer
 from .lora import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, is_transformers_conv1d
-from .nf4_linear import NF4Linear
+from .nf4_linear import NF4Linear, is_bnb_linear4bit
 from .qlora import QLoRALinear
 
 LoRAConv1d = LoRAConv
@@ -21,5 +21,6 @@ __all__ = [
     "NF4Linear",
     "QLoRALinear",
     "RankAllocator",
+    "is_bnb_linear4bit",
     "is_transformers_conv1d",
 ]

@@ -20,7 +20,8 @@ from torch import nn
 from .. import ops
 from ..quant import NF4Weight
 from .adapter_layer import AdapterLayer, adapter_dropout, autocast_enabled
-from .lora import _adapter_dtype, is_transformers_conv1d, validate_adapter_arguments
+from .lora import (RowAdapterLayer, _adapter_dtype, is_transformers_conv1d,
+                   validate_adapter_arguments)
 from .nf4_linear import NF4Linear
 
 # (parameter container, dimension that indexes triplets) for each factor.
@@ -65,7 +66,7 @@ class TripletSlots(nn.Module):
         self.set_keep(self.keep.view(-1)[index] > 0)
 
 
-class AdaLoRALinear(AdapterLayer):
+class AdaLoRALinear(RowAdapterLayer, AdapterLayer):
     """AdaLoRA on ``nn.Linear``, Hugging Face ``Conv1D`` or a 4-bit :class:`NF4Linear` base.
 
     ``forward(x)``: ``x`` ``[..., in_features]`` -> ``[..., out_features]`` =
@@ -84,6 +85,10 @@ class AdaLoRALinear(AdapterLayer):
 
     Masked triplets keep their lambda at zero (see :meth:`set_kept`);
     :meth:`shrink` drops them physically once the allocation is final.
+
+    Mixed-adapter batches (``set_row_adapters``) give each row its adapter's
+    update, whatever the adapters' ranks, in one multi-adapter op over the
+    effective factors ``(Q * masked lambda, P)``.
     """
 
     adapter_dict_names = ("lora_A", "lora_E", "lora_B")
@@ -116,6 +121,7 @@ class AdaLoRALinear(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
         self._unmerged_base: Optional[NF4Weight] = None
+        self._init_row_adapters()
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
         self.update_layer(adapter_name, init_r, alpha, dropout, init, rank_pattern)
@@ -309,7 +315,16 @@ class AdaLoRALinear(AdapterLayer):
     def _lora_input(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
         return adapter_dropout(x, self.lora_dropout[adapter_name], self.training)
 
+    supports_row_adapters = True
+    # The rows' factors are products (Q * masked lambda) made per call: nothing to keep.
+    reuse_row_stack = False
+
+    def _held_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {name: self.effective_factors(name) for name in self.lora_A.keys()}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_adapter_names is not None and not self.adapters_disabled:
+            return self._row_forward(x)
         active = self._unmerged_active()
         if not active:
             return self.base_layer(x)
@@ -336,6 +351,24 @@ class AdaLoRALinear(AdapterLayer):
             branch = inputs if branch is None else branch
             factor_A, factor_B = self.effective_factors(name, dtype)
             result = result + ((branch @ factor_A.T) @ factor_B.T) * self.scaling[name]
+        return result if autocast else result.to(x.dtype)
+
+    def _row_forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        bias = base.bias
+        # Under autocast the ops cast to the autocast dtype and the result keeps it.
+        autocast = autocast_enabled(x)
+        if self.quantized:
+            dtype = base.compute_dtype_for(x)
+            inputs = x.to(dtype)
+            base_output = ops.nf4_linear(inputs, *base.linear_args(),
+                                         None if bias is None else bias.to(dtype))
+        else:
+            weight = base.weight.t() if self.fan_in_fan_out else base.weight
+            inputs = x if autocast else x.to(weight.dtype)
+            base_output = torch.nn.functional.linear(
+                inputs, weight, None if bias is None else bias.to(weight.dtype))
+        result = self._row_adapter_forward(inputs, base_output)
         return result if autocast else result.to(x.dtype)
 
     # -------------------------------------------------------------------- merge
@@ -425,8 +458,10 @@ class RankAllocator:
     (T - tfinal - tinit))**3)`` with ``target = target_r * layers``; every
     ``deltaT`` steps the ``b(t)`` best triplets over all layers are kept
     (ties go to the earlier layer / lower index) and the rest masked, until
-    at ``t >= T - tfinal`` the target budget is allocated one last time, the
-    pattern is frozen and the layers are shrunk to it. Between reallocations
+    at ``t >= T - tfinal`` the target budget is allocated one last time and
+    the pattern is frozen; :meth:`shrink` then drops the masked triplets
+    physically (the caller decides when: it reshapes the factors under any
+    optimizer that holds them). Between reallocations
     the kept set, and so the total active rank, does not change. Budgets are
     clamped to ``[0, stored triplets]``.
 
@@ -435,8 +470,8 @@ class RankAllocator:
         budget: the budget in force (of the last allocation).
         allocations: how many times triplets were (re)selected.
         frozen: True once the final allocation is made.
-        resized: after freezing, what :meth:`AdaLoRALinear.shrink` changed,
-            for refreshing optimizer state.
+        resized: after :meth:`shrink`, what :meth:`AdaLoRALinear.shrink`
+            changed, for refreshing optimizer state.
     """
 
     def __init__(self, layers: Iterable[tuple[str, AdaLoRALinear]], adapter_name: str,
@@ -540,10 +575,11 @@ class RankAllocator:
 
         Reallocates when ``tinit < step < T - tfinal`` and ``step % deltaT ==
         0``; at the first call with ``step >= T - tfinal`` allocates the
-        target budget, freezes and shrinks the layers (see ``resized``). On
-        every call the lambda of masked triplets is zeroed again.
+        target budget and freezes the pattern (masked, not shrunk: see
+        :meth:`shrink`). On every call before that the lambda of masked
+        triplets is zeroed again; afterwards the mask alone keeps them out.
 
-        Returns True when the layers were shrunk by this call. Raises
+        Returns True when this call froze the pattern. Raises
         ``RuntimeError`` if an allocation is due but importance was never
         updated.
         """
@@ -558,9 +594,29 @@ class RankAllocator:
             return False
         self.frozen = True
         self.importance.clear()
-        for _, layer in self.layers:
-            self.resized.update(layer.shrink(self.adapter_name))
         return True
+
+    @property
+    def shrunk(self) -> bool:
+        """True when no layer stores a masked triplet (nothing left to shrink)."""
+        return all(layer.triplets[self.adapter_name].fully_active for _, layer in self.layers)
+
+    def shrink(self) -> Resized:
+        """Drop the masked triplets of every layer once the pattern is frozen.
+
+        Returns what changed (also merged into ``resized``), empty when
+        already shrunk. Raises ``RuntimeError`` before the final allocation:
+        a masked triplet may still come back then.
+        """
+        if not self.frozen:
+            raise RuntimeError(f"the AdaLoRA allocation is not final yet (it is at step "
+                               f"total_step - tfinal = {self.final_step}); masked triplets "
+                               "may still come back, so they cannot be dropped")
+        resized: Resized = {}
+        for _, layer in self.layers:
+            resized.update(layer.shrink(self.adapter_name))
+        self.resized.update(resized)
+        return resized
 
     def _mask_to_budget(self, budget: int) -> None:
         if self.importance_updates == 0:

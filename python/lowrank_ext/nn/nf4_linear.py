@@ -18,6 +18,13 @@ _SCALE_BUFFERS = (("weight_absmax", "absmax"), ("weight_nested_absmax", "nested_
                   ("weight_nested_code", "nested_code"))
 
 
+def is_bnb_linear4bit(module: nn.Module) -> bool:
+    """True for bitsandbytes' 4-bit linear layers (``Linear4bit`` and its subclasses),
+    without importing bitsandbytes."""
+    return any(cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes")
+               for cls in type(module).__mro__)
+
+
 class NF4Linear(nn.Module):
     """``y = x @ dequant(W).T + bias`` with ``W`` held as NF4 buffers (never a parameter).
 
@@ -50,6 +57,9 @@ class NF4Linear(nn.Module):
         self._set_quantized(weight)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
+        # The kind of layer the weight came from, which to_dense() rebuilds
+        # (GPT-2's Conv1D stores its weight transposed).
+        self.source_class: type = nn.Linear
 
     def _set_quantized(self, weight: NF4Weight) -> None:
         self.weight = weight.packed.reshape(-1, 1)
@@ -75,7 +85,35 @@ class NF4Linear(nn.Module):
             raise TypeError(f"NF4Linear.from_linear needs nn.Linear or Conv1D, got "
                             f"{type(linear).__name__}")
         quantized = NF4Weight.from_float(weight.contiguous(), blocksize, double_quant)
-        return cls(quantized, linear.bias, compute_dtype)
+        layer = cls(quantized, linear.bias, compute_dtype)
+        layer.source_class = type(linear)
+        return layer
+
+    @classmethod
+    def from_bnb(cls, linear: nn.Module) -> "NF4Linear":
+        """Take over a bitsandbytes ``Linear4bit`` (a model loaded with
+        ``BitsAndBytesConfig(load_in_4bit=True)``) without requantizing: the
+        same NF4 codes and scales (double quantization included), bias and
+        compute dtype.
+
+        Raises ``TypeError`` for another layer kind and ``ValueError`` for an
+        FP4 layer or one whose weight is not quantized yet.
+        """
+        if not is_bnb_linear4bit(linear):
+            raise TypeError(f"NF4Linear.from_bnb needs a bitsandbytes Linear4bit, got "
+                            f"{type(linear).__name__}")
+        quant_state = getattr(linear.weight, "quant_state", None)
+        if quant_state is None:
+            raise ValueError("this bitsandbytes Linear4bit holds no quantized weight yet "
+                             "(quantized when moved to its device)")
+        if quant_state.quant_type != "nf4":
+            raise ValueError(f"this bitsandbytes layer uses quant_type={quant_state.quant_type!r}; "
+                             "only NF4 can be taken over: load the model with "
+                             "BitsAndBytesConfig(bnb_4bit_quant_type='nf4')")
+        # Its state dict is bitsandbytes' checkpoint form (on CPU, eval-mode
+        # forwards repack the codes in place; saving undoes that).
+        weight = NF4Weight.from_state_dict(linear.state_dict(), "weight")
+        return cls(weight, linear.bias, linear.compute_dtype)
 
     def quantized_weight(self) -> NF4Weight:
         """The weight as an :class:`~lowrank_ext.NF4Weight` (sharing these buffers)."""
@@ -108,6 +146,34 @@ class NF4Linear(nn.Module):
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense ``[out, in]`` weight (default dtype: the original weight's)."""
         return self.quantized_weight().dequantize(dtype)
+
+    def to_dense(self, weight: Optional[torch.Tensor] = None) -> nn.Module:
+        """A dense layer of the kind this one was quantized from (``nn.Linear``
+        or ``Conv1D``; ``source_class``) holding ``weight`` (``[out, in]``,
+        default the dequantized weight) in the original weight dtype, and a
+        copy of the bias. Raises ``ValueError`` for a weight of another shape.
+        """
+        if weight is None:
+            weight = self.dequantize()
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a layer of "
+                             f"shape {(self.out_features, self.in_features)}")
+        weight = weight.detach().to(self.weight_dtype)
+        bias = None if self.bias is None else self.bias.detach().clone()
+        # Built on the meta device (no initialization work), then given real tensors.
+        with torch.device("meta"):
+            if self.source_class is nn.Linear:
+                dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
+            else:  # Conv1D(nf=out, nx=in): weight [in, out], always a bias
+                dense = self.source_class(self.out_features, self.in_features)
+        if self.source_class is not nn.Linear:
+            weight = weight.t()
+            bias = weight.new_zeros(self.out_features) if bias is None else bias
+        dense.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        if bias is not None:
+            dense.bias = nn.Parameter(bias, requires_grad=False)
+        dense.train(self.training)
+        return dense
 
     def linear_args(self) -> tuple:
         """The NF4 weight argument group of :func:`lowrank_ext.ops.nf4_linear`."""

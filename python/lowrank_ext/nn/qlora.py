@@ -161,6 +161,29 @@ class QLoRALinear(LoRALayer):
         self.merged_adapters.extend(names)
         return {name: error for name in names}
 
+    def dense_merged_layer(self, adapter_names=None, safe_merge: bool = False) -> nn.Module:
+        """The dense layer that takes this one's place when a model is unloaded.
+
+        Its weight is the original 4-bit base (as before any merge)
+        dequantized, plus the adapters merged now and ``adapter_names``
+        (default the active ones), added in fp32 and rounded once to the
+        base's original dtype; its kind is the one the base was quantized from
+        (``nn.Linear`` or ``Conv1D``). This layer is left unchanged. With
+        ``safe_merge`` a non-finite result raises ``ValueError``.
+        """
+        requested = self.active_adapters if adapter_names is None else adapter_names
+        names = list(self.merged_adapters) + [
+            n for n in self._check_known(requested) if n not in self.merged_adapters]
+        original = (self.base_layer.quantized_weight() if self._unmerged_base is None
+                    else self._unmerged_base)
+        weight = original.dequantize(torch.float32)
+        for name in names:
+            weight = weight + self.delta_weight(name)
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"merging adapters {names} into a 4-bit base gives non-finite "
+                             "weights")
+        return self.base_layer.to_dense(weight)
+
     def unmerge(self) -> None:
         """Restore the base exactly as before the first merge (the saved 4-bit data)."""
         self.merged_adapters.clear()

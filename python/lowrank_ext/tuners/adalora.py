@@ -3,7 +3,8 @@
 Unlike PEFT, the allocation cannot be forgotten: :meth:`AdaLoRAModule.attach_optimizer`
 runs it from optimizer hooks, :meth:`AdaLoRAModule.update_and_allocate` does
 the same from a custom loop, and backward passes that pile up with neither
-raise an error. When the pattern is final the factors are physically shrunk.
+raise an error. When the pattern is final the factors are physically shrunk
+where that cannot break the caller's optimizer (see :class:`AdaLoRAModule`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from torch import nn
 from ..nn import NF4Linear, is_transformers_conv1d
 from ..nn.adalora import AdaLoRALinear, RankAllocator
 from ..nn.lora import validate_adapter_arguments
-from .config import (_BIAS_MODES, _UNSUPPORTED_PEFT_OPTIONS, LoRAConfig, TargetSpec,
-                     check_flags, normalized_modules_to_save, normalized_target_modules)
+from .config import (_BIAS_MODES, LoRAConfig, TargetSpec, check_peft_options,
+                     check_flags, normalized_target_modules, with_task_heads)
 from .model import AdapterModel
 from .serialization import register_adapter_type
 
@@ -51,10 +52,13 @@ class AdaLoRAConfig:
         deltaT: reallocate every ``deltaT`` steps (>= 1).
         beta1, beta2: smoothing of sensitivity and of its uncertainty, in [0, 1).
         orth_reg_weight: weight gamma (>= 0) of the orthogonality penalty.
-        orth_reg_form: ``"paper"`` (default): ``sum over layers of
-            ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2``; ``"peft"``: the mean,
-            over all P and Q, of the unsquared norms (PEFT's choice). Not
-            stored in ``adapter_config.json`` (PEFT has no such field).
+        orth_reg_form: ``"peft"`` (default): the mean, over all P and Q, of
+            ``||P^T P - I||_F`` and ``||Q Q^T - I||_F``, PEFT's penalty, so a
+            PEFT recipe's ``orth_reg_weight`` means the same objective here;
+            ``"paper"``: ``sum over layers of ||P^T P - I||_F^2 +
+            ||Q Q^T - I||_F^2`` (the paper's form; tens of times larger on a
+            small model, so tune ``orth_reg_weight`` for it). Not stored in
+            ``adapter_config.json`` (PEFT has no such field).
         rank_pattern: an allocation already made,
             ``{"<module path>.lora_E": init_r booleans}`` as PEFT stores it;
             layers named there are built with the kept triplets only, and the
@@ -91,7 +95,7 @@ class AdaLoRAConfig:
     modules_to_save: Optional[list[str]] = None
     init_lora_weights: Union[bool, str] = True
     fan_in_fan_out: bool = False
-    orth_reg_form: str = "paper"
+    orth_reg_form: str = "peft"
     r: int = 8
     base_model_name_or_path: Optional[str] = None
     task_type: Optional[str] = None
@@ -141,7 +145,7 @@ class AdaLoRAConfig:
             raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES} for AdaLoRA, "
                              f"got {self.init_lora_weights!r}")
         self.target_modules = normalized_target_modules(self.target_modules)
-        self.modules_to_save = normalized_modules_to_save(self.modules_to_save)
+        self.modules_to_save = with_task_heads(self.task_type, self.modules_to_save)
         check_flags(self, "fan_in_fan_out")
         if self.rank_pattern == {}:
             self.rank_pattern = None
@@ -180,16 +184,24 @@ class AdaLoRAConfig:
         if peft_type != cls.peft_type:
             raise ValueError(f"adapter_config.json has peft_type {peft_type!r}; "
                              f"{cls.__name__} loads {cls.peft_type!r}")
-        for name, neutral in _UNSUPPORTED_PEFT_OPTIONS.items():
-            if values.get(name, neutral[0]) not in neutral:
-                raise ValueError(f"adapter_config.json sets {name}={values[name]!r}, "
-                                 "which lowrank_ext does not support")
         names = {f.name for f in dataclasses.fields(cls)} - set(_NOT_IN_PEFT)
+        check_peft_options(values, names)
         kept = {key: value for key, value in values.items() if key in names}
         with warnings.catch_warnings():
             # PEFT writes its (ignored) r whatever it is; no need to warn on load.
             warnings.simplefilter("ignore", UserWarning)
             return cls(**kept)
+
+
+class _CountBackward:
+    """Post-accumulate-grad hook on one factor of an adapter: tells the wrapper
+    that a backward pass ran (a class, not a closure, so it is named by module)."""
+
+    def __init__(self, wrapper: "AdaLoRAModule", adapter_name: str):
+        self.wrapper, self.adapter_name = wrapper, adapter_name
+
+    def __call__(self, parameter: torch.Tensor) -> None:
+        self.wrapper._count_backward(self.adapter_name)
 
 
 class _AllocationHooks:
@@ -229,14 +241,26 @@ class AdaLoRAModule(AdapterModel):
       ``optimizer.step()`` as well gives exactly the hook path.
 
     If neither runs, the ``unallocated_backward_limit``-th (default 50)
-    backward pass without an allocation raises ``RuntimeError``.
+    backward pass without an allocation raises ``RuntimeError`` (never while
+    an optimizer is attached: its steps allocate, whatever the gradient
+    accumulation).
 
-    When the pattern is final (step ``total_step - tfinal``) the layers are
-    shrunk to their kept triplets: fewer parameters, less compute. The
-    parameter objects stay the same, so optimizers keep working once their
-    state is sliced too: attached optimizers and ones passed to
-    :meth:`update_and_allocate` are refreshed automatically, others need
-    :meth:`refresh_optimizer` (a stale optimizer fails loudly on its next step).
+    When the pattern is final (step ``total_step - tfinal``) the masked
+    triplets stay masked (exactly zero in the output, whatever an optimizer
+    does to them) and the layers can be *shrunk* to their kept triplets:
+    fewer parameters, less compute. Shrinking keeps the parameter objects
+    but changes their shapes, so every optimizer state of the old shape must
+    be sliced with them, and it happens only where the wrapper knows the
+    optimizers: at the final allocation when an optimizer is attached or
+    passed to :meth:`update_and_allocate` / :meth:`allocate` (those are
+    refreshed), or when the caller calls :meth:`shrink`. PEFT's loop, with
+    an optimizer the wrapper never saw, therefore runs on at the target
+    budget without shrinking, as PEFT's does. Saving needs no shrink: the
+    file holds the kept triplets only.
+
+    The wrapper pickles (``torch.save``, ``copy.deepcopy``) whole, allocation
+    state included; attached optimizers are not part of the copy: attach the
+    copy's optimizer to it again.
 
     In training mode, ``forward`` adds :meth:`orthogonal_regularization` to
     the output's ``loss`` when it has one (a Hugging Face model given labels).
@@ -254,7 +278,9 @@ class AdaLoRAModule(AdapterModel):
         self.allocation_step = 0
         self.unallocated_backward_limit: Optional[int] = 50
         self._attached_optimizers: list[torch.optim.Optimizer] = []
-        self._backward_hooks: dict[str, Any] = {}
+        # {adapter name: handle of its _CountBackward hook}; not named
+        # _backward_hooks, which is nn.Module's own.
+        self._backward_watchers: dict[str, Any] = {}
         self._backward_passes = 0
         # True between update_importance() and the allocate() that consumes it.
         self._importance_pending = False
@@ -304,23 +330,46 @@ class AdaLoRAModule(AdapterModel):
             layers, adapter_name, config.target_r, config.total_step, config.tinit,
             config.tfinal, config.deltaT, config.beta1, config.beta2,
             frozen=config.rank_pattern is not None)
-        if layers and config.rank_pattern is None:
+        self._watch_backward(adapter_name)
+
+    def _watch_backward(self, adapter_name: str) -> None:
+        """Count the adapter's backward passes until its allocation is final."""
+        allocator = self.allocators[adapter_name]
+        if allocator.layers and not allocator.frozen:
             # One factor is enough to count backward passes.
-            sentinel = layers[0][1].lora_E[adapter_name]
-            self._backward_hooks[adapter_name] = sentinel.register_post_accumulate_grad_hook(
-                lambda parameter, name=adapter_name: self._count_backward(name))
+            sentinel = allocator.layers[0][1].lora_E[adapter_name]
+            self._backward_watchers[adapter_name] = sentinel.register_post_accumulate_grad_hook(
+                _CountBackward(self, adapter_name))
+
+    # Pickling, torch.save and deepcopy: tensor hooks and optimizer hooks are
+    # not part of a copy, so the copy leaves out what refers to them (hook
+    # handles, attached optimizers) and registers its own counting hooks.
+    # An optimizer for the copy is attached anew.
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_backward_watchers"] = {}
+        state["_attached_optimizers"] = []
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for adapter_name in self.allocators:
+            self._watch_backward(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and its allocator; see :meth:`AdapterModel.delete_adapter`."""
         super().delete_adapter(adapter_name)
         self.allocators.pop(adapter_name, None)
-        handle = self._backward_hooks.pop(adapter_name, None)
+        handle = self._backward_watchers.pop(adapter_name, None)
         if handle is not None:
             handle.remove()
 
     def _count_backward(self, adapter_name: str) -> None:
         allocator = self.allocators.get(adapter_name)
-        if allocator is None or allocator.frozen or adapter_name != self.active_adapter:
+        # An attached optimizer allocates at each of its steps, however many
+        # backward passes (gradient accumulation) come in between.
+        if allocator is None or allocator.frozen or adapter_name != self.active_adapter \
+                or self._attached_optimizers:
             return
         self._backward_passes += 1
         limit = self.unallocated_backward_limit
@@ -354,28 +403,29 @@ class AdaLoRAModule(AdapterModel):
         """Apply the budget schedule at ``step`` (after ``optimizer.step()``).
 
         Masks to the scheduled budget when a reallocation is due, keeps the
-        masked lambdas at zero, and at the final step shrinks the layers and
-        refreshes ``optimizer`` and the attached optimizers. Updates the
-        config's ``rank_pattern``. Returns the total active rank.
+        masked lambdas at zero and, once the pattern is final, shrinks the
+        layers if ``optimizer`` is given or one is attached (refreshing
+        those; without either they stay masked, see :meth:`shrink`).
+        Updates the config's ``rank_pattern``. Returns the total active rank.
         Raises ``RuntimeError`` if an allocation is due before any importance update.
         """
         allocator = self.allocator
         allocations = allocator.allocations
-        shrunk = allocator.allocate(step)
+        froze = allocator.allocate(step)
         self.allocation_step = step + 1
         self._backward_passes = 0
         self._importance_pending = False
         if allocator.allocations != allocations:
             self.peft_config[self.active_adapter].rank_pattern = allocator.rank_pattern()
-        if shrunk:
-            optimizers = list(self._attached_optimizers)
-            if optimizer is not None and optimizer not in optimizers:
-                optimizers.append(optimizer)
-            for each in optimizers:
-                self.refresh_optimizer(each)
-            handle = self._backward_hooks.pop(self.active_adapter, None)
+        if froze:
+            handle = self._backward_watchers.pop(self.active_adapter, None)
             if handle is not None:
                 handle.remove()
+        optimizers = list(self._attached_optimizers)
+        if optimizer is not None and optimizer not in optimizers:
+            optimizers.append(optimizer)
+        if allocator.frozen and optimizers and not allocator.shrunk:
+            self.shrink(*optimizers)
         # Exactly `budget` triplets are kept after every allocation, so this
         # needs no device sync (unlike counting the masks).
         return allocator.budget
@@ -386,8 +436,9 @@ class AdaLoRAModule(AdapterModel):
         allocation) then :meth:`allocate`; the one call a custom loop needs,
         after ``optimizer.step()`` and before ``zero_grad()``.
 
-        Pass ``optimizer`` so that its state follows the final shrink.
-        Returns the total active rank.
+        Pass ``optimizer`` to let the final allocation shrink the factors
+        and slice its state along; without it (PEFT's loop) the pattern is
+        frozen masked. Returns the total active rank.
         """
         if not self.allocator.frozen and not self._importance_pending:
             self.update_importance()
@@ -399,7 +450,7 @@ class AdaLoRAModule(AdapterModel):
         A pre-step hook reads the importance from the gradients (before the
         weights change), a post-step hook applies the schedule at
         ``self.allocation_step`` (then incremented) and, at the final step,
-        slices this optimizer's state to the shrunk factors. Steps the
+        shrinks the factors and slices this optimizer's state along. Steps the
         optimizer skips (e.g. by a gradient scaler) are not counted.
         Raises ``ValueError`` if ``optimizer`` is already attached.
         """
@@ -419,11 +470,27 @@ class AdaLoRAModule(AdapterModel):
         self._attached_optimizers.append(optimizer)
         return _AllocationHooks(self, optimizer, handles)
 
+    def shrink(self, *optimizers: torch.optim.Optimizer) -> None:
+        """Drop the masked triplets of the active adapter physically, once its
+        allocation is final; outputs are unchanged.
+
+        ``optimizers`` (and the attached ones) get their state sliced to the
+        new shapes; any other optimizer holding the factors needs
+        :meth:`refresh_optimizer` before its next step (until then it fails
+        loudly, never silently). Does nothing when already shrunk. Raises
+        ``RuntimeError`` before the final allocation.
+        """
+        self.allocator.shrink()
+        for optimizer in list(self._attached_optimizers) + [
+                each for each in optimizers if each not in self._attached_optimizers]:
+            self.refresh_optimizer(optimizer)
+
     def refresh_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Slice ``optimizer``'s per-parameter state (momenta...) to the shrunk factors.
 
         Idempotent: state already of the new shape is left alone. Needed
-        only for optimizers neither attached nor passed to :meth:`allocate`.
+        only for optimizers neither attached nor passed to :meth:`allocate`
+        or :meth:`shrink`.
         """
         resized = {}
         for allocator in self.allocators.values():
@@ -441,10 +508,11 @@ class AdaLoRAModule(AdapterModel):
     def orthogonal_regularization(self, adapter_name: Optional[str] = None) -> torch.Tensor:
         """``orth_reg_weight * R``, the term to add to the loss (scalar fp32 tensor).
 
-        ``R`` per ``orth_reg_form``: ``"paper"`` sums ``||P^T P - I||_F^2 +
-        ||Q Q^T - I||_F^2`` over the adapter's layers; ``"peft"`` averages
-        ``||P^T P - I||_F`` and ``||Q Q^T - I||_F`` over all factors. Zero
-        when the adapter has no layers or the weight is 0.
+        ``R`` per ``orth_reg_form``: ``"peft"`` (default, equal to PEFT's
+        penalty) averages ``||P^T P - I||_F`` and ``||Q Q^T - I||_F`` over all
+        factors; ``"paper"`` sums ``||P^T P - I||_F^2 + ||Q Q^T - I||_F^2``
+        over the adapter's layers. Zero when the adapter has no layers or the
+        weight is 0.
         """
         adapter_name = adapter_name or self.active_adapter
         config = self.peft_config[adapter_name]
@@ -464,8 +532,20 @@ class AdaLoRAModule(AdapterModel):
         total = total.sum() if config.orth_reg_form == "paper" else total.mean()
         return config.orth_reg_weight * total
 
+    def _enter_row_adapters(self, adapter_names):
+        if self.training:
+            raise ValueError("adapter_names (a mixed-adapter batch) cannot be used in training "
+                             "mode with AdaLoRA: rank allocation and the orthogonal penalty "
+                             "follow the active adapter only; call model.eval() first")
+        return super()._enter_row_adapters(adapter_names)
+
     def forward(self, *args: Any, **kwargs: Any):
-        """Call the wrapped model; in training, add the regularizer to ``output.loss``."""
+        """Call the wrapped model; in training, add the regularizer to ``output.loss``.
+
+        ``adapter_names`` (a mixed-adapter batch, adapters of any ranks) is
+        for evaluation mode, as in PEFT: raises ``ValueError`` in training,
+        where the rank allocation and the penalty follow the active adapter only.
+        """
         output = super().forward(*args, **kwargs)
         if not self.training or self.active_adapter is None:
             return output

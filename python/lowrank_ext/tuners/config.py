@@ -17,21 +17,95 @@ _BIAS_MODES = ("none", "all", "lora_only")
 _INIT_CHOICES = (True, False, "default", "gaussian", "pissa")
 # Keyword aliases accepted by the constructors (the layer-level names).
 _ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"}
-# PEFT LoRA options that change the computation in ways this library does not
-# implement; an adapter using them cannot be loaded faithfully.
+# PEFT options (LoraConfig / AdaLoraConfig fields) this library does not
+# implement: an adapter that sets one is refused on load, by name, unless the
+# value is one of the neutral ones listed (PEFT's default and equivalents).
 _UNSUPPORTED_PEFT_OPTIONS = {
-    "use_dora": (False, None),
-    "lora_bias": (False, None),
-    "layers_to_transform": (None,),
-    "layers_pattern": (None,),
-    "layer_replication": (None,),
-    "target_parameters": (None, []),
-    "trainable_token_indices": (None,),
-    "exclude_modules": (None,),
-    "use_qalora": (False, None),
-    "alora_invocation_tokens": (None,),
+    "use_dora": ((False, None), "DoRA (weight-decomposed LoRA)"),
+    "lora_bias": ((False, None), "a trained lora_B bias"),
+    "kasa_config": ((None,), "KaSA (knowledge-aware singular-value adaptation)"),
+    "velora_config": ((None,), "VeLoRA (compressed activations in the backward pass)"),
+    "monteclora_config": ((None,), "MonteCLoRA (Monte Carlo sampled adapters)"),
+    "use_bdlora": ((None, False), "BD-LoRA (block-diagonal factors)"),
+    "arrow_config": ((None,), "Arrow routing among adapters"),
+    "alora_invocation_tokens": ((None,), "aLoRA (activated LoRA)"),
+    "trainable_token_indices": ((None,), "trainable tokens"),
+    "target_parameters": ((None, []), "adapters on nn.Parameter targets"),
+    "layers_to_transform": ((None,), "adapting only some layer indices"),
+    "layers_pattern": ((None,), "adapting only some layer indices"),
+    "exclude_modules": ((None,), "exclude_modules target exclusion"),
+    "layer_replication": ((None,), "layer replication"),
+    "use_qalora": ((False, None), "QALoRA (quantization-aware pooling)"),
+    "megatron_config": ((None,), "Megatron parallel layers"),
+    "ensure_weight_tying": ((False, None), "adapters tied between tied layers"),
 }
+# PEFT fields that never change what a saved adapter computes: bookkeeping,
+# runtime settings, and the settings of inits (their factors are stored; the
+# inits that rewrite the base are refused through init_lora_weights).
+_IGNORED_PEFT_FIELDS = frozenset({
+    "peft_type", "auto_mapping", "peft_version", "revision", "inference_mode",
+    "runtime_config", "megatron_core", "qalora_group_size", "loftq_config", "eva_config",
+    "corda_config", "lora_ga_config"})
+# Values an unknown (newer) PEFT option may have and still be left alone.
+_UNSET = (None, False, {}, [])
 
+
+def peft_option_treatment(name: str) -> str:
+    """How loading treats PEFT config field ``name``: ``"read"`` (a field of
+    :class:`LoRAConfig` or :class:`~lowrank_ext.AdaLoRAConfig`), ``"ignored"``,
+    ``"refused"`` (unless neutral) or ``"unknown"``."""
+    from .adalora import AdaLoRAConfig
+
+    if name in _UNSUPPORTED_PEFT_OPTIONS:
+        return "refused"
+    if name in _IGNORED_PEFT_FIELDS:
+        return "ignored"
+    if name in {f.name for config in (LoRAConfig, AdaLoRAConfig)
+                for f in dataclasses.fields(config)}:
+        return "read"
+    return "unknown"
+
+
+def check_peft_options(values: dict[str, Any], read: set[str]) -> None:
+    """Raise ``ValueError`` naming the option when an ``adapter_config.json``
+    dict sets a PEFT option this library does not implement, or an option it
+    does not know (a newer PEFT's) to anything but an unset value."""
+    for name, (neutral, feature) in _UNSUPPORTED_PEFT_OPTIONS.items():
+        if name in values and values[name] not in neutral:
+            raise ValueError(f"adapter_config.json sets {name}={values[name]!r}: {feature}, "
+                             "which lowrank_ext does not implement")
+    for name, value in values.items():
+        if name not in read and name not in _IGNORED_PEFT_FIELDS and not any(
+                value == unset and type(value) is type(unset) for unset in _UNSET):
+            raise ValueError(f"adapter_config.json sets {name}={value!r}, an option lowrank_ext "
+                             "does not know (written by a newer PEFT?); it cannot be loaded "
+                             "faithfully")
+
+
+# PEFT's task types, and the heads its task models train whole
+# (PeftModelForSequenceClassification & co. add them to modules_to_save,
+# which also keeps them out of the targets).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
+              "FEATURE_EXTRACTION")
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
+
+
+def task_heads(task_type) -> tuple[str, ...]:
+    """The head module names PEFT's ``task_type`` trains as ``modules_to_save``
+    (a model has one of them, so none is required to match)."""
+    return _TASK_HEADS.get(task_type, ())
+
+
+def with_task_heads(task_type, modules_to_save):
+    """``modules_to_save`` (normalized) plus the heads of ``task_type``, as
+    PEFT extends it; raises ``ValueError`` naming task_type for an unknown one."""
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise ValueError(f"task_type must be None or one of PEFT's {TASK_TYPES}, "
+                         f"got {task_type!r}")
+    modules_to_save = normalized_modules_to_save(modules_to_save)
+    heads = [name for name in task_heads(task_type) if name not in (modules_to_save or [])]
+    return (modules_to_save or []) + heads if heads else modules_to_save
 
 
 def normalized_target_modules(target_modules):
@@ -119,13 +193,17 @@ class LoRAConfig:
             Linear/Conv1D except the output head). None means ``"all-linear"``.
         bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"``
             (train the biases of adapted layers).
-        modules_to_save: modules (names or suffixes) trained in full and saved.
+        modules_to_save: modules (names or suffixes) trained in full and saved;
+            PEFT's ``task_type`` heads are added (``"classifier"`` and
+            ``"score"`` for SEQ_CLS / TOKEN_CLS, ``"qa_outputs"`` for QUESTION_ANS).
         rank_pattern / alpha_pattern: ``{regex: value}`` overriding r / alpha
             for modules whose path ends with a match.
         init_lora_weights: True, False, ``"gaussian"`` or ``"pissa"`` (PEFT's
             ``"pissa_niter_<n>"`` runs as exact PiSSA).
         fan_in_fan_out: weights stored ``[in, out]``; detected for Conv1D anyway.
-        base_model_name_or_path, task_type: recorded in ``adapter_config.json``.
+        base_model_name_or_path: recorded in ``adapter_config.json``.
+        task_type: None or one of PEFT's task types (recorded, and its head
+            trained whole, as PEFT does).
 
     Raises ``ValueError`` naming the field for an out-of-range value.
     """
@@ -154,7 +232,7 @@ class LoRAConfig:
             raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES} (or PEFT's "
                              f"'pissa_niter_<n>'), got {self.init_lora_weights!r}")
         self.target_modules = normalized_target_modules(self.target_modules)
-        self.modules_to_save = normalized_modules_to_save(self.modules_to_save)
+        self.modules_to_save = with_task_heads(self.task_type, self.modules_to_save)
         check_flags(self, "use_rslora", "fan_in_fan_out")
         check_patterns("rank_pattern", self.rank_pattern)
         check_patterns("alpha_pattern", self.alpha_pattern)
@@ -214,11 +292,8 @@ class LoRAConfig:
         if peft_type != cls.peft_type:
             raise ValueError(f"adapter_config.json has peft_type {peft_type!r}; "
                              f"{cls.__name__} loads {cls.peft_type!r}")
-        for name, neutral in _UNSUPPORTED_PEFT_OPTIONS.items():
-            if values.get(name, neutral[0]) not in neutral:
-                raise ValueError(f"adapter_config.json sets {name}={values[name]!r}, "
-                                 "which lowrank_ext does not support")
         names = {f.name for f in dataclasses.fields(LoRAConfig)}
+        check_peft_options(values, names)
         kept = {k: v for k, v in values.items() if k in names}
         if "init_lora_weights" in kept:
             kept["init_lora_weights"] = init_for_loading(kept["init_lora_weights"])
@@ -237,7 +312,8 @@ class QLoRAConfig(LoRAConfig):
             ``"all-linear"`` (default, as loading a model in 4-bit does; the
             output head stays dense) or a target spec like ``target_modules``;
             adapted linear layers are quantized too, except those a Hugging Face
-            model keeps in full precision (``_keep_in_fp32_modules``).
+            model keeps in full precision (``_keep_in_fp32_modules``);
+            ``modules_to_save`` modules never are (they are trained whole).
     """
 
     blocksize: int = 64
@@ -267,20 +343,25 @@ def layer_init(init):
     return "pissa" if _is_pissa(init) else init
 
 
+# PEFT inits that only choose the first factors and leave the base weight as it was.
+_BASE_KEEPING_INITS = ("orthogonal", "eva", "mica")
+
+
 def init_for_loading(init):
     """A saved adapter's ``init_lora_weights`` as loading needs it.
 
     The stored factors replace the initial ones, so an init that leaves the
-    base alone ("orthogonal") loads as a plain one; PiSSA (any variant) is
+    base alone ("orthogonal", "eva", "mica": MiCA's frozen lora_B is then
+    trainable like any factor) loads as a plain one; PiSSA (any variant) is
     kept, its base rebuilt on load. PEFT's other named inits rewrite the base
-    in ways this library cannot rebuild (olora, corda, eva, loftq) and raise
-    ``ValueError``.
+    in ways this library cannot rebuild (olora, corda, lora_ga, loftq) and
+    raise ``ValueError``.
     """
     if _is_pissa(init):
         return "pissa"
     if init in _INIT_CHOICES:
         return init
-    if init == "orthogonal":
+    if init in _BASE_KEEPING_INITS:
         return True
     if isinstance(init, str):
         raise ValueError(f"init_lora_weights={init!r}: this adapter was trained on a base that "

@@ -10,21 +10,75 @@ add only how their layers are built; an AdaLoRA wrapper subclasses it the same w
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional, Sequence
+import inspect
+import os
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..nn.lora import BASE_ROW
+from ..nn.lora import BASE_ROW, next_node_number, record_row_adapters
 from ..nn import (AdapterLayer, LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, NF4Linear,
-                  QLoRALinear, is_transformers_conv1d)
-from .config import LoRAConfig, QLoRAConfig, layer_init
+                  QLoRALinear, is_bnb_linear4bit, is_transformers_conv1d)
+from .config import LoRAConfig, QLoRAConfig, layer_init, task_heads
 from .modules_to_save import ModulesToSave
-from .targets import get_submodule_parent, match_modules_to_save, match_targets
+from .targets import (get_submodule_parent, match_modules_to_save, match_targets,
+                      warn_tied_merges)
 
 # Prefix PEFT puts in front of module paths in saved adapter files
 # (PeftModel.base_model -> LoraModel.model -> the user's model).
 PEFT_KEY_PREFIX = "base_model.model."
+
+
+class _BoundForward:
+    """``wrapper.forward``: calls like a bound method, with the wrapped model's signature.
+
+    Training tools read ``inspect.signature(model.forward)`` to learn which
+    inputs a model takes (the Hugging Face Trainer drops every dataset column
+    not named there), so the wrapper shows the wrapped model's parameters plus
+    ``adapter_names``. ``__func__`` / ``__self__`` are a bound method's:
+    Accelerate rewraps ``model.forward.__func__`` for mixed precision.
+    """
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, function: Callable, wrapper: "AdapterModel"):
+        self.__func__ = function
+        self.__self__ = wrapper
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        own = inspect.signature(AdapterModel.forward).parameters["adapter_names"]
+        try:
+            signature = inspect.signature(self.__self__._modules["model"].forward)
+        except (TypeError, ValueError):  # a forward inspect cannot read: show our own
+            signature = inspect.signature(self.__func__)
+            return signature.replace(parameters=list(signature.parameters.values())[1:])
+        parameters = [parameter for parameter in signature.parameters.values()
+                      if parameter.name != "adapter_names"]
+        # A keyword-only parameter goes before a trailing **kwargs.
+        at = len(parameters) - (1 if parameters and parameters[-1].kind is
+                                inspect.Parameter.VAR_KEYWORD else 0)
+        parameters.insert(at, own.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+        return signature.replace(parameters=parameters)
+
+
+class _ForwardWithModelSignature:
+    """Holds a wrapper class's ``forward``; looked up on a wrapper it gives a
+    :class:`_BoundForward`. It has no ``__set__``, so assigning
+    ``wrapper.forward`` (as Accelerate and TRL do) still overrides it."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+        self.__doc__ = function.__doc__
+
+    def __get__(self, wrapper: Optional["AdapterModel"], owner: Optional[type] = None):
+        if wrapper is None:
+            return self.function
+        return _BoundForward(self.function, wrapper)
 
 
 class AdapterModel(nn.Module):
@@ -51,6 +105,13 @@ class AdapterModel(nn.Module):
             raise TypeError("model is already wrapped; use .add_adapter() to add another adapter")
         self._setup(model)
         self.add_adapter(adapter_name, config, **kwargs)
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        # A subclass's own forward (AdaLoRA's) shows the wrapped model's signature too.
+        forward = cls.__dict__.get("forward")
+        if forward is not None and not isinstance(forward, _ForwardWithModelSignature):
+            cls.forward = _ForwardWithModelSignature(forward)
 
     def _setup(self, model: nn.Module) -> None:
         self.model = model
@@ -82,16 +143,34 @@ class AdapterModel(nn.Module):
         ``adapter_names`` (one name per batch row, ``"__base__"`` for none)
         runs a mixed-adapter batch: every row of the batch uses its own adapter,
         in one multi-adapter op per layer; it works in training too (no
-        dropout). See :meth:`row_adapters`.
+        dropout), with activation checkpointing (reentrant or not): the call
+        records the rows on the autograd graph it builds, so blocks recomputed
+        in backward use them again. See :meth:`row_adapters`.
         """
         model = self._modules["model"]
         if adapter_names is None:
-            return model(*args, **kwargs)
-        layers = self._enter_row_adapters(adapter_names)
+            names = self.__dict__.get("_row_context")
+            if names is None or not torch.is_grad_enabled():
+                return model(*args, **kwargs)
+            return self._recorded_call(model, names, args, kwargs)
+        layers, names = self._enter_row_adapters(adapter_names)
         try:
-            return model(*args, **kwargs)
+            if not torch.is_grad_enabled():
+                return model(*args, **kwargs)
+            return self._recorded_call(model, names, args, kwargs)
         finally:
             self._leave_row_adapters(layers)
+
+    @staticmethod
+    def _recorded_call(model: nn.Module, names: tuple[str, ...], args: tuple, kwargs: dict):
+        """``model(*args, **kwargs)`` with ``names`` recorded on the autograd graph it builds,
+        so that blocks recomputed in backward (activation checkpointing) use the same rows."""
+        first = next_node_number()
+        output = model(*args, **kwargs)
+        record_row_adapters(output, names, first)
+        return output
+
+    forward = _ForwardWithModelSignature(forward)
 
     @contextlib.contextmanager
     def row_adapters(self, adapter_names: Sequence[str]) -> Iterator[None]:
@@ -99,20 +178,27 @@ class AdapterModel(nn.Module):
 
         Raises ``KeyError`` for a name no layer holds, ``NotImplementedError``
         when the model has adapter layers that cannot mix adapters per row
-        (convolution, embedding, AdaLoRA), and ``ValueError`` (at call time)
+        (convolution, embedding), and ``ValueError`` (at call time)
         when the batch size differs from ``len(adapter_names)``. The adapter
         layers are looked up once and remembered (a model walk per call would
         cost more than the adapters themselves); this wrapper's own methods
-        that add, remove or replace layers or adapters refresh that.
+        that add, remove or replace layers or adapters refresh that. With
+        activation checkpointing, call the wrapper itself in the block (it
+        records the rows for the recomputation in backward), not ``.model``.
         """
-        layers = self._enter_row_adapters(adapter_names)
+        layers, names = self._enter_row_adapters(adapter_names)
+        outer = self.__dict__.get("_row_context")
+        self.__dict__["_row_context"] = names
         try:
             yield
         finally:
+            self.__dict__["_row_context"] = outer
             self._leave_row_adapters(layers)
 
-    def _enter_row_adapters(self, adapter_names: Sequence[str]) -> list[nn.Module]:
-        """Checks the names and hands them to every adapter layer; returns the layers."""
+    def _enter_row_adapters(self, adapter_names: Sequence[str]
+                            ) -> tuple[list[nn.Module], tuple[str, ...]]:
+        """Checks the names and hands them to every adapter layer; returns the layers
+        and the names as the layers got them."""
         names = tuple(adapter_names)
         cached = self._row_layers()
         checked = self.__dict__.get("_row_names_checked")
@@ -124,7 +210,7 @@ class AdapterModel(nn.Module):
         layers = cached[0]
         for layer in layers:
             layer.set_row_adapters(names)
-        return layers
+        return layers, names
 
     def _check_row_names(self, names: tuple[str, ...], cached: tuple) -> tuple:
         """Raises for names no layer holds or layers that cannot mix rows; returns the
@@ -139,8 +225,8 @@ class AdapterModel(nn.Module):
             if unknown:
                 raise KeyError(f"adapter_names: no adapter named {unknown}; known: {sorted(known)}")
         if unsupported:
-            raise NotImplementedError(f"per-row adapter_names need linear LoRA/QLoRA layers; this "
-                                      f"model also has {unsupported}")
+            raise NotImplementedError(f"per-row adapter_names need linear LoRA/QLoRA/AdaLoRA "
+                                      f"layers; this model also has {unsupported}")
         return cached
 
     @staticmethod
@@ -233,7 +319,8 @@ class AdapterModel(nn.Module):
         targets = match_targets(self.model, config.target_modules, require_all=strict,
                                 exclude=save_names)
         self._check_targets(targets, config)
-        save_paths = (match_modules_to_save(self.model, save_names, require_all=strict)
+        save_paths = (match_modules_to_save(self.model, save_names, require_all=strict,
+                                            optional=task_heads(config.task_type))
                       if save_names else [])
         replaced: list = []
         extended: list[AdapterLayer] = []
@@ -266,6 +353,7 @@ class AdapterModel(nn.Module):
                 parameter.requires_grad_(requires_grad)
             raise
         self.targeted_modules[adapter_name] = targets
+        _use_encoder_submodules(self.model)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; layers left without adapters are unwrapped.
@@ -296,11 +384,22 @@ class AdapterModel(nn.Module):
 
     # -------------------------------------------------------------- selection
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Use ``adapter_name`` in every layer that has it; only its parameters train.
 
-        Raises ``KeyError`` for an unknown name.
+        ``adapter_name`` is one name, or a list holding one. Raises
+        ``KeyError`` for an unknown name and ``ValueError`` for several names
+        (one adapter is active at a time, as with PEFT's
+        ``PeftModel.set_adapter``; ``adapter_names=`` in the forward call
+        mixes adapters per batch row).
         """
+        if isinstance(adapter_name, (list, tuple)) and len(adapter_name) == 1:
+            adapter_name = adapter_name[0]
+        if not isinstance(adapter_name, str):
+            raise ValueError(f"set_adapter takes one adapter name (one adapter is active at a "
+                             f"time, as with PEFT's PeftModel.set_adapter), got adapter_name="
+                             f"{adapter_name!r}; for a batch whose rows use different "
+                             "adapters, pass adapter_names=[...] to the forward call")
         if adapter_name not in self.peft_config:
             raise KeyError(f"no adapter named {adapter_name!r}; have {list(self.peft_config)}")
         config = self.peft_config[adapter_name]
@@ -366,6 +465,7 @@ class AdapterModel(nn.Module):
                             layer.delta_weight(name)).all():
                         raise ValueError(f"adapter {name!r} has non-finite weights in {path!r}; "
                                          "nothing was merged")
+        warn_tied_merges(self.model, self.adapter_layers(), names)
         report: dict[str, dict[str, float]] = {}
         newly_merged: list[AdapterLayer] = []
         try:
@@ -537,15 +637,66 @@ class AdapterModel(nn.Module):
 
         save_adapter(self, directory, adapter_name)
 
+    def save_pretrained(self, save_directory: str, selected_adapters: Optional[Sequence[str]] = None,
+                        is_main_process: bool = True, **kwargs: Any) -> None:
+        """Save adapters as ``PeftModel.save_pretrained`` does: ``"default"`` in
+        ``save_directory``, any other in ``save_directory/<name>`` (where
+        :meth:`load_adapter` and PEFT look for it). Only adapters, never the base.
+
+        ``selected_adapters`` defaults to all; ``is_main_process=False`` writes
+        nothing (for the other ranks of a distributed run). Other PEFT options
+        (``safe_serialization``, ...) are accepted and have no effect: the files
+        are always safetensors. Raises ``KeyError`` for an unknown adapter name.
+        """
+        from .serialization import save_adapter
+
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise KeyError(f"no adapter named {unknown}; have {list(self.peft_config)}")
+        if not is_main_process:
+            return
+        for name in names:
+            save_adapter(self, save_directory if name == "default"
+                         else os.path.join(save_directory, name), name)
+
     def load_adapter(self, directory: str, adapter_name: str = "default",
                      is_trainable: bool = False) -> None:
         """Load a saved (ours or PEFT's) adapter as a new adapter of this model.
 
+        As PEFT's ``PeftModel.load_adapter``: the active adapter stays active
+        and keeps training; the new one is frozen unless ``is_trainable``.
         See :func:`lowrank_ext.tuners.load_adapter`; the model is unchanged on failure.
         """
         from .serialization import load_adapter
 
         load_adapter(self, directory, adapter_name, is_trainable)
+
+
+def _call_submodules(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that changes nothing: its presence alone makes
+    ``nn.TransformerEncoderLayer`` skip its fused inference kernel."""
+
+
+def _use_encoder_submodules(model: nn.Module) -> None:
+    """Route encoder layers holding adapter or 4-bit layers through those layers.
+
+    In eval mode ``nn.TransformerEncoderLayer`` runs one fused kernel that
+    reads ``linear1.weight`` / ``linear2.weight`` itself: it would silently
+    skip the adapters there, and fail on 4-bit codes. It takes its
+    module-by-module path when a forward hook is attached, and
+    ``nn.TransformerEncoder`` feeds its layers nested tensors unless
+    ``use_nested_tensor`` is off; both are set here (results are unchanged,
+    only those fused shortcuts are not taken).
+    """
+    for module in model.modules():
+        if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) or not any(
+                isinstance(inner, (AdapterLayer, NF4Linear)) for inner in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+        elif _call_submodules not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_call_submodules)
 
 
 def _first(items: list[str], count: int = 5) -> str:
@@ -582,6 +733,8 @@ class LoRAModule(AdapterModel):
         options = self._layer_options(path, adapter_name, config)
         if isinstance(module, NF4Linear):
             return QLoRALinear(module, **options)
+        if is_bnb_linear4bit(module):  # a model loaded in 4 bits: QLoRA on its own codes
+            return QLoRALinear(NF4Linear.from_bnb(module), **options)
         if isinstance(module, nn.Linear) or is_transformers_conv1d(module):
             return LoRALinear(module, **options)
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -629,10 +782,32 @@ class QLoRAModule(LoRAModule):
     config_class = QLoRAConfig
 
     def _prepare_model(self, config, targets, replaced):
+        # modules_to_save modules are trained whole, so they are never
+        # quantized (neither by PEFT's exclusion rule nor by the suffix rule
+        # that picks the modules to wrap).
+        save_names = list(config.modules_to_save or [])
+        saved = match_modules_to_save(self.model, save_names, require_all=False)
+        quantized = [path for root in saved
+                     for path, module in self.model.get_submodule(root).named_modules(prefix=root)
+                     if isinstance(module, NF4Linear) or is_bnb_linear4bit(module)]
+        if quantized:
+            raise ValueError(f"modules_to_save selects {saved}, but {quantized} are already "
+                             "4-bit (quantized by an earlier adapter, or before wrapping: keep "
+                             "them dense with BitsAndBytesConfig(llm_int8_skip_modules=[...])) "
+                             "and cannot be trained whole; name them in the first adapter's "
+                             "modules_to_save")
+        # A model loaded with bitsandbytes in 4 bits is taken over as stored:
+        # the same NF4 codes and scales, no second rounding.
+        for path, module in list(self.model.named_modules()):
+            if is_bnb_linear4bit(module):
+                self._replace(path, NF4Linear.from_bnb(module), replaced)
         quantize = set(targets)
         if config.quantize_modules is not None:
             quantize |= set(match_targets(self.model, config.quantize_modules,
-                                          "quantize_modules", require_all=False))
+                                          "quantize_modules", require_all=False,
+                                          exclude=save_names))
+        quantize = {path for path in quantize
+                    if not any(path == root or path.startswith(root + ".") for root in saved)}
         # Layers a Hugging Face model keeps in full precision (T5's "wo") stay
         # dense, as when the model is loaded in 4 bits: its code reads their
         # weight dtype to cast activations.
@@ -659,3 +834,54 @@ class QLoRAModule(LoRAModule):
         if isinstance(layer, QLoRALinear):
             return layer.merge(names, safe_merge, **layer_options)
         return layer.merge(names, safe_merge)
+
+    def merge_and_unload(self, safe_merge: bool = False,
+                         keep_merged_weight: bool = True) -> nn.Module:
+        """Merge the active adapter, remove every adapter layer and return the bare model.
+
+        By default the model comes back dense, ready for ``save_pretrained``
+        and a plain ``from_pretrained``: every 4-bit layer, adapted or not,
+        becomes the ``nn.Linear`` / ``Conv1D`` it was quantized from, in its
+        original dtype. An adapted layer's weight is its original 4-bit base
+        dequantized plus the merged adapters, added in fp32 and rounded once
+        (adapters merged earlier, either way, are included). With
+        ``keep_merged_weight=False`` the layers stay 4-bit
+        (:class:`~lowrank_ext.nn.NF4Linear`) and the merged weights are
+        requantized, as PEFT does on a bitsandbytes model (adding NF4 rounding
+        error; see :meth:`merge`). ``modules_to_save`` modules are replaced by
+        the active adapter's copy. On an error the wrapper is left unchanged.
+        """
+        if not keep_merged_weight:
+            return super().merge_and_unload(safe_merge, keep_merged_weight=False)
+        names = [self.active_adapter]
+        dense = []
+        for path, layer in self.adapter_layers():
+            if isinstance(layer, QLoRALinear):
+                present = [name for name in names if name in layer.adapter_names]
+                try:
+                    dense.append((path, layer.dense_merged_layer(present, safe_merge)))
+                except ValueError as error:
+                    raise ValueError(f"{path}: {error}; nothing was merged") from None
+        replaced: list = []
+        for path, layer in dense:
+            self._replace(path, layer, replaced)
+        try:
+            # The adapter layers left (LoRA on layers kept dense, embeddings)
+            # and modules_to_save unload as in any LoRA model.
+            model = super().merge_and_unload(safe_merge)
+        except BaseException:
+            for parent, name, original in reversed(replaced):
+                setattr(parent, name, original)
+            self._forget_row_layers()
+            raise
+        for path, module in list(model.named_modules()):
+            if isinstance(module, NF4Linear):
+                parent, name = get_submodule_parent(model, path)
+                setattr(parent, name, module.to_dense())
+        quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+        if quantization is not None and hasattr(model, "hf_quantizer") and not any(
+                is_bnb_linear4bit(module) for module in model.modules()):
+            # Loaded with bitsandbytes, now dense: without this transformers
+            # would save it as, and reload it into, a 4-bit model.
+            model.hf_quantizer.remove_quantization_config(model)
+        return model

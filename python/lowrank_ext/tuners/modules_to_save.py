@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..nn.lora import row_adapters_in_use
+
 
 class ModulesToSave(nn.Module):
     """Wraps ``original_module`` (kept frozen) and runs a per-adapter trainable copy.
@@ -63,7 +65,7 @@ class ModulesToSave(nn.Module):
         self.__dict__["row_adapter_names"] = None if names is None else tuple(names)
 
     def forward(self, *args, **kwargs):
-        names = self.__dict__.get("row_adapter_names")
+        names = row_adapters_in_use(self.__dict__.get("row_adapter_names"))
         if names is None or self.disabled:
             return self.active_module()(*args, **kwargs)
         return self._row_forward(names, args, kwargs)

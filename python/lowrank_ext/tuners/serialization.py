@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig, layer_init
-from .model import AdapterModel, LoRAModule
-from .targets import ALL_LINEAR
+from .model import PEFT_KEY_PREFIX, AdapterModel, LoRAModule
+from .targets import ALL_LINEAR, bypassed_linears
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -143,14 +143,16 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     """Load a saved adapter (ours or PEFT's) into ``model``.
 
     ``model`` may be a plain model (it is wrapped: the returned wrapper holds
-    it) or an existing wrapper (the adapter is added and activated). Existing
+    it, with the loaded adapter active) or an existing wrapper (the adapter
+    is added, as in PEFT: the active adapter and the trainability of every
+    existing parameter are unchanged; ``set_adapter`` switches). Existing
     :class:`~lowrank_ext.nn.NF4Linear` layers get QLoRA adapters.
 
     Args:
         directory: the adapter's folder; when it holds no adapter_config.json
             but ``<directory>/<adapter_name>`` does (PEFT's layout for an
             adapter not named "default"), that subfolder.
-        is_trainable: leave the loaded adapter's parameters trainable
+        is_trainable: make the loaded adapter's parameters trainable
             (default: frozen, for inference, as PEFT does).
 
     Returns the wrapper. Raises ``FileNotFoundError`` for missing files and
@@ -185,6 +187,12 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     trainable = {parameter: parameter.requires_grad for parameter in wrapper.parameters()}
     wrapper._add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=True),
                          strict=False)
+    # Targets left out because their owner bypasses them (PEFT's all-linear
+    # wraps MultiheadAttention's out_proj): their factors never acted in PEFT.
+    for path in set(bypassed_linears(wrapper.model)) - set(
+            wrapper.targeted_modules[adapter_name]):
+        prefix = f"{PEFT_KEY_PREFIX}{path}.lora_"
+        tensors = {key: value for key, value in tensors.items() if not key.startswith(prefix)}
     try:
         if pissa:  # before any base weight is rewritten
             wrapper._check_targets(wrapper.targeted_modules[adapter_name], config)
@@ -204,7 +212,20 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     AdapterModel._copy_state(destinations, tensors)
     wrapper.peft_config[adapter_name] = config
     if not is_trainable:
-        for parameter in wrapper.parameters():
-            parameter.requires_grad_(False)
+        # As PEFT: an adapter loaded for inference runs without dropout (the
+        # new layers would otherwise be in training mode in an eval model).
+        wrapper.eval()
+    if previous is None:
+        if not is_trainable:
+            for parameter in wrapper.parameters():
+                parameter.requires_grad_(False)
+        return wrapper
+    # As PEFT's PeftModel.load_adapter: the adapter in use stays in use (one
+    # being trained keeps training), every existing parameter keeps its
+    # requires_grad, and the loaded adapter's own parameters train only with
+    # is_trainable. Activating it is the caller's set_adapter.
+    wrapper.set_adapter(previous)
+    for parameter in wrapper.parameters():
+        parameter.requires_grad_(trainable.get(parameter, is_trainable))
     return wrapper
 

@@ -49,6 +49,34 @@ def _base_of(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, AdapterLayer) else module
 
 
+def bypassed_linears(model: nn.Module) -> list[str]:
+    """Paths of Linear layers whose owner reads their weight directly, so a
+    layer put in their place is never called: every ``nn.MultiheadAttention``'s
+    ``out_proj`` (PEFT wraps it under ``all-linear``, to no effect)."""
+    return [f"{path}.out_proj" if path else "out_proj" for path, module in model.named_modules()
+            if isinstance(module, nn.MultiheadAttention)]
+
+
+_BYPASS_REASON = ("nn.MultiheadAttention reads out_proj.weight directly, so an adapter or "
+                  "replacement there would have no effect")
+
+
+def _drop_bypassed(model: nn.Module, found: list[str], field_name: str, spec,
+                   require_all: bool) -> list[str]:
+    """``found`` without :func:`bypassed_linears`: a warning where ``spec`` is
+    ``"all-linear"`` or the caller is lenient (loading a saved adapter), else
+    ``ValueError``."""
+    bypassed = set(bypassed_linears(model))
+    dropped = [path for path in found if path in bypassed]
+    if not dropped:
+        return found
+    if require_all and spec not in (None, ALL_LINEAR):
+        raise ValueError(f"{field_name} selects {dropped}: {_BYPASS_REASON}; leave them out")
+    warnings.warn(f"{field_name} leaves out {dropped}: {_BYPASS_REASON}", UserWarning,
+                  stacklevel=4)
+    return [path for path in found if path not in bypassed]
+
+
 def match_targets(model: nn.Module, spec: TargetSpec, field_name: str = "target_modules",
                   require_all: bool = True, exclude: Sequence[str] = ()) -> list[str]:
     """Paths of the modules ``spec`` selects, in model order.
@@ -69,12 +97,14 @@ def match_targets(model: nn.Module, spec: TargetSpec, field_name: str = "target_
         found = [path for path, module in candidates
                  if is_linear_like(_base_of(module)) and _base_of(module) is not head
                  and module is not head]
+        found = _drop_bypassed(model, found, field_name, spec, require_all)
         if not found:
             raise ValueError(f"{field_name}='all-linear' found no Linear/Conv1D layer "
                              "in the model (besides its output head and modules_to_save)")
         return found
     if isinstance(spec, str):
-        found = [path for path, _ in candidates if re.fullmatch(spec, path)]
+        found = _drop_bypassed(model, [path for path, _ in candidates
+                                       if re.fullmatch(spec, path)], field_name, spec, require_all)
         if not found:
             raise ValueError(f"{field_name} regex {spec!r} matches no module of the model"
                              + (" outside modules_to_save" if exclude else ""))
@@ -101,6 +131,9 @@ def match_targets(model: nn.Module, spec: TargetSpec, field_name: str = "target_
     if unknown:
         warnings.warn(f"{field_name} entries {unknown} match no module of the model; "
                       "they are ignored", UserWarning, stacklevel=3)
+    found = _drop_bypassed(model, found, field_name, spec, require_all)
+    if not found:
+        raise ValueError(f"{field_name} {list(spec)} selects no module an adapter could act on")
     return found
 
 
@@ -111,14 +144,14 @@ def is_excluded(path: str, modules_to_save: Sequence[str]) -> bool:
 
 
 def match_modules_to_save(model: nn.Module, names: Sequence[str],
-                          require_all: bool = True) -> list[str]:
+                          require_all: bool = True, optional: Sequence[str] = ()) -> list[str]:
     """Paths ``modules_to_save`` wraps: every module whose path ends with an
     entry (PEFT's plain suffix rule, so ``"norm"`` also selects
     ``input_layernorm``), outermost first; none inside an adapter layer.
 
-    Raises ``ValueError`` (only with ``require_all``) when an entry matches
-    nothing; otherwise, as PEFT, unmatched entries are ignored (PEFT's
-    classifier adapters list both ``classifier`` and ``score``).
+    Raises ``ValueError`` (only with ``require_all``) when an entry not in
+    ``optional`` matches nothing; otherwise, as PEFT, unmatched entries are
+    ignored (PEFT's classifier adapters list both ``classifier`` and ``score``).
     """
     found: list[str] = []
     used = set()
@@ -129,7 +162,7 @@ def match_modules_to_save(model: nn.Module, names: Sequence[str],
         if hits:
             found.append(path)
             used.update(hits)
-    unknown = [name for name in names if name not in used]
+    unknown = [name for name in names if name not in used and name not in optional]
     if require_all and unknown:
         raise ValueError(f"modules_to_save entries {unknown} match no module of the model")
     return found
@@ -139,3 +172,26 @@ def get_submodule_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     """(parent module, attribute name) of the module at ``path``."""
     parent_path, _, name = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), name
+
+
+def warn_tied_merges(model: nn.Module, layers: Iterator[tuple[str, nn.Module]],
+                     adapter_names: Sequence[str]) -> None:
+    """Warn for every adapter layer about to merge ``adapter_names`` whose base
+    weight is also another module's (tied input/output embeddings): merging
+    changes that module too, unlike the unmerged adapter (PEFT warns too)."""
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(path)
+    for path, layer in layers:
+        if not any(name in layer.adapter_names for name in adapter_names):
+            continue
+        weight = layer.base_layer._parameters.get("weight")
+        others = [other for other in owners.get(id(weight), [])
+                  if other != f"{path}.base_layer"] if weight is not None else []
+        if others:
+            warnings.warn(f"merging into {path!r} also changes {others}, which share its weight "
+                          "(tied embeddings), so the merged model differs from the unmerged "
+                          "one; load the model with tie_word_embeddings=False to merge safely",
+                          UserWarning, stacklevel=3)
