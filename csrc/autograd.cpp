@@ -17,6 +17,13 @@
 //   multi_lora_linear: d input, d lora_A, d lora_B from
 //                      multi_lora_linear_backward; d base_output = grad_output
 // Codes, scales, seeds, ranks, scalings and indices get no gradient.
+//
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd): the
+// Function nodes are backward-only, so when any argument carries a tangent the
+// op is computed instead by the same math in differentiable ATen ops (the NF4
+// weight decoded exactly into a dense tensor), whose forward formulas carry
+// the tangents and whose backward still works. multi_lora_linear refuses
+// tangents with an error instead of dropping them.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -63,6 +70,40 @@ at::Tensor bias_grad(AutogradContext* ctx, size_t argument, const at::Tensor& gr
   return needs(ctx, argument) ? flatten_rows(grad_output).sum(0) : at::Tensor();
 }
 
+// A tangent at forward-AD level 0 (torch.func's jvp reaches the op with its
+// tangents at that level too).
+bool has_tangent(const at::Tensor& tensor) {
+  return tensor.defined() && tensor._fw_grad(/*level=*/0).defined();
+}
+
+bool has_tangent(const OptionalTensor& tensor) { return present(tensor) && has_tangent(*tensor); }
+
+// scaling * (rows @ A.T) @ B.T in differentiable ATen ops, in the factors'
+// dtype and rounded once to input's (the fused ops' precision).
+at::Tensor lora_term(const at::Tensor& input, const OptionalTensor& lora_input,
+                     const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
+  const at::Tensor& rows = present(lora_input) ? *lora_input : input;
+  return at::linear(at::linear(rows.to(lora_A.scalar_type()), lora_A), lora_B)
+      .mul(scaling)
+      .to(input.scalar_type());
+}
+
+// input @ dequant(W).T + bias in differentiable ATen ops.
+at::Tensor nf4_linear_reference(const at::Tensor& input, const at::Tensor& packed,
+                                const at::Tensor& absmax, const OptionalTensor& nested_absmax,
+                                const OptionalTensor& nested_code, double offset,
+                                const c10::SymInt& out_features, const c10::SymInt& in_features,
+                                int64_t blocksize, const OptionalTensor& bias) {
+  at::Tensor weight;
+  {
+    // The weight is a constant: decoded without autograd.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    weight = nf4_dense_weight(packed, absmax, nested_absmax, nested_code, offset, out_features,
+                              in_features, blocksize, input.scalar_type());
+  }
+  return at::linear(input, weight, bias);
+}
+
 // ------------------------------------------------------------------ dropout --
 
 at::Tensor call_dropout(const at::Tensor& input, double p, const at::Tensor& seed) {
@@ -91,6 +132,17 @@ class Dropout : public torch::autograd::Function<Dropout> {
 };
 
 at::Tensor dropout_autograd(const at::Tensor& input, double p, const at::Tensor& seed) {
+  if (has_tangent(input)) {
+    // The op multiplies by a fixed keep / (1 - p) per element in fp32 and
+    // rounds once: that factor, as an fp32 tensor, times input, the same way.
+    at::Tensor factor;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      factor = call_dropout(at::ones_like(input, at::kFloat), p, seed);
+    }
+    const at::ScalarType compute = at::promote_types(input.scalar_type(), at::kFloat);
+    return (input.to(compute) * factor.to(compute)).to(input.scalar_type());
+  }
   if (!(at::GradMode::is_enabled() && input.requires_grad())) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_dropout(input, p, seed);
@@ -148,6 +200,10 @@ at::Tensor nf4_linear_autograd(const at::Tensor& input, const at::Tensor& packed
                                const OptionalTensor& nested_code, double offset,
                                c10::SymInt out_features, c10::SymInt in_features, int64_t blocksize,
                                const OptionalTensor& bias) {
+  if (has_tangent(input) || has_tangent(bias)) {
+    return nf4_linear_reference(input, packed, absmax, nested_absmax, nested_code, offset,
+                                out_features, in_features, blocksize, bias);
+  }
   if (!(at::GradMode::is_enabled() && (input.requires_grad() || requires_grad(bias)))) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_nf4_linear(input, packed, absmax, nested_absmax, nested_code, offset, out_features,
@@ -230,6 +286,10 @@ at::Tensor lora_linear_autograd(const at::Tensor& input, const OptionalTensor& l
                                 const at::Tensor& weight, const OptionalTensor& bias,
                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
                                 double scaling) {
+  if (has_tangent(input) || has_tangent(lora_input) || has_tangent(weight) ||
+      has_tangent(bias) || has_tangent(lora_A) || has_tangent(lora_B)) {
+    return at::linear(input, weight, bias) + lora_term(input, lora_input, lora_A, lora_B, scaling);
+  }
   const bool needs_graph =
       at::GradMode::is_enabled() &&
       (input.requires_grad() || requires_grad(lora_input) || weight.requires_grad() ||
@@ -336,6 +396,12 @@ at::Tensor qlora_linear_autograd(const at::Tensor& input, const OptionalTensor& 
                                  int64_t blocksize, const OptionalTensor& bias,
                                  const at::Tensor& lora_A, const at::Tensor& lora_B,
                                  double scaling) {
+  if (has_tangent(input) || has_tangent(lora_input) || has_tangent(bias) ||
+      has_tangent(lora_A) || has_tangent(lora_B)) {
+    return nf4_linear_reference(input, packed, absmax, nested_absmax, nested_code, offset,
+                                out_features, in_features, blocksize, bias) +
+           lora_term(input, lora_input, lora_A, lora_B, scaling);
+  }
   const bool needs_graph =
       at::GradMode::is_enabled() &&
       (input.requires_grad() || requires_grad(lora_input) || requires_grad(bias) ||
@@ -409,6 +475,11 @@ at::Tensor multi_lora_linear_autograd(const at::Tensor& input, const at::Tensor&
                                       const at::Tensor& lora_A, const at::Tensor& lora_B,
                                       const at::Tensor& ranks, const at::Tensor& scalings,
                                       const at::Tensor& adapter_indices) {
+  TORCH_CHECK(!(has_tangent(input) || has_tangent(base_output) || has_tangent(lora_A) ||
+                has_tangent(lora_B)),
+              "multi_lora_linear (mixed-adapter batches, adapter_names=...) does not support "
+              "forward-mode AD (torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad); "
+              "run one adapter at a time (set_adapter) to get tangents");
   const bool needs_graph =
       at::GradMode::is_enabled() && (input.requires_grad() || base_output.requires_grad() ||
                                      lora_A.requires_grad() || lora_B.requires_grad());

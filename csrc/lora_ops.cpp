@@ -32,7 +32,7 @@ at::Tensor lora_linear(const at::Tensor& input, const std::optional<at::Tensor>&
                        const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
   constexpr const char* op = "lora_linear";
-  check_float_tensor(op, "input", input);
+  check_linear_float(op, "input", input);
   check_dtype(op, "weight", weight, input.scalar_type());
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
   check_same_device(op, "weight", weight, input, "input");
@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
     const std::optional<at::Tensor>& lora_input, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
   constexpr const char* op = "lora_linear_backward";
-  check_float_tensor(op, "input", input);
+  check_linear_float(op, "input", input);
   check_dtype(op, "grad_output", grad_output, input.scalar_type());
   check_dtype(op, "weight", weight, input.scalar_type());
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());

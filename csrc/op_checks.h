@@ -20,6 +20,15 @@ inline void check_float_tensor(const char* op, const char* name, const at::Tenso
               " must be float32, bfloat16 or float16, got ", tensor.scalar_type());
 }
 
+// The linear ops (nf4_linear, lora_linear, qlora_linear and their backward)
+// also take float64: a reference path multiplies in ATen with the NF4 weight
+// decoded exactly, so float64 models run and torch.autograd.gradcheck works.
+inline void check_linear_float(const char* op, const char* name, const at::Tensor& tensor) {
+  TORCH_CHECK(is_supported_float(tensor.scalar_type()) || tensor.scalar_type() == at::kDouble,
+              op, ": ", name, " must be float32, bfloat16, float16 or float64, got ",
+              tensor.scalar_type());
+}
+
 inline void check_blocksize(const char* op, int64_t blocksize) {
   TORCH_CHECK(nf4::valid_blocksize(blocksize), op,
               ": blocksize must be a power of two in [32, 4096], got ", blocksize);
@@ -89,9 +98,9 @@ struct Nf4WeightArgs {
   }
 };
 
-// input [..., in_features] of a supported float dtype.
+// input [..., in_features] of a float dtype the linear ops take.
 inline void check_linear_input(const char* op, const at::Tensor& input, int64_t in_features) {
-  check_float_tensor(op, "input", input);
+  check_linear_float(op, "input", input);
   TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension");
   TORCH_CHECK(input.size(-1) == in_features, op, ": input's last dimension must be in_features=",
               in_features, ", got input of shape ", input.sizes());
@@ -163,7 +172,7 @@ inline Nf4WeightArgs checked_grad_input_weight(
     const c10::SymInt& out_features, const c10::SymInt& in_features, int64_t blocksize) {
   Nf4WeightArgs weight{packed, absmax, nested_absmax, nested_code, offset,
                        out_features.expect_int(), in_features.expect_int(), blocksize};
-  check_float_tensor(op, "grad_output", grad_output);
+  check_linear_float(op, "grad_output", grad_output);
   TORCH_CHECK(grad_output.dim() >= 1 && grad_output.size(-1) == weight.out_features, op,
               ": grad_output's last dimension must be out_features=", weight.out_features,
               ", got shape ", grad_output.sizes());

@@ -495,8 +495,9 @@ def test_errors_name_the_argument():
     x = random((2, 45), torch.float32, seed=41)
     with pytest.raises(RuntimeError, match="input's last dimension must be in_features=45"):
         ops.nf4_linear(random((2, 44), torch.float32, seed=42), *args)
-    with pytest.raises(RuntimeError, match="input must be float32, bfloat16 or float16"):
-        ops.nf4_linear(x.double(), *args)
+    # float64 is taken (the reference path, tests/test_dtypes.py); integers are not.
+    with pytest.raises(RuntimeError, match="input must be float32, bfloat16, float16 or float64"):
+        ops.nf4_linear(x.int(), *args)
     with pytest.raises(RuntimeError, match="bias must have 19 elements"):
         ops.nf4_linear(x, *args, bias=random((18,), torch.float32, seed=43))
     with pytest.raises(RuntimeError, match="bias must be"):

@@ -13,6 +13,7 @@
 #include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 #include "glue_helpers.h"
+#include "op_calls.h"
 #include "op_checks.h"
 
 namespace lowrank {
@@ -427,6 +428,13 @@ at::Tensor nf4_linear_cpu(const at::Tensor& input, const at::Tensor& packed,
   Nf4WeightArgs weight = checked_linear_weight(op, input, packed, absmax, nested_absmax,
                                                nested_code, offset, out_features, in_features,
                                                blocksize, bias);
+  if (input.scalar_type() == at::kDouble) {
+    // The float64 reference path (see check_linear_float).
+    return at::linear(input,
+                      nf4_dense_weight(packed, absmax, nested_absmax, nested_code, offset,
+                                       out_features, in_features, blocksize, at::kDouble),
+                      bias);
+  }
   return nf4_linear_forward(weight, input, bias);
 }
 
@@ -440,6 +448,11 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_output, const at::Te
   Nf4WeightArgs args = checked_grad_input_weight(op, grad_output, packed, absmax, nested_absmax,
                                                  nested_code, offset, out_features, in_features,
                                                  blocksize);
+  if (grad_output.scalar_type() == at::kDouble) {
+    return at::matmul(grad_output,
+                      nf4_dense_weight(packed, absmax, nested_absmax, nested_code, offset,
+                                       out_features, in_features, blocksize, at::kDouble));
+  }
   KernelWeight weight(args);
   at::Tensor grad_rows = flatten_rows(grad_output).contiguous();
   std::vector<int64_t> shape = output_shape(grad_output, args.in_features);

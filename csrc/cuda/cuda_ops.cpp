@@ -24,6 +24,7 @@
 #include "core/nf4.h"
 #include "cuda/kernels.h"
 #include "glue_helpers.h"
+#include "op_calls.h"
 #include "op_checks.h"
 
 namespace lowrank {
@@ -227,6 +228,13 @@ at::Tensor nf4_linear_cuda(const at::Tensor& input, const at::Tensor& packed,
   Nf4WeightArgs args = checked_linear_weight(op, input, packed, absmax, nested_absmax,
                                              nested_code, offset, out_features, in_features,
                                              blocksize, bias);
+  if (input.scalar_type() == at::kDouble) {
+    // The float64 reference path (see check_linear_float).
+    return at::linear(input,
+                      nf4_dense_weight(packed, absmax, nested_absmax, nested_code, offset,
+                                       out_features, in_features, blocksize, at::kDouble),
+                      bias);
+  }
   c10::cuda::CUDAGuard guard(input.device());
   DeviceWeight weight(args);
   at::Tensor rows = flatten_rows(input).contiguous();
@@ -267,6 +275,11 @@ at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_output, const at::T
   Nf4WeightArgs args = checked_grad_input_weight(op, grad_output, packed, absmax, nested_absmax,
                                                  nested_code, offset, out_features, in_features,
                                                  blocksize);
+  if (grad_output.scalar_type() == at::kDouble) {
+    return at::matmul(grad_output,
+                      nf4_dense_weight(packed, absmax, nested_absmax, nested_code, offset,
+                                       out_features, in_features, blocksize, at::kDouble));
+  }
   c10::cuda::CUDAGuard guard(grad_output.device());
   DeviceWeight weight(args);
   at::Tensor dense = weight.dequantize(op, grad_output.scalar_type());

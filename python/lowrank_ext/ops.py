@@ -4,7 +4,10 @@ Every op here is a torch custom op (schema in ``csrc/registration.cpp``) with a
 fake kernel, so ``torch.compile(fullgraph=True)`` can trace it, and the
 differentiable ones have autograd (registered in C++, ``csrc/autograd.cpp``).
 CPU and CUDA kernels register for the same names; the dispatcher picks the
-backend from the tensors' device.
+backend from the tensors' device. Under ``torch.autocast`` the linear ops cast
+their floating activation and weight arguments to the autocast dtype, as torch
+does for ``F.linear`` (``csrc/autocast.cpp``); given forward-mode tangents they
+compute the same math in differentiable ATen ops (``csrc/autograd.cpp``).
 
 NF4 weight arguments always come as one group (see :class:`lowrank_ext.NF4Weight`):
 ``packed`` (uint8, ``ceil(out*in/2)`` bytes, element 2i in the high nibble),
@@ -118,8 +121,9 @@ def nf4_linear(
     """``input @ dequant(W).T + bias`` without materializing the dense weight.
 
     Args:
-        input: ``[..., in_features]``, float32, bfloat16 or float16 (any
-            leading shape, including no rows).
+        input: ``[..., in_features]``, float32, bfloat16, float16 or float64
+            (any leading shape, including no rows). float64 takes a reference
+            path: the weight decoded exactly into float64 and ATen's GEMM.
         packed, absmax, nested_absmax, nested_code, offset, out_features,
             in_features, blocksize: the NF4 weight ``W`` ``[out_features,
             in_features]`` (see the module docstring; blocks run over the
@@ -163,7 +167,8 @@ def nf4_linear_grad_input(
     """``grad_output @ dequant(W)``: ``[..., out_features]`` -> ``[..., in_features]``.
 
     The backward of :func:`nf4_linear` with respect to its input, in
-    grad_output's dtype (float32, bfloat16 or float16) with fp32 sums. Like
+    grad_output's dtype (float32, bfloat16, float16; float64 by the reference
+    path of :func:`nf4_linear`) with fp32 sums. Like
     the forward it never materializes the dense weight: few rows use a fused
     transposed GEMV, more rows multiply dequantized column slabs of W with
     ATen's GEMM, each output element computed by a single GEMM. Raises
@@ -194,10 +199,10 @@ def lora_linear(
         scaling: the adapter scale (alpha / r, or alpha / sqrt(r) for rsLoRA).
         lora_input: the adapter branch's input (``dropout(input)``), or None to
             use ``input`` itself (no dropout: no extra cost).
-    All tensors share input's device and dtype, except that with a bfloat16
-    or float16 input both factors may be float32: the low-rank term is then
-    computed in float32 and rounded once into the output (gradients of the
-    factors come back in float32).
+    All tensors share input's device and dtype (float32, bfloat16, float16 or
+    float64), except that with a bfloat16 or float16 input both factors may
+    be float32: the low-rank term is then computed in float32 and rounded
+    once into the output (gradients of the factors come back in float32).
     """
     return _ops.lora_linear(input, lora_input, weight, bias, lora_A, lora_B, float(scaling))
 
@@ -393,8 +398,14 @@ def _check_numel(op: str, name: str, tensor: torch.Tensor, expected, why: str) -
                          f"{tensor.numel()}")
 
 
+# The linear ops also take float64 (a reference path in ATen; see csrc/op_checks.h).
+_LINEAR_DTYPES = _FLOAT_DTYPES + (torch.float64,)
+
+
 def _check_rows(op: str, name: str, tensor: torch.Tensor, features, field: str) -> None:
-    _check_float(op, name, tensor)
+    torch._check(tensor.dtype in _LINEAR_DTYPES,
+                 lambda: f"{op}: {name} must be float32, bfloat16, float16 or float64, got "
+                         f"{tensor.dtype}")
     torch._check(tensor.dim() >= 1 and tensor.shape[-1] == features,
                  lambda: f"{op}: {name}'s last dimension must be {field}={features}, got "
                          f"shape {tuple(tensor.shape)}")

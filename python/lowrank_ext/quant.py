@@ -108,7 +108,10 @@ class NF4Weight:
     @classmethod
     def from_float(cls, weight: torch.Tensor, blocksize: int = 64,
                    double_quant: bool = True) -> "NF4Weight":
-        """Quantize ``weight`` (float32/bfloat16/float16, finite, non-empty).
+        """Quantize ``weight`` (float32/bfloat16/float16/float64, finite, non-empty).
+
+        A float64 weight is quantized from its float32 rounding (the kernels'
+        precision; NF4 keeps far fewer bits) and remembers float64 as its dtype.
 
         With ``double_quant`` the fp32 block scales are themselves quantized
         to 8 bits in blocks of 256 (QLoRA's double quantization).
@@ -116,7 +119,8 @@ class NF4Weight:
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
         weight = weight.detach()
-        packed, absmax = ops.nf4_quantize(weight, blocksize)
+        source = weight.float() if weight.dtype == torch.float64 else weight
+        packed, absmax = ops.nf4_quantize(source, blocksize)
         result = cls(packed=packed, absmax=absmax, shape=weight.shape, dtype=weight.dtype,
                      blocksize=blocksize)
         if double_quant:
@@ -145,9 +149,15 @@ class NF4Weight:
         return decoded + self.offset
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """The dense tensor in ``dtype`` (default: the original dtype)."""
-        return ops.nf4_dequantize(self.packed, self.block_absmax(), list(self.shape),
-                                  self.blocksize, dtype or self.dtype)
+        """The dense tensor in ``dtype`` (default: the original dtype).
+
+        float64 holds the decoded fp32 values exactly: decoded in fp32, then cast.
+        """
+        dtype = dtype or self.dtype
+        decode = torch.float32 if dtype == torch.float64 else dtype
+        dense = ops.nf4_dequantize(self.packed, self.block_absmax(), list(self.shape),
+                                   self.blocksize, decode)
+        return dense.to(dtype)
 
     def to(self, device) -> "NF4Weight":
         """A copy on ``device`` (the same object if already there)."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import ops
 from ..quant import NF4Weight
-from .adapter_layer import AdapterLayer, adapter_dropout
+from .adapter_layer import AdapterLayer, adapter_dropout, autocast_enabled
 from .lora import (RowAdapterLayer, _adapter_dtype, is_transformers_conv1d,
                    validate_adapter_arguments)
 from .nf4_linear import NF4Linear
@@ -419,7 +419,9 @@ class AdaLoRALinear(RowAdapterLayer, AdaLoRALayer):
         else:
             weight = base.weight.t() if self.fan_in_fan_out else base.weight
             dtype = weight.dtype
-        inputs = x.to(dtype)
+        # Under autocast the ops cast to the autocast dtype and the result keeps it.
+        autocast = autocast_enabled(x)
+        inputs = x if autocast else x.to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
         first = active[0]
         factor_A, factor_B = self.effective_factors(first, dtype)
@@ -434,11 +436,13 @@ class AdaLoRALinear(RowAdapterLayer, AdaLoRALayer):
             branch = inputs if branch is None else branch
             factor_A, factor_B = self.effective_factors(name, dtype)
             result = result + ((branch @ factor_A.T) @ factor_B.T) * self.scaling[name]
-        return result.to(x.dtype)
+        return result if autocast else result.to(x.dtype)
 
     def _row_forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         bias = base.bias
+        # Under autocast the ops cast to the autocast dtype and the result keeps it.
+        autocast = autocast_enabled(x)
         if self.quantized:
             dtype = base.compute_dtype_for(x)
             inputs = x.to(dtype)
@@ -446,10 +450,11 @@ class AdaLoRALinear(RowAdapterLayer, AdaLoRALayer):
                                          None if bias is None else bias.to(dtype))
         else:
             weight = base.weight.t() if self.fan_in_fan_out else base.weight
-            inputs = x.to(weight.dtype)
+            inputs = x if autocast else x.to(weight.dtype)
             base_output = torch.nn.functional.linear(
                 inputs, weight, None if bias is None else bias.to(weight.dtype))
-        return self._row_adapter_forward(inputs, base_output).to(x.dtype)
+        result = self._row_adapter_forward(inputs, base_output)
+        return result if autocast else result.to(x.dtype)
 
     # -------------------------------------------------------------------- merge
 

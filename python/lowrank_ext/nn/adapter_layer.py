@@ -37,6 +37,19 @@ def adapter_dropout(x: torch.Tensor, probability: float, training: bool) -> Opti
     return nn.functional.dropout(x, p=probability, training=True)
 
 
+def autocast_enabled(x: torch.Tensor) -> bool:
+    """True inside ``torch.autocast`` for ``x``'s device.
+
+    The layers then leave dtypes to autocast: the fused ops' Autocast kernels
+    cast activations, base weight and factors to the autocast dtype (the
+    factors differentiably, so they and their gradients stay fp32) and the
+    output keeps that dtype, as ``nn.Linear``'s does; the layers skip their
+    own casts of the input to the weight's dtype and of the result back.
+    Outside autocast this costs one flag read.
+    """
+    return torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type)
+
+
 class AdapterLayer(nn.Module):
     """Base class: a frozen ``base_layer`` plus named adapters.
 

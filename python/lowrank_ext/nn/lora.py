@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _C, ops
-from .adapter_layer import AdapterLayer, adapter_dropout
+from .adapter_layer import AdapterLayer, adapter_dropout, autocast_enabled
 
 Init = Union[bool, str]
 _INIT_CHOICES = (True, False, "default", "gaussian", "pissa")
@@ -123,7 +123,10 @@ def validate_adapter_arguments(r, alpha, dropout) -> None:
 def _adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     # Adapter factors are trained, so they are kept in fp32 whatever the base
     # dtype (Adam on bf16 parameters loses small updates); forward casts them
-    # to the compute dtype, which is cheap at rank r.
+    # to the compute dtype, which is cheap at rank r. A float64 base keeps
+    # float64 factors (as PEFT does), so gradcheck can perturb them too.
+    if weight_dtype == torch.float64:
+        return weight_dtype
     return torch.float32 if weight_dtype.is_floating_point else weight_dtype
 
 
@@ -487,18 +490,20 @@ class LoRALinear(LoRALayer):
     supports_row_adapters = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        autocast = autocast_enabled(x)
         if self.row_adapter_names is not None and not self.adapters_disabled:
             weight = self._oriented_weight()
-            inputs = x.to(weight.dtype)
+            inputs = x if autocast else x.to(weight.dtype)
             bias = self.base_layer.bias
             base_output = F.linear(inputs, weight, None if bias is None else bias.to(weight.dtype))
-            return self._row_adapter_forward(inputs, base_output).to(x.dtype)
+            result = self._row_adapter_forward(inputs, base_output)
+            return result if autocast else result.to(x.dtype)
         active = self._unmerged_active()
         if not active:
             return self.base_layer(x)
         weight = self._oriented_weight()
         dtype = weight.dtype
-        inputs = x.to(dtype)
+        inputs = x if autocast else x.to(dtype)
         bias = self.base_layer.bias
         bias = None if bias is None else bias.to(dtype)
         first = active[0]
@@ -509,7 +514,7 @@ class LoRALinear(LoRALayer):
             branch = inputs if branch is None else branch
             down = branch @ self.lora_A[name].weight.to(dtype).T
             result = result + (down @ self.lora_B[name].weight.to(dtype).T) * self.scaling[name]
-        return result.to(x.dtype)
+        return result if autocast else result.to(x.dtype)
 
 
 class LoRAConv(LoRALayer):

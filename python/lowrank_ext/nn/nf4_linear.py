@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import ops
 from ..quant import NF4Weight
+from .adapter_layer import autocast_enabled
 from .lora import is_transformers_conv1d
 
 # Tensors of the quantized weight besides the packed codes (which are the
@@ -187,7 +188,10 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype_for(x)
         bias = None if self.bias is None else self.bias.to(dtype)
-        return ops.nf4_linear(x.to(dtype), *self.linear_args(), bias).to(x.dtype)
+        result = ops.nf4_linear(x.to(dtype), *self.linear_args(), bias)
+        # Under autocast the op ran in the autocast dtype, and the result keeps
+        # it, as nn.Linear's does.
+        return result if autocast_enabled(x) else result.to(x.dtype)
 
     def nbytes(self) -> int:
         """Bytes of the quantized weight (codes and scales), not counting the bias."""

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import ops
 from ..quant import NF4Weight
+from .adapter_layer import autocast_enabled
 from .lora import Init, LoRALayer, _adapter_dtype, validate_adapter_arguments
 from .nf4_linear import NF4Linear
 
@@ -87,16 +88,19 @@ class QLoRALinear(LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         active = self._unmerged_active()
         base = self.base_layer
+        # Under autocast the ops cast to the autocast dtype and the result keeps it.
+        autocast = autocast_enabled(x)
         dtype = base.compute_dtype_for(x)
         inputs = x.to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
         if self.row_adapter_names is not None and not self.adapters_disabled:
             base_output = ops.nf4_linear(inputs, *base.linear_args(), bias)
-            return self._row_adapter_forward(inputs, base_output).to(x.dtype)
+            result = self._row_adapter_forward(inputs, base_output)
+            return result if autocast else result.to(x.dtype)
         if self.merged_weight is not None and not self.adapters_disabled:
             result = F.linear(inputs, self.merged_weight.to(dtype), bias)
             if not active:
-                return result.to(x.dtype)
+                return result if autocast else result.to(x.dtype)
         elif not active:
             return base(x)
         else:
@@ -109,7 +113,7 @@ class QLoRALinear(LoRALayer):
             branch = inputs if branch is None else branch
             down = branch @ self.lora_A[name].weight.to(dtype).T
             result = result + (down @ self.lora_B[name].weight.to(dtype).T) * self.scaling[name]
-        return result.to(x.dtype)
+        return result if autocast else result.to(x.dtype)
 
     # ------------------------------------------------------------------ merge
 
