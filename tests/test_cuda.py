@@ -111,8 +111,9 @@ def test_blockwise_8bit_bit_exact_with_cpu(generator, poison, blocksize, numel):
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_nf4weight_on_cuda_equals_cpu(generator, double_quant):
-    weight = random_weight((513, 96), torch.bfloat16, generator)
+@pytest.mark.parametrize("shape", [(513, 96), (2500, 1024)])  # 770 and 40000 blocks
+def test_nf4weight_on_cuda_equals_cpu(generator, double_quant, shape):
+    weight = random_weight(shape, torch.bfloat16, generator)
     on_cpu = NF4Weight.from_float(weight, 64, double_quant)
     on_cuda = NF4Weight.from_float(weight.cuda(), 64, double_quant)
     assert on_cuda.offset == on_cpu.offset
