@@ -10,10 +10,10 @@ CPU op each side may sit half a unit off on opposite sides, hence the same
 bound. Gradients sum over rows too: 1e-5 in fp32, 2^-7 (bf16) / 2^-10 (fp16)
 relative with 1e-2 absolute.
 
-Uninitialized memory: before each op, `poison_allocator` fills and frees a
-large block of the caching allocator with a NaN (or -Inf) pattern, so fresh
-outputs and scratch buffers are carved from poisoned memory; results must
-then still be finite and close to the reference.
+Uninitialized memory: before each op, `poison_allocator` (tests/test_cuda.py)
+fills both pools of the caching allocator with a NaN (or -Inf) pattern and
+frees it, so fresh outputs and scratch buffers are carved from poisoned
+memory; results must then still be finite and close to the reference.
 
 Value ranges: the CUDA op never reads ranks and adapter_indices on the host
 (no synchronization on the eager path): rows with an out-of-range index or
@@ -27,6 +27,7 @@ import torch
 
 import lowrank_ext
 from lowrank_ext import ops
+from test_cuda import poison_allocator
 from test_multi_lora import (TOLERANCES, check_compile_fullgraph_equals_eager, make_problem,
                              reference)
 
@@ -55,12 +56,6 @@ SHAPES = [
     ((0,), 8, 8, 2, 4, None),
     ((5,), 31, 33, 3, 0, None),
 ]
-
-
-def poison_allocator(value):
-    """Fills 256 MiB from the caching allocator with `value` and frees it."""
-    block = torch.full((64 * 1024 * 1024,), value, dtype=torch.float32, device="cuda")
-    del block
 
 
 def to_cuda(args):
