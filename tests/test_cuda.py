@@ -210,7 +210,7 @@ def test_nf4_linear_matches_fp64_reference(generator, gemm_path, dtype, rows, in
 @pytest.mark.parametrize("blocksize", [32, 128, 256])
 def test_nf4_linear_other_blocksizes_match_fp64_reference(generator, gemm_path, dtype, rows,
                                                           in_features, blocksize):
-    """Blocks of 32 split a lane's 16-byte load in the GEMV; blocks of 128 and
+    """Blocks of 32 are exactly one GEMV lane's 16-byte load; blocks of 128 and
     256 straddle weight rows when in_features is 96."""
     weight, dense = make_weight(72, in_features, dtype, generator, True, blocksize)
     input = random_weight((rows, in_features), dtype, generator).cuda()
@@ -397,9 +397,12 @@ def test_runs_on_the_current_stream(generator, monkeypatch, case):
     rows = {"gemv": 1, "fused": 40, "dequantize": 300, "quantize": 256, "multi_lora": 64}[case]
     if case in ("fused", "dequantize"):
         monkeypatch.setenv("LOWRANK_CUDA_GEMM", case)
-    functions = {"quantize": lambda x: ops.nf4_quantize(x, 64),
-                 "multi_lora": multi_lora_case(generator)}
-    function = functions.get(case, lambda x: ops.nf4_linear(x, *weight.linear_args()))
+    if case == "quantize":
+        function = lambda x: ops.nf4_quantize(x, 64)  # noqa: E731
+    elif case == "multi_lora":
+        function = multi_lora_case(generator)
+    else:
+        function = lambda x: ops.nf4_linear(x, *weight.linear_args())  # noqa: E731
     source = random_weight((rows, 512), torch.bfloat16, generator).cuda()
     expected = function(source)
     stale = torch.zeros_like(source)
