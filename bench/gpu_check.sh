@@ -84,6 +84,9 @@ if ! command -v nvcc >/dev/null; then
 fi
 export CUDACXX
 CUDACXX=$(command -v nvcc)
+# cmake and ninja may be pip-installed next to the interpreter.
+python_bin=$(dirname "$(command -v "$python")")
+export PATH="$python_bin:$PATH"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 echo "nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p') at $CUDACXX;" \
   "$(cmake --version 2>/dev/null | head -n 1); ninja $(ninja --version 2>/dev/null)"
