@@ -103,7 +103,7 @@ fi
 # torch that runs the tests), one arch.
 export CMAKE_BUILD_PARALLEL_LEVEL
 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
-if ! step build 240 300 \
+if ! step build 240 250 \
     "$python" -m pip install --no-index --no-build-isolation --no-deps . \
     -C cmake.define.LOWRANK_CUDA=ON -C cmake.define.LOWRANK_CUDA_ARCHS=90 \
     -C build-dir=build/gpu-check; then
@@ -113,7 +113,7 @@ if ! step build 240 300 \
 fi
 (cd "$out_dir" && "$python" -c "import lowrank_ext; print(lowrank_ext.build_info())")
 
-step tests 210 150 "$python" -m pytest tests/test_cuda.py tests/test_cuda_multi_lora.py -q \
+step tests 210 120 "$python" -m pytest tests/test_cuda.py tests/test_cuda_multi_lora.py -q \
   -p no:cacheprovider -rfE --maxfail=50 "${timeout_option[@]}" \
   --junitxml="$out_dir/test_cuda.xml" || status=1
 
