@@ -43,4 +43,17 @@ for source in csrc/cuda/*_ops.cpp; do
     -Xcompiler -fPIC -DLOWRANK_WITH_CUDA -c "$source" -o "$scratch/$(basename "$source").o"
   count=$((count + 1))
 done
+# The tensor-core GEMM has no body below sm_80: compiling it for sm_75 must
+# stop at its #error, never yield a kernel that returns uninitialised memory.
+echo "+ nvcc -gencode compute_75 -c csrc/cuda/nf4_gemm.cu (must fail: needs sm_80)"
+if nvcc -std="$standard" -Icsrc -gencode arch=compute_75,code=compute_75 \
+    -c csrc/cuda/nf4_gemm.cu -o "$scratch/nf4_gemm_sm75.o" >"$scratch/sm75.log" 2>&1; then
+  echo "cuda_compile: nf4_gemm.cu compiled for sm_75; it must refuse architectures below 80" >&2
+  exit 1
+fi
+grep -q "needs sm_80 or newer" "$scratch/sm75.log" || {
+  cat "$scratch/sm75.log" >&2
+  echo "cuda_compile: nf4_gemm.cu failed for sm_75 for another reason than its arch check" >&2
+  exit 1
+}
 echo "cuda_compile: $count files compiled"

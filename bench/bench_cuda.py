@@ -7,6 +7,10 @@ measured in the same run, the ratio and the target:
 * GEMV, 1 row, 8192x8192 bf16 vs cuBLAS ``x @ W.T`` (target >= 3x faster),
 * GEMM, 4096 rows, 8192x8192 bf16 vs cuBLAS (target <= 1.25x the time),
   for the default path and the fused tensor-core kernel,
+* the fused tensor-core GEMM vs dequantize + cuBLAS at 32, 64, 128 and 256
+  rows on 4096- and 8192-wide layers (dense cuBLAS alongside), with the
+  LOWRANK_CUDA_FUSED_MAX_ROWS these figures suggest (the default 256 is
+  unmeasured until such a run),
 * QLoRA layer forward+backward vs dequantize + cuBLAS + separate LoRA
   matmuls (target >= 1.5x faster), at 16 and 4096 rows.
 * a mixed-adapter batch (multi_lora_linear): 64 rows over 8 and over 32
@@ -14,7 +18,15 @@ measured in the same run, the ratio and the target:
   F.linear alone (target <= 1.1x the time).
 
 The table goes to stdout, to bench/results/ and to $OUT when that is set.
-Times are medians of CUDA-event-timed runs after warm-up.
+
+Timing: a single call between two CUDA events measures the host's launch
+latency as much as the kernel when the kernel takes microseconds (the 1-row
+GEMV, the mixed batch). Small ops are therefore captured `calls` times into a
+CUDA graph whose replay is timed (device time only, as a serving loop that
+replays graphs sees it); large ones (dequantize, 4096-row GEMMs, forward +
+backward) are timed as `calls` back-to-back eager calls between two events,
+which the host enqueues ahead of the device. Each figure is the median over
+several such samples of the time per call.
 """
 
 from __future__ import annotations
@@ -31,23 +43,69 @@ import lowrank_ext
 from lowrank_ext import NF4Weight, ops
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# Row counts between the GEMV (<= 16) and the default fused limit (256).
+SWEEP_ROWS = (32, 64, 128, 256)
 
 
-def cuda_median_ms(function, repeats: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of `function()` timed with CUDA events."""
+def cuda_median_ms(function, calls: int = 10, samples: int = 7, warmup: int = 3) -> float:
+    """Milliseconds per call of `calls` back-to-back `function()` calls between
+    two CUDA events, median over `samples`."""
     for _ in range(warmup):
         function()
     torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
+    times = []
+    for _ in range(samples):
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
-        function()
+        for _ in range(calls):
+            function()
         end.record()
         end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def graph_median_ms(function, calls: int = 50, samples: int = 7) -> float:
+    """Milliseconds per call of `function()` captured `calls` times into one
+    CUDA graph and replayed between two CUDA events, median over `samples`.
+    The op's path (LOWRANK_CUDA_GEMM etc.) is the one in effect at capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the capture, on a side stream
+        for _ in range(3):
+            function()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            function()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(samples):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(times)
+
+
+def with_gemm_path(path: str, function):
+    """`function()` with LOWRANK_CUDA_GEMM set to `path`, restored afterwards."""
+    previous = os.environ.get("LOWRANK_CUDA_GEMM")
+    os.environ["LOWRANK_CUDA_GEMM"] = path
+    try:
+        return function()
+    finally:
+        if previous is None:
+            os.environ.pop("LOWRANK_CUDA_GEMM", None)
+        else:
+            os.environ["LOWRANK_CUDA_GEMM"] = previous
 
 
 class DequantizeThenLinear(torch.autograd.Function):
@@ -78,6 +136,7 @@ def main() -> None:
     rank, scaling = 16, 2.0
     lines = []
     rows_table = []
+    notes = []
 
     def add(name, ours_ms, anchor_name, anchor_ms, ratio_text, target):
         rows_table.append((name, f"{ours_ms:.4f}", anchor_name, f"{anchor_ms:.4f}", ratio_text,
@@ -106,20 +165,44 @@ def main() -> None:
     # GEMV, one row.
     x1 = torch.randn(1, size, device=device, dtype=dtype)
     args = weight.linear_args()
-    gemv_ms = cuda_median_ms(lambda: ops.nf4_linear(x1, *args), repeats=50)
-    cublas_gemv_ms = cuda_median_ms(lambda: x1 @ dense.T, repeats=50)
+    gemv_ms = graph_median_ms(lambda: ops.nf4_linear(x1, *args))
+    cublas_gemv_ms = graph_median_ms(lambda: x1 @ dense.T)
     add("nf4_linear 1 row (GEMV)", gemv_ms, "cuBLAS x @ W.T bf16", cublas_gemv_ms,
         f"{cublas_gemv_ms / gemv_ms:.2f}x faster", ">= 3x faster")
 
     # GEMM, 4096 rows: default path, then the fused kernel forced.
     x = torch.randn(rows_gemm, size, device=device, dtype=dtype)
-    cublas_gemm_ms = cuda_median_ms(lambda: x @ dense.T, repeats=10)
+    cublas_gemm_ms = cuda_median_ms(lambda: x @ dense.T)
     for path in ("auto", "fused"):
-        os.environ["LOWRANK_CUDA_GEMM"] = path
-        gemm_ms = cuda_median_ms(lambda: ops.nf4_linear(x, *args), repeats=10)
+        gemm_ms = with_gemm_path(path, lambda: cuda_median_ms(lambda: ops.nf4_linear(x, *args)))
         add(f"nf4_linear {rows_gemm} rows ({path})", gemm_ms, "cuBLAS bf16", cublas_gemm_ms,
             f"{gemm_ms / cublas_gemm_ms:.2f}x the time", "<= 1.25x")
-    os.environ.pop("LOWRANK_CUDA_GEMM", None)
+    del x
+
+    # 17-256 rows: the fused kernel against dequantize + cuBLAS, per width, to
+    # set LOWRANK_CUDA_FUSED_MAX_ROWS (the largest row count where fused wins).
+    fused_wins = {}
+    for width in (4096, size):
+        sweep_weight = weight if width == size else NF4Weight.from_float(
+            torch.randn(width, width, device=device) * 0.02, 64, double_quant=True)
+        sweep_args = sweep_weight.linear_args()
+        sweep_dense = sweep_weight.dequantize(dtype)
+        for rows in SWEEP_ROWS:
+            xs = torch.randn(rows, width, device=device, dtype=dtype)
+            timed = {path: with_gemm_path(path, lambda: graph_median_ms(
+                lambda: ops.nf4_linear(xs, *sweep_args), calls=20)) for path in ("fused", "dequantize")}
+            dense_ms = graph_median_ms(lambda: xs @ sweep_dense.T, calls=20)
+            fused_wins[(width, rows)] = timed["fused"] < timed["dequantize"]
+            add(f"nf4_linear {rows} rows, {width}x{width}, fused WMMA", timed["fused"],
+                "dequantize + cuBLAS", timed["dequantize"],
+                f"{timed['fused'] / timed['dequantize']:.2f}x the time "
+                f"({timed['fused'] / dense_ms:.2f}x dense cuBLAS {dense_ms:.4f} ms)",
+                "< 1x: fused wins")
+        del sweep_dense
+    suggested = max([rows for rows in SWEEP_ROWS
+                     if all(fused_wins[(width, rows)] for width in (4096, size))], default=16)
+    notes.append(f"suggested LOWRANK_CUDA_FUSED_MAX_ROWS={suggested} (largest swept row count "
+                 f"where the fused kernel beat dequantize + cuBLAS at both widths; 16 = never)")
 
     # QLoRA layer forward + backward.
     for rows in (16, rows_gemm):
@@ -134,8 +217,8 @@ def main() -> None:
         def baseline():
             baseline_qlora(input, weight, lora_A, lora_B, scaling).backward(grad)
 
-        ours_ms = cuda_median_ms(ours, repeats=10)
-        baseline_ms = cuda_median_ms(baseline, repeats=10)
+        ours_ms = cuda_median_ms(ours)
+        baseline_ms = cuda_median_ms(baseline)
         add(f"qlora_linear fwd+bwd {rows} rows, r={rank}", ours_ms,
             "dequant + cuBLAS + LoRA matmuls", baseline_ms,
             f"{baseline_ms / ours_ms:.2f}x faster", ">= 1.5x faster")
@@ -146,7 +229,7 @@ def main() -> None:
         mixed_size, mixed_rows = 4096, 64
         mixed_weight = torch.randn(mixed_size, mixed_size, device=device, dtype=dtype) * 0.02
         mixed_input = torch.randn(mixed_rows, mixed_size, device=device, dtype=dtype)
-        base_ms = cuda_median_ms(lambda: F.linear(mixed_input, mixed_weight), repeats=50)
+        base_ms = graph_median_ms(lambda: F.linear(mixed_input, mixed_weight))
         for num_adapters in (8, 32):
             mixed_A = torch.randn(num_adapters, rank, mixed_size, device=device, dtype=dtype) * 0.01
             mixed_B = torch.randn(num_adapters, mixed_size, rank, device=device, dtype=dtype) * 0.01
@@ -155,11 +238,10 @@ def main() -> None:
             # Rows spread evenly over the adapters, in shuffled order.
             indices = torch.arange(mixed_rows, device=device) % num_adapters
             indices = indices[torch.randperm(mixed_rows, device=device)]
-            mixed_ms = cuda_median_ms(
+            mixed_ms = graph_median_ms(
                 lambda: ops.multi_lora_linear(
                     mixed_input, F.linear(mixed_input, mixed_weight), mixed_A, mixed_B, mixed_ranks,
-                    mixed_scalings, indices),
-                repeats=50)
+                    mixed_scalings, indices))
             add(f"mixed batch {mixed_rows} rows, {num_adapters} adapters r={rank}, "
                 f"{mixed_size}x{mixed_size}", mixed_ms, "F.linear alone", base_ms,
                 f"{mixed_ms / base_ms:.2f}x the time", "<= 1.1x")
@@ -171,14 +253,17 @@ def main() -> None:
                  f"{properties.total_memory / 2**30:.0f} GiB) | torch {torch.__version__} | "
                  f"lowrank_ext {lowrank_ext.build_info()['version']} "
                  f"archs {lowrank_ext.build_info()['cuda_archs']}")
-    lines.append("weight 8192x8192 NF4 (blocksize 64, double-quantized), bf16 activations; "
-                 "times are CUDA-event medians in ms")
+    lines.append("weight 8192x8192 NF4 (blocksize 64, double-quantized) unless stated, bf16 "
+                 "activations; ms per call, medians of CUDA-event-timed batches of calls "
+                 "(CUDA-graph replays for the GEMV, the row sweep and the mixed batch)")
     lines.append("")
     header = ("work", "ours ms", "anchor", "anchor ms", "ratio", "target")
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for row in rows_table:
         lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.extend(notes)
     text = "\n".join(lines) + "\n"
     print(text)
 

@@ -4,8 +4,9 @@
 // check_multi_lora_args covers shapes, dtypes and devices (host metadata
 // only, no device access). check_multi_lora_values reads the ranks and
 // adapter indices themselves, which costs a device-to-host copy when they
-// live on a GPU; the CUDA glue therefore skips it and its kernels turn rows
-// with an out-of-range index or rank into NaN instead (see csrc/cuda/kernels.h).
+// live on a GPU; the CUDA glue therefore calls it only on request
+// (LOWRANK_CUDA_CHECK_VALUES=1), and otherwise its kernels turn rows with an
+// out-of-range index or rank into NaN (see csrc/cuda/kernels.h).
 #pragma once
 
 #include <ATen/ATen.h>

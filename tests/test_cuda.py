@@ -4,11 +4,12 @@ to fp64 references where it computes, and strict about devices.
 Skipped as a whole where torch sees no CUDA device (CPU-only CI); run by
 bench/gpu_check.sh on a GPU machine.
 
-Uninitialized memory: before an op runs, `poison_allocator` fills a large
-block from torch's caching allocator with a NaN pattern and frees it, so
-fresh outputs are carved from poisoned memory; every result is then checked
-for equality with a reference (bit-exact ops) or finiteness and a bound. Each
-check runs under two different poison patterns.
+Uninitialized memory: before an op runs, `poison_allocator` fills both pools
+of torch's caching allocator (the large one and the small one that serves
+allocations up to 1 MiB) with a NaN pattern and frees it, so fresh outputs
+are carved from poisoned memory; every result is then checked for equality
+with a reference (bit-exact ops) or finiteness and a bound. Each check runs
+under two different poison patterns.
 
 Tolerances of the matmul ops (against an fp64 product of the same
 dequantized weight): |out - ref| <= 3 * (u + K * 2^-24) * (|x| @ |W|.T) + u * |ref|
@@ -37,18 +38,49 @@ POISONS = [float("nan"), float("-inf")]
 
 
 def poison_allocator(value):
-    """Fills 256 MiB from the caching allocator with `value` and frees it."""
-    block = torch.full((64 * 1024 * 1024,), value, dtype=torch.float32, device="cuda")
-    del block
+    """Fills the caching allocator's memory with `value` and frees it again.
+
+    Cached segments are released first, so that later allocations come from
+    the poisoned ones. The large pool (allocations over 1 MiB) gets one
+    256 MiB block; the small pool (2 MiB segments serving allocations up to
+    1 MiB) gets sixteen 1 MiB blocks, then smaller ones that fill the free
+    fragments of segments still in use, which best-fit hands out first.
+    """
+    torch.cuda.empty_cache()
+    blocks = [torch.full((64 * 1024 * 1024,), value, dtype=torch.float32, device="cuda")]
+    for elements in (256 * 1024, 32 * 1024, 4 * 1024, 512, 128):
+        blocks += [torch.full((elements,), value, dtype=torch.float32, device="cuda")
+                   for _ in range(16)]
+    del blocks
 
 
 def random_weight(shape, dtype, generator, scale=1.0):
     return (torch.randn(shape, generator=generator) * scale).to(dtype)
 
 
+def launched_kernels(function):
+    """Names of the CUDA kernels that `function()` launches (demangled, with
+    template arguments), from torch's profiler."""
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        function()
+        torch.cuda.synchronize()
+    return [event.key for event in profile.key_averages()]
+
+
 def assert_bit_equal(actual, expected):
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     assert torch.equal(actual.cpu().view(torch.uint8), expected.cpu().view(torch.uint8))
+
+
+@pytest.mark.parametrize("poison", POISONS)
+@pytest.mark.parametrize("elements", [100, 1000, 200_000, 4 * 1024 * 1024],
+                         ids=["small-pool-400B", "small-pool-4KB", "small-pool-800KB",
+                              "large-pool-16MB"])
+def test_poison_reaches_fresh_allocations_of_both_pools(poison, elements):
+    poison_allocator(poison)
+    fresh = torch.empty(elements, dtype=torch.float32, device="cuda")
+    assert_bit_equal(fresh, torch.full_like(fresh, poison))
 
 
 # ------------------------------------------------------------ quantization --
@@ -111,8 +143,9 @@ def test_blockwise_8bit_bit_exact_with_cpu(generator, poison, blocksize, numel):
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_nf4weight_on_cuda_equals_cpu(generator, double_quant):
-    weight = random_weight((513, 96), torch.bfloat16, generator)
+@pytest.mark.parametrize("shape", [(513, 96), (2500, 1024)])  # 770 and 40000 blocks
+def test_nf4weight_on_cuda_equals_cpu(generator, double_quant, shape):
+    weight = random_weight(shape, torch.bfloat16, generator)
     on_cpu = NF4Weight.from_float(weight, 64, double_quant)
     on_cuda = NF4Weight.from_float(weight.cuda(), 64, double_quant)
     assert on_cuda.offset == on_cpu.offset
@@ -169,6 +202,47 @@ def test_nf4_linear_matches_fp64_reference(generator, gemm_path, dtype, rows, in
     poison_allocator(float("nan") if rows % 2 else float("-inf"))
     out = ops.nf4_linear(input, *weight.linear_args(), bias=bias)
     assert_close_to_reference(out, reference, matmul_bound(input, dense, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 17, 300])
+@pytest.mark.parametrize("in_features", [256, 96])
+@pytest.mark.parametrize("blocksize", [32, 128, 256])
+def test_nf4_linear_other_blocksizes_match_fp64_reference(generator, gemm_path, dtype, rows,
+                                                          in_features, blocksize):
+    """Blocks of 32 are exactly one GEMV lane's 16-byte load; blocks of 128 and
+    256 straddle weight rows when in_features is 96."""
+    weight, dense = make_weight(72, in_features, dtype, generator, True, blocksize)
+    input = random_weight((rows, in_features), dtype, generator).cuda()
+    reference = input.double() @ dense.double().T
+    poison_allocator(float("nan"))
+    out = ops.nf4_linear(input, *weight.linear_args())
+    assert_close_to_reference(out, reference, matmul_bound(input, dense, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("misaligned", ["packed", "input"])
+def test_gemv_misaligned_buffers_take_the_element_path(generator, dtype, misaligned):
+    weight, dense = make_weight(40, 128, dtype, generator, True)
+    input = random_weight((3, 128), dtype, generator).cuda()
+    args = list(weight.linear_args())
+    aligned_kernels = launched_kernels(lambda: ops.nf4_linear(input, *args))
+    if misaligned == "packed":
+        storage = torch.empty(args[0].numel() + 1, dtype=torch.uint8, device="cuda")
+        storage[1:] = args[0]
+        args[0] = storage[1:]
+    else:
+        storage = torch.empty(input.numel() + 1, dtype=dtype, device="cuda")
+        storage[1:] = input.reshape(-1)
+        input = storage[1:].view(input.shape)
+    poison_allocator(float("nan"))
+    out = ops.nf4_linear(input, *args)
+    reference = input.double() @ dense.double().T
+    assert_close_to_reference(out, reference, matmul_bound(input, dense, dtype), dtype)
+    # Template arguments <T, kRows, kVector> in the demangled kernel names.
+    assert any("nf4_gemv_kernel" in name and "true>" in name for name in aligned_kernels)
+    misaligned_kernels = launched_kernels(lambda: ops.nf4_linear(input, *args))
+    assert any("nf4_gemv_kernel" in name and "false>" in name for name in misaligned_kernels)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -303,16 +377,46 @@ def test_compile_fullgraph_qlora_equals_eager(generator):
     assert torch.equal(compiled(input), layer(input))
 
 
-def test_runs_on_the_current_stream(generator):
+def multi_lora_case(generator):
+    """multi_lora_linear on a 64-row bf16 batch over 8 adapters, as a function of its input."""
+    lora_A = random_weight((8, 16, 512), torch.bfloat16, generator, 0.05).cuda()
+    lora_B = random_weight((8, 256, 16), torch.bfloat16, generator, 0.25).cuda()
+    base = random_weight((64, 256), torch.bfloat16, generator).cuda()
+    ranks = torch.full((8,), 16, dtype=torch.int64, device="cuda")
+    scalings = torch.full((8,), 2.0, device="cuda")
+    indices = torch.randint(-1, 8, (64,), generator=generator).cuda()
+    return lambda x: ops.multi_lora_linear(x, base, lora_A, lora_B, ranks, scalings, indices)
+
+
+@pytest.mark.parametrize("case", ["gemv", "fused", "dequantize", "quantize", "multi_lora"])
+def test_runs_on_the_current_stream(generator, monkeypatch, case):
+    """Each op launches on the current stream: on a side stream whose input is
+    written only after pending work (a GPU spin), an op on any other stream
+    would read the stale zeros and differ from the reference."""
     weight, _ = make_weight(256, 512, torch.bfloat16, generator, True)
-    input = random_weight((300, 512), torch.bfloat16, generator).cuda()
-    expected = ops.nf4_linear(input, *weight.linear_args())
+    rows = {"gemv": 1, "fused": 40, "dequantize": 300, "quantize": 256, "multi_lora": 64}[case]
+    if case in ("fused", "dequantize"):
+        monkeypatch.setenv("LOWRANK_CUDA_GEMM", case)
+    if case == "quantize":
+        function = lambda x: ops.nf4_quantize(x, 64)  # noqa: E731
+    elif case == "multi_lora":
+        function = multi_lora_case(generator)
+    else:
+        function = lambda x: ops.nf4_linear(x, *weight.linear_args())  # noqa: E731
+    source = random_weight((rows, 512), torch.bfloat16, generator).cuda()
+    expected = function(source)
+    stale = torch.zeros_like(source)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        out = ops.nf4_linear(input, *weight.linear_args())
+        torch.cuda._sleep(100_000_000)  # tens of ms of pending work on this stream
+        stale.copy_(source)
+        out = function(stale)
     torch.cuda.current_stream().wait_stream(stream)
-    assert torch.equal(out, expected)
+    if case != "quantize":
+        out, expected = (out,), (expected,)
+    for actual, reference in zip(out, expected, strict=True):
+        assert_bit_equal(actual, reference)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -356,6 +460,22 @@ def test_wrong_dtype_and_non_finite_are_rejected():
     bad[5] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         ops.nf4_quantize(bad, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_max_rows_setting_moves_the_crossover(generator, monkeypatch, dtype):
+    weight, _ = make_weight(136, 256, dtype, generator, True)
+    input = random_weight((40, 256), dtype, generator).cuda()
+    monkeypatch.setenv("LOWRANK_CUDA_GEMM", "auto")
+    for max_rows, fused in (("40", True), ("39", False), ("0", False), ("", True)):
+        monkeypatch.setenv("LOWRANK_CUDA_FUSED_MAX_ROWS", max_rows)
+        names = launched_kernels(lambda: ops.nf4_linear(input, *weight.linear_args()))
+        assert any("nf4_gemm_kernel" in name for name in names) == fused, (max_rows, names)
+        assert any("nf4_dequantize_kernel" in name for name in names) != fused, (max_rows, names)
+    for bad in ("-1", "many", "12rows"):
+        monkeypatch.setenv("LOWRANK_CUDA_FUSED_MAX_ROWS", bad)
+        with pytest.raises(RuntimeError, match="LOWRANK_CUDA_FUSED_MAX_ROWS"):
+            ops.nf4_linear(input, *weight.linear_args())
 
 
 def test_unknown_gemm_path_is_rejected(generator, monkeypatch):

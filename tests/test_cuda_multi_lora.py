@@ -10,15 +10,16 @@ CPU op each side may sit half a unit off on opposite sides, hence the same
 bound. Gradients sum over rows too: 1e-5 in fp32, 2^-7 (bf16) / 2^-10 (fp16)
 relative with 1e-2 absolute.
 
-Uninitialized memory: before each op, `poison_allocator` fills and frees a
-large block of the caching allocator with a NaN (or -Inf) pattern, so fresh
-outputs and scratch buffers are carved from poisoned memory; results must
-then still be finite and close to the reference.
+Uninitialized memory: before each op, `poison_allocator` (tests/test_cuda.py)
+fills both pools of the caching allocator with a NaN (or -Inf) pattern and
+frees it, so fresh outputs and scratch buffers are carved from poisoned
+memory; results must then still be finite and close to the reference.
 
-Value ranges: in eager mode the CUDA op checks ranks and adapter_indices like
-the CPU op (one small device-to-host copy); while a CUDA graph is being
-captured it cannot, and rows with an out-of-range index or rank come out NaN
-instead (see csrc/cuda/multi_lora_ops.cpp).
+Value ranges: the CUDA op never reads ranks and adapter_indices on the host
+(no synchronization on the eager path): rows with an out-of-range index or
+rank come out NaN, in eager mode and inside CUDA graphs. With
+LOWRANK_CUDA_CHECK_VALUES=1 eager calls check them like the CPU op (see
+csrc/cuda/multi_lora_ops.cpp).
 """
 
 import pytest
@@ -26,6 +27,7 @@ import torch
 
 import lowrank_ext
 from lowrank_ext import ops
+from test_cuda import poison_allocator
 from test_multi_lora import (TOLERANCES, check_compile_fullgraph_equals_eager, make_problem,
                              reference)
 
@@ -54,12 +56,6 @@ SHAPES = [
     ((0,), 8, 8, 2, 4, None),
     ((5,), 31, 33, 3, 0, None),
 ]
-
-
-def poison_allocator(value):
-    """Fills 256 MiB from the caching allocator with `value` and frees it."""
-    block = torch.full((64 * 1024 * 1024,), value, dtype=torch.float32, device="cuda")
-    del block
 
 
 def to_cuda(args):
@@ -129,7 +125,23 @@ def test_non_contiguous_and_misaligned_inputs_equal_contiguous(generator):
                                **TOLERANCES[torch.bfloat16])
 
 
-def test_out_of_range_values_raise_in_eager_mode(generator):
+def out_of_range_problem(generator):
+    """Adapter 1 has a rank past max_rank; indices 3 and -2 are out of range."""
+    args = to_cuda(make_problem(generator, (6,), 10, 8, 3, 4))
+    args[4] = torch.tensor([4, 5, 2], device="cuda")
+    args[6] = torch.tensor([0, 1, 3, -2, 2, -1], device="cuda")
+    return args
+
+
+def test_out_of_range_values_give_nan_rows_in_eager_mode(generator, monkeypatch):
+    monkeypatch.delenv("LOWRANK_CUDA_CHECK_VALUES", raising=False)
+    out = ops.multi_lora_linear(*out_of_range_problem(generator))
+    assert torch.isnan(out).all(dim=1).cpu().tolist() == [False, True, True, True, False, False]
+    assert torch.isfinite(out[[0, 4, 5]]).all()
+
+
+def test_out_of_range_values_raise_on_request(generator, monkeypatch):
+    monkeypatch.setenv("LOWRANK_CUDA_CHECK_VALUES", "1")
     args = to_cuda(make_problem(generator, (6,), 10, 8, 3, 4))
     bad_ranks = list(args)
     bad_ranks[4] = torch.tensor([4, 5, 2], device="cuda")  # adapter 1: rank past max_rank
@@ -141,11 +153,30 @@ def test_out_of_range_values_raise_in_eager_mode(generator):
         ops.multi_lora_linear(*bad_indices)
 
 
-def test_out_of_range_values_give_nan_rows_inside_graph_capture(generator):
-    args = to_cuda(make_problem(generator, (6,), 10, 8, 3, 4))
-    ops.multi_lora_linear(*args)  # warm-up outside capture
-    args[4] = torch.tensor([4, 5, 2], device="cuda")
-    args[6] = torch.tensor([0, 1, 3, -2, 2, -1], device="cuda")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_forward_and_backward_never_synchronize(generator, monkeypatch, dtype):
+    """A serving or training step must not wait for the host: no device-to-host copy."""
+    monkeypatch.delenv("LOWRANK_CUDA_CHECK_VALUES", raising=False)
+    args = to_cuda(make_problem(generator, (24,), 64, 40, 6, 16, dtype))
+    for index in (0, 1, 2, 3):
+        args[index].requires_grad_()
+    grad = torch.randn(args[1].shape, generator=generator).to(dtype).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ops.multi_lora_linear(*args)
+        out.backward(grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(args[index].grad).all() for index in (0, 1, 2, 3))
+
+
+@pytest.mark.parametrize("check_values", ["0", "1"])
+def test_out_of_range_values_give_nan_rows_inside_graph_capture(generator, monkeypatch,
+                                                                 check_values):
+    monkeypatch.setenv("LOWRANK_CUDA_CHECK_VALUES", check_values)
+    ops.multi_lora_linear(*to_cuda(make_problem(generator, (6,), 10, 8, 3, 4)))  # warm-up
+    args = out_of_range_problem(generator)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = ops.multi_lora_linear(*args)

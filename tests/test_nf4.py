@@ -12,6 +12,7 @@ import torch
 
 import lowrank_ext
 from lowrank_ext import NF4Weight, ops
+from lowrank_ext.quant import _SERIAL_SUM_LENGTH, mean_block_scale
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -276,6 +277,53 @@ def test_malformed_quant_state_raises_value_error(generator, edit, message):
     state[key] = torch.tensor(list(encoded), dtype=torch.uint8)
     with pytest.raises(ValueError, match=message):
         NF4Weight.from_state_dict(state)
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_torch_sums_a_serial_chunk_the_same_on_any_thread_count(generator, restore_threads):
+    """mean_block_scale's premise: torch's CPU sum of _SERIAL_SUM_LENGTH values is serial."""
+    values = torch.rand(3, _SERIAL_SUM_LENGTH, generator=generator) * 0.05
+    sums = []
+    for threads in (1, 2, 4):
+        torch.set_num_threads(threads)
+        sums.append([row.sum() for row in values])
+    for row_sums in sums[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(row_sums, sums[0]))
+
+
+def test_double_quant_offset_is_independent_of_thread_count(generator, restore_threads):
+    # 300000 block scales: torch's own mean splits them across threads and
+    # differs in the last bits between 1 and 2 threads for most draws.
+    for _ in range(3):
+        absmax = torch.rand(300_000, generator=generator) * 0.05
+        offsets = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            offsets.append(mean_block_scale(absmax))
+        assert offsets[0].device.type == "cpu" and offsets[0].dtype == torch.float32
+        assert offsets[0].view(torch.int32) == offsets[1].view(torch.int32)
+        # Still the mean: fp32 sums of 300000 terms stay within 300000 * 2^-24 < 0.02 relative.
+        exact = absmax.double().mean().item()
+        assert abs(offsets[0].item() - exact) <= 0.02 * exact
+
+
+def test_double_quant_offset_is_the_fixed_path_formula(generator):
+    # Two levels of chunks: 40000 scales are summed as 32767 + 7233 values.
+    weight = random_weight((625, 4096), torch.bfloat16, generator, scale=0.02)
+    single = NF4Weight.from_float(weight, blocksize=64, double_quant=False)
+    double = NF4Weight.from_float(weight, blocksize=64, double_quant=True)
+    assert single.absmax.numel() == 40_000
+    head, tail = single.absmax.split(_SERIAL_SUM_LENGTH)
+    expected = torch.stack([head.sum(), tail.sum()]).sum() / 40_000
+    assert double.offset == expected.item()
+    # Up to _SERIAL_SUM_LENGTH scales the formula is torch's (bitsandbytes') CPU mean.
+    assert mean_block_scale(head).view(torch.int32) == head.mean().view(torch.int32)
 
 
 def test_double_quant_of_weights_near_the_float32_limit_raises_value_error():

@@ -3,18 +3,23 @@
 // torch-free kernels of csrc/cuda on the current stream.
 //
 // Which kernel serves nf4_linear (rows = input rows after flattening):
-//   rows <= 16                    NF4 GEMV (nf4_gemv.cu), any dtype;
-//   bf16/fp16, rows <= 256, sm80+ fused tensor-core GEMM (nf4_gemm.cu);
-//   otherwise                     NF4 -> dense dequantize (nested scales decoded
-//                                 in the same kernel) + cuBLAS through at::mm.
-// LOWRANK_CUDA_GEMM=fused|dequantize overrides the choice for rows > 16, so
-// tests and benchmarks can hold each path to the same reference.
+//   rows <= 16                        NF4 GEMV (nf4_gemv.cu), any dtype;
+//   bf16/fp16, rows <= N, sm80+       fused tensor-core GEMM (nf4_gemm.cu);
+//   otherwise                         NF4 -> dense dequantize (nested scales
+//                                     decoded in the same kernel) + cuBLAS
+//                                     through at::mm.
+// N is LOWRANK_CUDA_FUSED_MAX_ROWS (default kFusedGemmMaxRows), so a device
+// run can set the crossover it measures (bench/bench_cuda.py prints both
+// paths at 32..256 rows). LOWRANK_CUDA_GEMM=fused|dequantize overrides the
+// choice for rows > 16, so tests and benchmarks can hold each path to the
+// same reference.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -31,9 +36,13 @@ namespace lowrank {
 namespace cuda {
 namespace {
 
-// Largest row count the fused tensor-core GEMM takes by default: above it,
-// dequantize + cuBLAS amortizes the one dense weight write over enough rows
-// to win (cuBLAS' Hopper kernels outrun a WMMA kernel).
+// Largest row count the fused tensor-core GEMM takes by default. Unmeasured:
+// the reasoning is that up to here the fused kernel saves the dense weight's
+// write and re-read, while above it dequantize + cuBLAS amortizes that write
+// over enough rows and cuBLAS' Hopper kernels outrun a WMMA kernel. At 17-256
+// rows a 4096- to 8192-wide layer gives the fused kernel only 32-128 tiles of
+// 128x128 for an H200's 132 SMs, so the crossover may well lie lower.
+// LOWRANK_CUDA_FUSED_MAX_ROWS overrides it.
 constexpr int64_t kFusedGemmMaxRows = 256;
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
@@ -204,6 +213,18 @@ GemmPath requested_gemm_path() {
   TORCH_CHECK(false, "LOWRANK_CUDA_GEMM must be auto, fused or dequantize, got '", value, "'");
 }
 
+// LOWRANK_CUDA_FUSED_MAX_ROWS as a row count >= 0, else kFusedGemmMaxRows.
+int64_t fused_gemm_max_rows() {
+  const char* value = std::getenv("LOWRANK_CUDA_FUSED_MAX_ROWS");
+  if (value == nullptr || value[0] == '\0') return kFusedGemmMaxRows;
+  char* end = nullptr;
+  errno = 0;
+  const long long rows = std::strtoll(value, &end, 10);
+  TORCH_CHECK(errno == 0 && *end == '\0' && rows >= 0,
+              "LOWRANK_CUDA_FUSED_MAX_ROWS must be a row count >= 0, got '", value, "'");
+  return static_cast<int64_t>(rows);
+}
+
 bool use_fused_gemm(const at::Tensor& input, int64_t rows) {
   if (input.scalar_type() == at::kFloat) return false;
   if (!tensor_core_gemm_supported(input.get_device())) return false;
@@ -215,7 +236,7 @@ bool use_fused_gemm(const at::Tensor& input, int64_t rows) {
     case GemmPath::Auto:
       break;
   }
-  return rows <= kFusedGemmMaxRows;
+  return rows <= fused_gemm_max_rows();
 }
 
 at::Tensor nf4_linear_cuda(const at::Tensor& input, const at::Tensor& packed,

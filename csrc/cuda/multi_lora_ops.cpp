@@ -9,19 +9,23 @@
 // fp32 GEMMs over a [rows, num_adapters * max_rank] matrix that holds each
 // row's hidden vector in its adapter's block of columns and zeros elsewhere.
 //
-// Arguments are checked with the CPU backend's messages (multi_lora_checks.h),
-// value ranges included: reading the min/max of ranks and adapter_indices costs
-// one small device-to-host copy per eager call, which we accept so that a bad
-// index is a clear error, never a wrong row. While the stream is being
-// captured into a CUDA graph (serving loops) that copy is impossible, so the
-// check is skipped there and the kernels turn any out-of-range value into NaN
-// rows instead.
+// Shapes, dtypes and devices are checked with the CPU backend's messages
+// (multi_lora_checks.h). The values of ranks and adapter_indices are not read
+// by default: that takes a device-to-host copy, which blocks the host until
+// the stream has drained, on every eager call (forward and backward). The
+// kernels instead turn a row with an out-of-range index or rank into NaN (see
+// csrc/cuda/kernels.h), in eager mode and inside CUDA graphs alike.
+// LOWRANK_CUDA_CHECK_VALUES=1 asks for the CPU backend's value check (and its
+// RuntimeError) on every eager call, for debugging; it is still skipped while
+// the stream is being captured, where the copy is impossible.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 
 #include "cuda/kernels.h"
@@ -32,8 +36,12 @@ namespace lowrank {
 namespace cuda {
 namespace {
 
-void check_values_unless_capturing(const char* op, const MultiLoraShapes& shapes,
-                                   const at::Tensor& ranks, const at::Tensor& adapter_indices) {
+// Reads the values only on request (see the file comment). Call after the
+// device guard: the capture status is that of the current device's stream.
+void check_values_on_request(const char* op, const MultiLoraShapes& shapes,
+                             const at::Tensor& ranks, const at::Tensor& adapter_indices) {
+  const char* requested = std::getenv("LOWRANK_CUDA_CHECK_VALUES");
+  if (requested == nullptr || std::strcmp(requested, "1") != 0) return;
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
     check_multi_lora_values(op, shapes, ranks, adapter_indices);
   }
@@ -66,8 +74,8 @@ at::Tensor multi_lora_linear_cuda(const at::Tensor& input, const at::Tensor& bas
   constexpr const char* op = "multi_lora_linear";
   const MultiLoraShapes shapes = check_multi_lora_args(
       op, input, base_output, "base_output", lora_A, lora_B, ranks, scalings, adapter_indices);
-  check_values_unless_capturing(op, shapes, ranks, adapter_indices);
   c10::cuda::CUDAGuard guard(input.device());
+  check_values_on_request(op, shapes, ranks, adapter_indices);
   if (shapes.rows == 0 || shapes.out_features == 0) {
     return base_output.clone(at::MemoryFormat::Contiguous);
   }
@@ -113,8 +121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_backward_cuda(
   constexpr const char* op = "multi_lora_linear_backward";
   const MultiLoraShapes shapes = check_multi_lora_args(
       op, input, grad_output, "grad_output", lora_A, lora_B, ranks, scalings, adapter_indices);
-  check_values_unless_capturing(op, shapes, ranks, adapter_indices);
   c10::cuda::CUDAGuard guard(input.device());
+  check_values_on_request(op, shapes, ranks, adapter_indices);
   const at::ScalarType dtype = input.scalar_type();
   if (shapes.rows == 0) {
     return {at::zeros(input.sizes(), input.options()), at::zeros(lora_A.sizes(), lora_A.options()),

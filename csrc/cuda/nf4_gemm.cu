@@ -18,6 +18,15 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+// bf16 WMMA needs sm_80. A device pass for an older architecture would have
+// to compile the kernel to an empty body, which returns uninitialised memory
+// as its result, so such a build stops here (cmake/cuda.cmake rejects those
+// LOWRANK_CUDA_ARCHS first; the host never picks this kernel below sm_80,
+// see tensor_core_gemm_supported).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "nf4_gemm.cu needs sm_80 or newer: remove older architectures from LOWRANK_CUDA_ARCHS"
+#endif
+
 #include <cstdint>
 #include <type_traits>
 
@@ -107,7 +116,6 @@ __global__ void __launch_bounds__(kThreads)
     nf4_gemm_kernel(const T* __restrict__ input, std::int64_t rows, Nf4Matrix weight,
                     const T* __restrict__ bias, T* __restrict__ out, bool vector_input,
                     bool vector_weight) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
   __shared__ float codebook[16];
   __shared__ alignas(128) T input_tile[kTileM * kTileStride];
@@ -204,7 +212,6 @@ __global__ void __launch_bounds__(kThreads)
       __syncwarp();
     }
   }
-#endif
 }
 
 }  // namespace

@@ -282,7 +282,12 @@ def multi_lora_linear(
     adapter's A and B is zero past its rank and for adapters no row uses.
     Mutates nothing. Raises ``RuntimeError`` naming the argument for mismatched
     shapes, dtypes or devices, ranks outside ``[0, max_rank]`` and indices
-    outside ``[-1, num_adapters)``.
+    outside ``[-1, num_adapters)``. On CUDA the values of ``ranks`` and
+    ``adapter_indices`` are not read on the host (that would block it on
+    every call): a row with an out-of-range index or rank comes out NaN (and
+    makes the factor gradients NaN) instead; ``LOWRANK_CUDA_CHECK_VALUES=1``
+    in the environment restores the ``RuntimeError`` for eager calls, at the
+    cost of one device-to-host copy each.
     """
     device = input.device
     if not isinstance(ranks, torch.Tensor):

@@ -53,6 +53,37 @@ def dynamic_map(device=None) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
+# torch's CPU sum reduces fewer elements than its parallel grain (32768) on
+# one thread, in an order that depends neither on the thread count nor on the
+# CPU's vector width; larger inputs are split across threads.
+_SERIAL_SUM_LENGTH = 32767
+
+
+def mean_block_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """Double quantization's offset: the mean of the fp32 block scales, a 0-dim CPU tensor.
+
+    Computed on the same fixed path whatever device ``absmax`` lives on, so
+    a weight quantized on a GPU equals the one quantized on the CPU bit for
+    bit: the scales are copied to the CPU, summed by torch in chunks of
+    ``_SERIAL_SUM_LENGTH`` (each reduced on one thread, in torch's fixed
+    order), the chunk sums likewise until one value remains, and that is
+    divided by the count in fp32.
+
+    Up to 32767 blocks (2M elements at blocksize 64) this is exactly
+    ``absmax.mean()`` on the CPU, which is bitsandbytes' offset there. Beyond
+    that, torch's CPU mean (and so bitsandbytes') depends on the thread count
+    and this one may differ from it in the last bits; on a GPU bitsandbytes
+    takes the device's ``mean``, whose order differs too. The offset is
+    stored with the weight, so checkpoints still load bit-exactly both ways.
+    """
+    partials = absmax.detach().to("cpu", torch.float32).reshape(-1)
+    count = partials.numel()
+    while True:
+        partials = torch.stack([chunk.sum() for chunk in partials.split(_SERIAL_SUM_LENGTH)])
+        if partials.numel() == 1:
+            return partials[0] / count
+
+
 def _check_state_fields(state: dict, state_key: str) -> None:
     """Raise ``ValueError`` naming the field unless the quant state's fields have usable types."""
     shape = state.get("shape")
@@ -128,7 +159,7 @@ class NF4Weight:
         return result
 
     def _compress_absmax(self) -> None:
-        offset = self.absmax.mean()
+        offset = mean_block_scale(self.absmax).to(self.absmax.device)
         if not torch.isfinite(offset):
             # Finite weights near the fp32 limit: the mean of the block scales
             # overflows (bitsandbytes would store an infinite offset).
