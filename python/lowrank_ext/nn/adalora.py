@@ -21,8 +21,8 @@ from torch import nn
 from .. import ops
 from ..quant import NF4Weight
 from .adapter_layer import AdapterLayer, adapter_dropout, autocast_enabled
-from .lora import (RowAdapterLayer, _adapter_dtype, is_transformers_conv1d,
-                   validate_adapter_arguments)
+from .lora import (RowAdapterLayer, _adapter_dtype, check_conv_mergeable,
+                   is_transformers_conv1d, validate_adapter_arguments)
 from .nf4_linear import NF4Linear
 
 # (parameter container, dimension that indexes triplets) for each factor.
@@ -542,13 +542,7 @@ class AdaLoRAConv2d(AdaLoRALayer):
         return result
 
     def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> float:
-        base = self.base_layer
-        padded = (any(k > 1 for k in base.kernel_size) if base.padding == "same"
-                  else base.padding != "valid" and any(base.padding))
-        if base.padding_mode != "zeros" and padded:
-            raise ValueError(f"an AdaLoRA adapter on a convolution with padding_mode="
-                             f"{base.padding_mode!r} pads with zeros (as PEFT's does) and cannot "
-                             "be merged: the merged kernel would be padded the base's way")
+        check_conv_mergeable(self.base_layer, "an AdaLoRA adapter")
         return super()._merge_adapter(adapter_name, safe_merge)
 
 

@@ -120,6 +120,21 @@ def validate_adapter_arguments(r, alpha, dropout) -> None:
         raise ValueError(f"dropout (lora_dropout) must be in [0, 1), got {dropout!r}")
 
 
+def check_conv_mergeable(base: nn.Module, what: str) -> None:
+    """Refuse to merge ``what`` into a padded convolution whose ``padding_mode`` is not zeros.
+
+    Adapters on convolutions pad with zeros, as PEFT's do, whatever the base's
+    ``padding_mode``; a merged kernel would be padded the base's way instead,
+    which computes another function wherever the padding is read.
+    """
+    padded = (any(k > 1 for k in base.kernel_size) if base.padding == "same"
+              else base.padding != "valid" and any(base.padding))
+    if base.padding_mode != "zeros" and padded:
+        raise ValueError(f"{what} on a convolution with padding_mode={base.padding_mode!r} pads "
+                         "with zeros (as PEFT's does) and cannot be merged: the merged kernel "
+                         "would be padded the base's way")
+
+
 def _adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     # Adapter factors are trained, so they are kept in fp32 whatever the base
     # dtype (Adam on bf16 parameters loses small updates); forward casts them
@@ -574,13 +589,7 @@ class LoRAConv(LoRALayer):
         return delta * self.scaling[adapter_name]
 
     def _merge_adapter(self, adapter_name, safe_merge):
-        base = self.base_layer
-        padded = (any(k > 1 for k in base.kernel_size) if base.padding == "same"
-                  else base.padding != "valid" and any(base.padding))
-        if base.padding_mode != "zeros" and padded:
-            raise ValueError(f"an adapter on a convolution with padding_mode="
-                             f"{base.padding_mode!r} pads with zeros (as PEFT's does) and cannot "
-                             "be merged: the merged kernel would be padded the base's way")
+        check_conv_mergeable(self.base_layer, "a LoRA adapter")
         return super()._merge_adapter(adapter_name, safe_merge)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
