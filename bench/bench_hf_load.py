@@ -176,7 +176,8 @@ def main():
                                     "--case", case], capture_output=True, text=True)
             lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
             if child.returncode or not lines:
-                sys.exit(f"{case} failed:\n{child.stderr[-3000:]}")
+                sys.exit(f"{case} failed (exit status {child.returncode}):\n"
+                         f"{child.stdout[-2000:]}\n{child.stderr[-3000:]}")
             results[case].append(json.loads(lines[-1][len("RESULT "):]))
             print(f"repeat {repeat + 1}/{args.repeats} {case}: done", file=sys.stderr, flush=True)
 
