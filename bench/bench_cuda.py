@@ -53,13 +53,23 @@ def cuda_median_ms(function, calls: int = 10, samples: int = 7, warmup: int = 3)
     for _ in range(warmup):
         function()
     torch.cuda.synchronize()
+
+    def back_to_back():
+        for _ in range(calls):
+            function()
+
+    return _event_median_ms(back_to_back, calls, samples)
+
+
+def _event_median_ms(run, calls: int, samples: int) -> float:
+    """Milliseconds per call of `run()` (which makes `calls` calls) between two
+    CUDA events, median over `samples` runs."""
     times = []
     for _ in range(samples):
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(calls):
-            function()
+        run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)
@@ -82,17 +92,9 @@ def graph_median_ms(function, calls: int = 50, samples: int = 7) -> float:
             function()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(samples):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
+    milliseconds = _event_median_ms(graph.replay, calls, samples)
     del graph
-    return statistics.median(times)
+    return milliseconds
 
 
 def with_gemm_path(path: str, function):
