@@ -334,35 +334,6 @@ def test_lora_input_branch_matches_cpu(generator):
 # ------------------------------------------------------ torch integration --
 
 
-def test_opcheck_on_cuda(generator):
-    weight, _ = make_weight(48, 64, torch.float32, generator, True)
-    args = weight.linear_args()
-    input = random_weight((5, 64), torch.float32, generator).cuda()
-    dense = random_weight((48, 64), torch.float32, generator).cuda()
-    lora_A = random_weight((4, 64), torch.float32, generator).cuda()
-    lora_B = random_weight((48, 4), torch.float32, generator).cuda()
-    grad = random_weight((5, 48), torch.float32, generator).cuda()
-    flat = random_weight((1000,), torch.float32, generator).cuda()
-    packed, absmax = ops.nf4_quantize(flat, 64)
-    code = lowrank_ext.dynamic_map("cuda")
-    codes, nested = ops.quantize_blockwise_8bit(flat, code, 256)
-    library = torch.ops.lowrank_ext
-    cases = [
-        (library.nf4_quantize, (flat, 64)),
-        (library.nf4_dequantize, (packed, absmax, [1000], 64, torch.bfloat16)),
-        (library.quantize_blockwise_8bit, (flat, code, 256)),
-        (library.dequantize_blockwise_8bit, (codes, nested, code, 256)),
-        (library.nf4_linear, (input, *args, None)),
-        (library.nf4_linear_grad_input, (grad, *args)),
-        (library.lora_linear, (input, None, dense, None, lora_A, lora_B, 0.5)),
-        (library.lora_linear_backward, (grad, input, None, dense, lora_A, lora_B, 0.5)),
-        (library.qlora_linear, (input, None, *args, None, lora_A, lora_B, 0.5)),
-        (library.qlora_linear_backward, (grad, input, None, *args, lora_A, lora_B, 0.5)),
-    ]
-    for op, op_args in cases:
-        torch.library.opcheck(op, op_args)
-
-
 def test_compile_fullgraph_qlora_equals_eager(generator):
     weight, _ = make_weight(64, 128, torch.bfloat16, generator, True)
     lora_A = random_weight((8, 128), torch.bfloat16, generator).cuda()

@@ -233,21 +233,6 @@ def test_gradients_match_cpu_and_reference(generator, dtype, shape):
         assert not cuda_inputs[3].grad[adapter, :, rank:].any()
 
 
-def test_opcheck(generator):
-    for shape in [((6,), 10, 7, 3, 4, None), ((2, 3), 16, 8, 2, 8, 1), ((0,), 4, 4, 2, 2, None)]:
-        leading, in_features, out_features, num_adapters, max_rank, index_dims = shape
-        for dtype in (torch.float32, torch.bfloat16):
-            args = to_cuda(make_problem(generator, leading, in_features, out_features,
-                                        num_adapters, max_rank, dtype, index_dims))
-            for position in range(4):
-                args[position] = args[position].requires_grad_()
-            torch.library.opcheck(torch.ops.lowrank_ext.multi_lora_linear.default, tuple(args))
-            grad_output = torch.randn(args[1].shape, generator=generator).to(dtype).cuda()
-            torch.library.opcheck(
-                torch.ops.lowrank_ext.multi_lora_linear_backward.default,
-                (grad_output, args[0].detach(), *[arg.detach() for arg in args[2:]]))
-
-
 def test_compile_fullgraph_equals_eager(generator):
     check_compile_fullgraph_equals_eager(generator, "cuda")
 

@@ -379,79 +379,6 @@ def test_lora_linear_matches_float64_reference(dtype):
     assert_within_bound(y, reference, 2 * magnitude, dtype, 48)
 
 
-# ------------------------------------------------------------------ opcheck --
-
-
-def opcheck_weight():
-    return make_weight(19, 45, 32, True, seed=22)
-
-
-@pytest.mark.parametrize("rows", [2, 24])
-def test_opcheck_nf4_linear(rows):
-    weight = opcheck_weight()
-    x = random((rows, 45), torch.float32, seed=23).requires_grad_()
-    bias = random((19,), torch.float32, seed=24).requires_grad_()
-    torch.library.opcheck(torch.ops.lowrank_ext.nf4_linear, (x, *weight.linear_args(), bias))
-    torch.library.opcheck(torch.ops.lowrank_ext.nf4_linear, (x, *weight.linear_args(), None))
-
-
-def test_opcheck_nf4_linear_grad_input():
-    weight = opcheck_weight()
-    grad_output = random((3, 19), torch.float32, seed=25)
-    torch.library.opcheck(torch.ops.lowrank_ext.nf4_linear_grad_input,
-                          (grad_output, *weight.linear_args()))
-
-
-@pytest.mark.parametrize("with_lora_input", [False, True])
-def test_opcheck_lora_linear_and_backward(with_lora_input):
-    x = random((5, 45), torch.float32, seed=26).requires_grad_()
-    lora_input = random((5, 45), torch.float32, seed=27).requires_grad_() if with_lora_input else None
-    dense = random((19, 45), torch.float32, seed=28)
-    bias = random((19,), torch.float32, seed=29).requires_grad_()
-    lora_A, lora_B = lora_factors(4, 19, 45, torch.float32, seed=30)
-    lora_A.requires_grad_()
-    lora_B.requires_grad_()
-    torch.library.opcheck(torch.ops.lowrank_ext.lora_linear,
-                          (x, lora_input, dense, bias, lora_A, lora_B, 0.5))
-    grad_output = random((5, 19), torch.float32, seed=31)
-    torch.library.opcheck(torch.ops.lowrank_ext.lora_linear_backward,
-                          (grad_output, x.detach(), None if lora_input is None else lora_input.detach(),
-                           dense, lora_A.detach(), lora_B.detach(), 0.5))
-
-
-def test_opcheck_float32_factors_with_bf16_input():
-    weight = opcheck_weight()
-    x = random((2, 45), torch.bfloat16, seed=58).requires_grad_()
-    lora_A, lora_B = lora_factors(4, 19, 45, torch.float32, seed=59)
-    lora_A.requires_grad_()
-    lora_B.requires_grad_()
-    dense = weight.dequantize(torch.bfloat16)
-    torch.library.opcheck(torch.ops.lowrank_ext.lora_linear,
-                          (x, None, dense, None, lora_A, lora_B, 0.5))
-    torch.library.opcheck(torch.ops.lowrank_ext.qlora_linear,
-                          (x, None, *weight.linear_args(), None, lora_A, lora_B, 0.5))
-
-
-@pytest.mark.parametrize("with_lora_input", [False, True])
-@pytest.mark.parametrize("rows", [2, 24])
-def test_opcheck_qlora_linear_and_backward(with_lora_input, rows):
-    weight = opcheck_weight()
-    x = random((rows, 45), torch.float32, seed=32).requires_grad_()
-    lora_input = (random((rows, 45), torch.float32, seed=33).requires_grad_()
-                  if with_lora_input else None)
-    bias = random((19,), torch.float32, seed=34).requires_grad_()
-    lora_A, lora_B = lora_factors(4, 19, 45, torch.float32, seed=35)
-    lora_A.requires_grad_()
-    lora_B.requires_grad_()
-    torch.library.opcheck(torch.ops.lowrank_ext.qlora_linear,
-                          (x, lora_input, *weight.linear_args(), bias, lora_A, lora_B, 0.5))
-    grad_output = random((rows, 19), torch.float32, seed=36)
-    torch.library.opcheck(
-        torch.ops.lowrank_ext.qlora_linear_backward,
-        (grad_output, x.detach(), None if lora_input is None else lora_input.detach(),
-         *weight.linear_args(), lora_A.detach(), lora_B.detach(), 0.5))
-
-
 # ------------------------------------------------------------ torch.compile --
 
 
@@ -490,7 +417,7 @@ def test_torch_compile_fullgraph_qlora_matches_eager():
 
 
 def test_errors_name_the_argument():
-    weight = opcheck_weight()
+    weight = make_weight(19, 45, 32, True, seed=22)
     args = list(weight.linear_args())
     x = random((2, 45), torch.float32, seed=41)
     with pytest.raises(RuntimeError, match="input's last dimension must be in_features=45"):

@@ -238,20 +238,6 @@ def test_gradients_match_reference_autograd(generator, dtype, shape):
         assert not differentiable[3].grad[adapter, :, rank:].any()
 
 
-def test_opcheck(generator):
-    for shape in [((6,), 10, 7, 3, 4, None), ((2, 3), 5, 6, 2, 3, 1), ((0,), 4, 4, 2, 2, None)]:
-        leading, in_features, out_features, num_adapters, max_rank, index_dims = shape
-        args = list(make_problem(generator, leading, in_features, out_features, num_adapters,
-                                 max_rank, index_dims=index_dims))
-        for position in range(4):
-            args[position] = args[position].requires_grad_()
-        torch.library.opcheck(torch.ops.lowrank_ext.multi_lora_linear.default, tuple(args))
-        grad_output = torch.randn(args[1].shape, generator=generator)
-        torch.library.opcheck(
-            torch.ops.lowrank_ext.multi_lora_linear_backward.default,
-            (grad_output, args[0].detach(), *[arg.detach() for arg in args[2:]]))
-
-
 def check_compile_fullgraph_equals_eager(generator, device):
     """torch.compile(fullgraph=True) of base linear + multi_lora_linear equals
     eager bit for bit, forward and backward (shared with the CUDA tests)."""

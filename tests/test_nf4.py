@@ -355,27 +355,6 @@ def test_meta_tensor_mixed_with_real_ones_raises(generator):
 # --------------------------------------------------------- torch integration
 
 
-def opcheck_cases(generator):
-    weight = torch.randn(33, 65, generator=generator)
-    packed, absmax = ops.nf4_quantize(weight, 64)
-    code = lowrank_ext.dynamic_map()
-    values = torch.randn(600, generator=generator)
-    codes, nested = ops.quantize_blockwise_8bit(values, code, 256)
-    return [
-        (torch.ops.lowrank_ext.nf4_quantize, (weight, 64)),
-        (torch.ops.lowrank_ext.nf4_quantize, (weight.to(torch.bfloat16), 32)),
-        (torch.ops.lowrank_ext.nf4_dequantize, (packed, absmax, [33, 65], 64, torch.float32)),
-        (torch.ops.lowrank_ext.nf4_dequantize, (packed, absmax, [33, 65], 64, torch.float16)),
-        (torch.ops.lowrank_ext.quantize_blockwise_8bit, (values, code, 256)),
-        (torch.ops.lowrank_ext.dequantize_blockwise_8bit, (codes, nested, code, 256)),
-    ]
-
-
-def test_opcheck(generator):
-    for op, args in opcheck_cases(generator):
-        torch.library.opcheck(op, args)
-
-
 def test_compile_fullgraph_roundtrip_equals_eager(generator):
     def roundtrip(weight):
         packed, absmax = ops.nf4_quantize(weight, 64)
