@@ -604,7 +604,7 @@ def peft_defaults(config_class="LoraConfig", **options):
             return json.load(stream)
 
 
-REFUSED = [("use_dora", True, "DoRA"), ("lora_bias", True, "lora_B bias"),
+REFUSED = [("lora_bias", True, "lora_B bias"),
            ("kasa_config", {"n_singular": 2}, "KaSA"),
            ("velora_config", {"num_groups": 2}, "VeLoRA"),
            ("monteclora_config", {"num_samples": 2}, "MonteCLoRA"),

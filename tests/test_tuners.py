@@ -297,7 +297,8 @@ def test_corrupted_weights_raise_and_leave_model_unchanged(tmp_path, damage, mes
 
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.update(peft_type="IA3"), "peft_type"),
-    (lambda c: c.update(use_dora=True), "use_dora"),
+    # A DoRA config over a plain LoRA file: the magnitudes are missing.
+    (lambda c: c.update(use_dora=True), "missing .*lora_magnitude_vector"),
     (lambda c: c.update(r=5), "shape mismatch"),
     # "absent" alone would only warn (as PEFT, see test_peft_compat.py); the
     # file's "value" tensors then have no place.

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import _C, ops
 from .adapter_layer import AdapterLayer, adapter_dropout, autocast_enabled
+from .dora import DORA, _tensor_key, dense_row_sq_norms
 
 Init = Union[bool, str]
 _INIT_CHOICES = (True, False, "default", "gaussian", "pissa")
@@ -325,12 +326,17 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
     to the adapter branch's input only, in training).
     """
 
-    adapter_dict_names = ("lora_A", "lora_B")
+    adapter_dict_names = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        # DoRA magnitudes (PEFT's name and file key), for adapters with use_dora.
+        self.lora_magnitude_vector = nn.ParameterDict()
+        # {adapter name: variant object} for adapters that are not plain LoRA
+        # (PEFT's lora_variant); the variant computes their forward and merge.
+        self.lora_variant: dict[str, object] = {}
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -340,7 +346,7 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
         self._init_row_adapters()
 
     def update_layer(self, adapter_name: str, r: int, alpha: float, dropout: float = 0.0,
-                     use_rslora: bool = False, init: Init = True) -> None:
+                     use_rslora: bool = False, init: Init = True, use_dora: bool = False) -> None:
         """Add (or replace) adapter ``adapter_name`` and make it active.
 
         Args:
@@ -353,20 +359,30 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
                 ``"pissa"`` (principal singular directions of the base weight;
                 rewrites the base as ``W - scaling * B @ A``) or ``False``
                 (both factors random: the adapter changes the output at once).
+            use_dora: DoRA (weight-decomposed LoRA, see :mod:`lowrank_ext.nn.dora`):
+                adds the magnitude ``lora_magnitude_vector[adapter_name]``,
+                initialized to the norm of the adapted weight per output unit.
 
         Raises ``ValueError`` for out-of-range arguments or an init this layer kind lacks.
         """
         validate_adapter_arguments(r, alpha, dropout)
         if init not in _INIT_CHOICES:
             raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES}, got {init!r}")
+        if not isinstance(use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got {use_dora!r}")
+        if use_dora:
+            self._check_dora_supported()
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before replacing it")
+        self._forget_variant(adapter_name)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = float(alpha)
         self.scaling[adapter_name] = float(alpha) / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[adapter_name] = float(dropout)
         self._create_factors(adapter_name, r)
         self._initialize(adapter_name, init)
+        if use_dora:
+            DORA.init(self, adapter_name)
         if adapter_name not in self.active_adapters:
             self.set_adapter(self.active_adapters + [adapter_name])
         else:
@@ -401,6 +417,65 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
     def _forget_adapter(self, adapter_name: str) -> None:
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout):
             table.pop(adapter_name, None)
+        self._forget_variant(adapter_name)
+
+    def _forget_variant(self, adapter_name: str) -> None:
+        variant = self.lora_variant.pop(adapter_name, None)
+        if variant is not None:
+            variant.forget(self, adapter_name)
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
+
+    # ------------------------------------------------------------------ DoRA
+    # How this layer kind's weight looks to the DoRA variant (see
+    # lowrank_ext.nn.dora): here a dense weight whose first dimension is the
+    # output unit; kinds with another layout override these.
+
+    def _check_dora_supported(self) -> None:
+        """Raise ``ValueError`` when DoRA cannot run on this layer."""
+
+    def _dora_units(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def _dora_from_units(self, units: torch.Tensor) -> torch.Tensor:
+        return units
+
+    def _dora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._factor_tensors(adapter_name)
+
+    def _dora_row_sq_norms(self) -> torch.Tensor:
+        return dense_row_sq_norms(self._dora_units(self._dense_base_weight()))
+
+    def _dora_apply_weight(self, factor_A: torch.Tensor) -> torch.Tensor:
+        units = self._dora_units(self._dense_base_weight().detach())
+        return F.linear(factor_A.to(units.dtype), units)
+
+    def _dora_base_key(self) -> tuple:
+        return _tensor_key(self._dense_base_weight())
+
+    def _dora_magnitude_shape(self, units: int) -> tuple[int, ...]:
+        return (units,)
+
+    def _dora_rows(self, result: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """A mixed-adapter batch with DoRA adapters: ``result`` holds each row's
+        ``W x + s B A x`` (no bias); scale every row by its adapter's
+        ``m / ||W + s B A||`` (1 for plain LoRA and base rows) and add the bias."""
+        names = self.row_adapter_names
+        position: dict[str, int] = {}
+        scales: list[Optional[torch.Tensor]] = []
+        index = []
+        for name in names:
+            if name not in position:
+                position[name] = len(scales)
+                variant = self.lora_variant.get(name)
+                scales.append(None if variant is None else variant.scale(self, name, result.dtype))
+            index.append(position[name])
+        units = result.shape[-1]
+        ones = result.new_ones(units)
+        table = torch.stack([ones if scale is None else scale for scale in scales])
+        rows = table[torch.tensor(index, device=result.device)]
+        result = result * rows.view(rows.shape[0], *([1] * (result.dim() - 2)), units)
+        return result if bias is None else result + bias.to(result.dtype)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scaling * B @ A`` in fp32, laid out like the base layer's weight."""
@@ -428,7 +503,14 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
 
     def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> float:
         weight = self._dense_base_weight()
-        exact = weight.detach().float() + self.delta_weight(adapter_name)
+        current = weight.detach().float()
+        delta = self.delta_weight(adapter_name)
+        variant = self.lora_variant.get(adapter_name)
+        if variant is None:
+            exact = current + delta
+        else:
+            exact = variant.merged_weight(self, adapter_name, current,
+                                          self._unmerged_weight(current), delta)
         if safe_merge and not torch.isfinite(exact).all():
             raise ValueError(f"merging adapter {adapter_name!r} into {type(self).__name__} "
                              "gives non-finite weights; the layer was left unchanged")
@@ -439,7 +521,21 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
     def _unmerge_adapter(self, adapter_name: str) -> None:
         weight = self._dense_base_weight()
         with torch.no_grad():
-            weight.copy_(weight.float() - self.delta_weight(adapter_name))
+            weight.copy_(self._unmerge_one(weight.float(), adapter_name))
+
+    def _unmerge_one(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``weight`` (fp32, base layout) with merged adapter ``adapter_name`` taken out."""
+        variant = self.lora_variant.get(adapter_name)
+        delta = self.delta_weight(adapter_name)
+        if variant is None:
+            return weight - delta
+        return variant.unmerged_weight(self, adapter_name, weight, delta)
+
+    def _unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (fp32) with every merged adapter taken out, last merged first."""
+        for name in reversed(self.merged_adapters):
+            weight = self._unmerge_one(weight, name)
+        return weight
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}: r={self.r[name]}, alpha={self.lora_alpha[name]:g}"
@@ -447,6 +543,36 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
 
 
 _prepare_rows_outside_graph = torch.compiler.disable(RowAdapterLayer._prepare_rows)
+
+
+def _linear_adapters(layer: LoRALayer, active: list[str], inputs: torch.Tensor,
+                     bias: Optional[torch.Tensor], dtype: torch.dtype, fused, base) -> torch.Tensor:
+    """The output of a linear-kind LoRA layer (dense or 4-bit base) with ``active`` adapters.
+
+    ``fused(name)`` gives the base's fused op for adapter ``name``,
+    ``(rows, bias, lora_input) -> W rows + bias + s B A lora_input``, and
+    ``base(rows, bias)`` the plain product: the first adapter rides on the
+    fused op (a variant such as DoRA builds its output from it), the others
+    are added on top.
+    """
+    first = active[0]
+    variant = layer.lora_variant.get(first)
+    if variant is None:
+        result = fused(first)(inputs, bias, layer._lora_input(inputs, first))
+    else:
+        result = variant.linear_forward(layer, first, inputs, bias,
+                                        layer._lora_input(inputs, first), fused(first), base,
+                                        dtype)
+    for name in active[1:]:
+        branch = layer._lora_input(inputs, name)
+        branch = inputs if branch is None else branch
+        variant = layer.lora_variant.get(name)
+        if variant is not None:
+            result = variant.extra_linear_term(layer, name, result, branch, fused(name), base)
+            continue
+        down = branch @ layer.lora_A[name].weight.to(dtype).T
+        result = result + (down @ layer.lora_B[name].weight.to(dtype).T) * layer.scaling[name]
+    return result
 
 
 class LoRALinear(LoRALayer):
@@ -460,7 +586,7 @@ class LoRALinear(LoRALayer):
 
     def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                  use_rslora: bool = False, init: Init = True, adapter_name: str = "default",
-                 fan_in_fan_out: Optional[bool] = None):
+                 fan_in_fan_out: Optional[bool] = None, use_dora: bool = False):
         conv1d = is_transformers_conv1d(base_layer)
         if not isinstance(base_layer, nn.Linear) and not conv1d:
             raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got "
@@ -473,7 +599,7 @@ class LoRALinear(LoRALayer):
                              "this nn.Linear stores [out, in]")
         in_out = tuple(base_layer.weight.shape)
         self.out_features, self.in_features = in_out[::-1] if self.fan_in_fan_out else in_out
-        self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init)
+        self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init, use_dora)
 
     def _create_factors(self, adapter_name, r):
         weight = self.base_layer.weight
@@ -502,6 +628,12 @@ class LoRALinear(LoRALayer):
         delta = (factor_B.detach().float() @ factor_A.detach().float()) * self.scaling[adapter_name]
         return delta.T if self.fan_in_fan_out else delta
 
+    # DoRA sees the weight as [out, in] (Conv1D's [in, out] transposed).
+    def _dora_units(self, tensor):
+        return tensor.t() if self.fan_in_fan_out else tensor
+
+    _dora_from_units = _dora_units
+
     supports_row_adapters = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -510,8 +642,12 @@ class LoRALinear(LoRALayer):
             weight = self._oriented_weight()
             inputs = x if autocast else x.to(weight.dtype)
             bias = self.base_layer.bias
-            base_output = F.linear(inputs, weight, None if bias is None else bias.to(weight.dtype))
-            result = self._row_adapter_forward(inputs, base_output)
+            bias = None if bias is None else bias.to(weight.dtype)
+            if self.lora_variant:  # DoRA rows scale W x + s B A x, then the bias is added
+                result = self._dora_rows(
+                    self._row_adapter_forward(inputs, F.linear(inputs, weight)), bias)
+            else:
+                result = self._row_adapter_forward(inputs, F.linear(inputs, weight, bias))
             return result if autocast else result.to(x.dtype)
         active = self._unmerged_active()
         if not active:
@@ -521,14 +657,16 @@ class LoRALinear(LoRALayer):
         inputs = x if autocast else x.to(dtype)
         bias = self.base_layer.bias
         bias = None if bias is None else bias.to(dtype)
-        first = active[0]
-        result = ops.lora_linear(inputs, weight, bias, *self._op_factors(first, inputs, dtype),
-                                 self.scaling[first], self._lora_input(inputs, first))
-        for name in active[1:]:
-            branch = self._lora_input(inputs, name)
-            branch = inputs if branch is None else branch
-            down = branch @ self.lora_A[name].weight.to(dtype).T
-            result = result + (down @ self.lora_B[name].weight.to(dtype).T) * self.scaling[name]
+
+        def base(rows, bias):
+            return F.linear(rows, weight, bias)
+
+        def fused(name):
+            return lambda rows, bias, lora_input: ops.lora_linear(
+                rows, weight, bias, *self._op_factors(name, rows, dtype), self.scaling[name],
+                lora_input)
+
+        result = _linear_adapters(self, active, inputs, bias, dtype, fused, base)
         return result if autocast else result.to(x.dtype)
 
 
@@ -550,7 +688,8 @@ class LoRAConv(LoRALayer):
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                 use_rslora: bool = False, init: Init = True, adapter_name: str = "default"):
+                 use_rslora: bool = False, init: Init = True, adapter_name: str = "default",
+                 use_dora: bool = False):
         if not isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             raise TypeError(f"LoRAConv wraps nn.Conv1d/2d/3d, got {type(base_layer).__name__}")
         if any(d != 1 and k != 1 for d, k in zip(base_layer.dilation, base_layer.kernel_size)):
@@ -558,14 +697,37 @@ class LoRAConv(LoRALayer):
                              "not supported: PEFT builds lora_A without the dilation, so the "
                              "same adapter file would compute another function there (or fail)")
         super().__init__(base_layer)
-        self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init)
+        self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init, use_dora)
 
-    def update_layer(self, adapter_name, r, alpha, dropout=0.0, use_rslora=False, init=True):
+    def update_layer(self, adapter_name, r, alpha, dropout=0.0, use_rslora=False, init=True,
+                     use_dora=False):
         groups = self.base_layer.groups
         if groups > 1 and isinstance(r, int) and r % groups:
             raise ValueError(f"r (the adapter rank) must be a multiple of the convolution's "
                              f"groups={groups} on a grouped convolution, got {r}")
-        super().update_layer(adapter_name, r, alpha, dropout, use_rslora, init)
+        super().update_layer(adapter_name, r, alpha, dropout, use_rslora, init, use_dora)
+
+    def _check_dora_supported(self):
+        if self.base_layer.groups > 1:
+            raise ValueError(f"use_dora on a grouped convolution (groups="
+                             f"{self.base_layer.groups}) is not supported: the grouped update "
+                             "mixes channels across groups, so the adapted kernel whose norm "
+                             "DoRA takes does not exist (PEFT's norm there is not that of the "
+                             "function it computes)")
+
+    # DoRA's units are output channels: the kernel seen as [out, in * k...].
+    def _dora_units(self, tensor):
+        return tensor.flatten(1)
+
+    def _dora_from_units(self, units):
+        return units.reshape(self.base_layer.weight.shape)
+
+    def _dora_factors(self, adapter_name):
+        factor_A, factor_B = self._factor_tensors(adapter_name)
+        return factor_A.flatten(1), factor_B.flatten(1)
+
+    def _dora_magnitude_shape(self, units):
+        return (1, units) + (1,) * (self.base_layer.weight.dim() - 2)
 
     def _create_factors(self, adapter_name, r):
         base = self.base_layer
@@ -593,14 +755,28 @@ class LoRAConv(LoRALayer):
         return super()._merge_adapter(adapter_name, safe_merge)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
+        base_output = result = self.base_layer(x)
         for name in self._unmerged_active():
-            branch = self._lora_input(x, name)
-            branch = x if branch is None else branch
+            dropped = self._lora_input(x, name)
+            branch = x if dropped is None else dropped
             factor_A, factor_B = self.lora_A[name], self.lora_B[name]
-            branch = branch.to(factor_A.weight.dtype)
-            update = factor_B(factor_A(branch)) * self.scaling[name]
-            result = result + update.to(result.dtype)
+            update = factor_B(factor_A(branch.to(factor_A.weight.dtype))) * self.scaling[name]
+            variant = self.lora_variant.get(name)
+            if variant is None:
+                result = result + update.to(result.dtype)
+                continue
+            # DoRA as PEFT: (g - 1) * W xd + g * s * B A xd, W xd from the base
+            # output less its bias without dropout, else by a zero-padded convolution.
+            view = (1, -1) + (1,) * (result.dim() - 2)
+            scale = variant.scale(self, name, result.dtype).view(view)
+            base = self.base_layer
+            if dropped is None:
+                plain = base_output if base.bias is None else base_output - base.bias.view(view)
+            else:
+                convolution = (F.conv1d, F.conv2d, F.conv3d)[base.weight.dim() - 3]
+                plain = convolution(dropped.to(base.weight.dtype), base.weight, None, base.stride,
+                                    base.padding, base.dilation, base.groups).to(result.dtype)
+            result = result + (scale - 1) * plain + scale * update.to(result.dtype)
         return result
 
 
@@ -612,18 +788,18 @@ class LoRAEmbedding(LoRALayer):
     not apply to integer ids.
     """
 
-    adapter_dict_names = ("lora_embedding_A", "lora_embedding_B")
+    adapter_dict_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Embedding, r: int = 8, alpha: float = 8,
                  dropout: float = 0.0, use_rslora: bool = False, init: Init = True,
-                 adapter_name: str = "default"):
+                 adapter_name: str = "default", use_dora: bool = False):
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"LoRAEmbedding wraps nn.Embedding, got {type(base_layer).__name__}")
         super().__init__(base_layer)
         del self.lora_A, self.lora_B
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init)
+        self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init, use_dora)
 
     def _create_factors(self, adapter_name, r):
         weight = self.base_layer.weight
@@ -650,6 +826,12 @@ class LoRAEmbedding(LoRALayer):
         delta = factor_B.detach().float() @ factor_A.detach().float()
         return delta.T * self.scaling[adapter_name]
 
+    # DoRA's units are embedding dimensions (PEFT's): columns of the [num, dim] table.
+    def _dora_units(self, tensor):
+        return tensor.t()
+
+    _dora_from_units = _dora_units
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(ids)
         base = self.base_layer
@@ -657,6 +839,10 @@ class LoRAEmbedding(LoRALayer):
             factor_A, factor_B = self._factor_tensors(name)
             rows = F.embedding(ids, factor_A.T, base.padding_idx, base.max_norm, base.norm_type,
                                base.scale_grad_by_freq, base.sparse)
-            update = (rows @ factor_B.T) * self.scaling[name]
-            result = result + update.to(result.dtype)
+            update = ((rows @ factor_B.T) * self.scaling[name]).to(result.dtype)
+            variant = self.lora_variant.get(name)
+            if variant is None:
+                result = result + update
+            else:  # DoRA as PEFT: g * (running output + s * B A at the ids)
+                result = variant.scale(self, name, result.dtype) * (result + update)
         return result

@@ -12,7 +12,8 @@ from torch import nn
 from .. import ops
 from ..quant import NF4Weight
 from .adapter_layer import autocast_enabled
-from .lora import Init, LoRALayer, _adapter_dtype, validate_adapter_arguments
+from .dora import _tensor_key, nf4_row_sq_norms
+from .lora import Init, LoRALayer, _adapter_dtype, _linear_adapters, validate_adapter_arguments
 from .nf4_linear import NF4Linear
 
 
@@ -31,7 +32,8 @@ class QLoRALinear(LoRALayer):
     """
 
     def __init__(self, base_layer: NF4Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                 use_rslora: bool = False, init: Init = True, adapter_name: str = "default"):
+                 use_rslora: bool = False, init: Init = True, adapter_name: str = "default",
+                 use_dora: bool = False):
         if not isinstance(base_layer, NF4Linear):
             raise TypeError(f"QLoRALinear wraps NF4Linear, got {type(base_layer).__name__}")
         super().__init__(base_layer)
@@ -39,7 +41,7 @@ class QLoRALinear(LoRALayer):
         self.register_buffer("merged_weight", None, persistent=False)
         self._unmerged_base: Optional[NF4Weight] = None
         self._keep_merged_weight = False
-        self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init)
+        self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init, use_dora)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
@@ -83,6 +85,21 @@ class QLoRALinear(LoRALayer):
         factor_A, factor_B = self._factor_tensors(adapter_name)
         return (factor_B.detach().float() @ factor_A.detach().float()) * self.scaling[adapter_name]
 
+    # QDoRA: the DoRA norm from the 4-bit weight without ever forming it densely.
+    def _dora_row_sq_norms(self):
+        base = self.base_layer
+        return nf4_row_sq_norms(base.quantized_weight(), base.out_features, base.in_features)
+
+    def _dora_apply_weight(self, factor_A):
+        # A @ W.T ([r, out]) through the 4-bit GEMM (fp32 rows: exact decoded values).
+        dtype = torch.float64 if factor_A.dtype == torch.float64 else torch.float32
+        return ops.nf4_linear(factor_A.to(dtype).contiguous(), *self.base_layer.linear_args(),
+                              None)
+
+    def _dora_base_key(self):
+        args = self.base_layer.linear_args()
+        return (_tensor_key(args[0]), _tensor_key(args[1]))
+
     supports_row_adapters = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,25 +111,40 @@ class QLoRALinear(LoRALayer):
         inputs = x.to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
         if self.row_adapter_names is not None and not self.adapters_disabled:
-            base_output = ops.nf4_linear(inputs, *base.linear_args(), bias)
-            result = self._row_adapter_forward(inputs, base_output)
+            if self.lora_variant:  # DoRA rows scale W x + s B A x, then the bias is added
+                base_output = ops.nf4_linear(inputs, *base.linear_args(), None)
+                result = self._dora_rows(self._row_adapter_forward(inputs, base_output), bias)
+            else:
+                base_output = ops.nf4_linear(inputs, *base.linear_args(), bias)
+                result = self._row_adapter_forward(inputs, base_output)
             return result if autocast else result.to(x.dtype)
         if self.merged_weight is not None and not self.adapters_disabled:
+            if any(name in self.lora_variant for name in active):
+                raise ValueError(f"DoRA adapters {[n for n in active if n in self.lora_variant]} "
+                                 "cannot run on top of a dense merged weight "
+                                 "(keep_merged_weight=True); merge them too or unmerge first")
             result = F.linear(inputs, self.merged_weight.to(dtype), bias)
             if not active:
                 return result if autocast else result.to(x.dtype)
-        elif not active:
+            for name in active:
+                branch = self._lora_input(inputs, name)
+                branch = inputs if branch is None else branch
+                down = branch @ self.lora_A[name].weight.to(dtype).T
+                result = result + (down @ self.lora_B[name].weight.to(dtype).T) * self.scaling[name]
+            return result if autocast else result.to(x.dtype)
+        if not active:
             return base(x)
-        else:
-            first = active.pop(0)
-            result = ops.qlora_linear(
-                inputs, *base.linear_args(), bias, *self._op_factors(first, inputs, dtype),
-                self.scaling[first], self._lora_input(inputs, first))
-        for name in active:
-            branch = self._lora_input(inputs, name)
-            branch = inputs if branch is None else branch
-            down = branch @ self.lora_A[name].weight.to(dtype).T
-            result = result + (down @ self.lora_B[name].weight.to(dtype).T) * self.scaling[name]
+        args = base.linear_args()
+
+        def plain(rows, bias):
+            return ops.nf4_linear(rows, *args, bias)
+
+        def fused(name):
+            return lambda rows, bias, lora_input: ops.qlora_linear(
+                rows, *args, bias, *self._op_factors(name, rows, dtype), self.scaling[name],
+                lora_input)
+
+        result = _linear_adapters(self, active, inputs, bias, dtype, fused, plain)
         return result if autocast else result.to(x.dtype)
 
     # ------------------------------------------------------------------ merge
@@ -146,7 +178,7 @@ class QLoRALinear(LoRALayer):
         base = self.base_layer
         current = (self.merged_weight.float() if self.merged_weight is not None
                    else base.dequantize(torch.float32))
-        exact = current + sum(self.delta_weight(name) for name in names)
+        exact = self._merged_dense(current, names)
         if safe_merge and not torch.isfinite(exact).all():
             raise ValueError(f"merging adapters {names} into a 4-bit base gives non-finite "
                              "weights; the layer was left unchanged")
@@ -176,13 +208,31 @@ class QLoRALinear(LoRALayer):
             n for n in self._check_known(requested) if n not in self.merged_adapters]
         original = (self.base_layer.quantized_weight() if self._unmerged_base is None
                     else self._unmerged_base)
-        weight = original.dequantize(torch.float32)
-        for name in names:
-            weight = weight + self.delta_weight(name)
+        weight = self._merged_dense(original.dequantize(torch.float32), names, original)
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError(f"merging adapters {names} into a 4-bit base gives non-finite "
                              "weights")
         return self.base_layer.to_dense(weight)
+
+    def _merged_dense(self, current: torch.Tensor, names: list[str],
+                      original: Optional[NF4Weight] = None) -> torch.Tensor:
+        """``current`` (fp32 ``[out, in]``) with adapters ``names`` added in turn
+        (DoRA adapters scale by ``m / ||W0 + s B A||``, W0 the weight before any
+        merge, as PEFT), in fp32."""
+        unmerged = None
+        for name in names:
+            delta = self.delta_weight(name)
+            variant = self.lora_variant.get(name)
+            if variant is None:
+                current = current + delta
+                continue
+            if unmerged is None:
+                if original is None:
+                    original = (self.base_layer.quantized_weight() if self._unmerged_base is None
+                                else self._unmerged_base)
+                unmerged = original.dequantize(torch.float32)
+            current = variant.merged_weight(self, name, current, unmerged, delta)
+        return current
 
     def unmerge(self) -> None:
         """Restore the base exactly as before the first merge (the saved 4-bit data)."""

@@ -19,9 +19,11 @@ _INIT_CHOICES = (True, False, "default", "gaussian", "pissa")
 _ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"}
 # PEFT options (LoraConfig / AdaLoraConfig fields) this library does not
 # implement: an adapter that sets one is refused on load, by name, unless the
-# value is one of the neutral ones listed (PEFT's default and equivalents).
+# value is one of the neutral ones listed (PEFT's default and equivalents), or
+# the config class loading it reads the option (LoRAConfig reads use_dora;
+# AdaLoRA refuses it, as PEFT does).
 _UNSUPPORTED_PEFT_OPTIONS = {
-    "use_dora": ((False, None), "DoRA (weight-decomposed LoRA)"),
+    "use_dora": ((False, None), "DoRA (weight-decomposed LoRA) with this adapter type"),
     "lora_bias": ((False, None), "a trained lora_B bias"),
     "kasa_config": ((None,), "KaSA (knowledge-aware singular-value adaptation)"),
     "velora_config": ((None,), "VeLoRA (compressed activations in the backward pass)"),
@@ -56,7 +58,8 @@ def peft_option_treatment(name: str) -> str:
     ``"refused"`` (unless neutral) or ``"unknown"``."""
     from .adalora import AdaLoRAConfig
 
-    if name in _UNSUPPORTED_PEFT_OPTIONS:
+    if name in _UNSUPPORTED_PEFT_OPTIONS and name not in {
+            f.name for f in dataclasses.fields(LoRAConfig)}:
         return "refused"
     if name in _IGNORED_PEFT_FIELDS:
         return "ignored"
@@ -71,7 +74,7 @@ def check_peft_options(values: dict[str, Any], read: set[str]) -> None:
     dict sets a PEFT option this library does not implement, or an option it
     does not know (a newer PEFT's) to anything but an unset value."""
     for name, (neutral, feature) in _UNSUPPORTED_PEFT_OPTIONS.items():
-        if name in values and values[name] not in neutral:
+        if name in values and values[name] not in neutral and name not in read:
             raise ValueError(f"adapter_config.json sets {name}={values[name]!r}: {feature}, "
                              "which lowrank_ext does not implement")
     for name, value in values.items():
@@ -204,6 +207,9 @@ class LoRAConfig:
         base_model_name_or_path: recorded in ``adapter_config.json``.
         task_type: None or one of PEFT's task types (recorded, and its head
             trained whole, as PEFT does).
+        use_dora: DoRA (weight-decomposed LoRA; PEFT's name and file format:
+            a ``lora_magnitude_vector`` per adapted layer) on Linear, Conv1D,
+            Conv1d/2d/3d (not grouped), Embedding and NF4 (QDoRA) targets.
 
     Raises ``ValueError`` naming the field for an out-of-range value.
     """
@@ -223,6 +229,7 @@ class LoRAConfig:
     fan_in_fan_out: bool = False
     base_model_name_or_path: Optional[str] = None
     task_type: Optional[str] = None
+    use_dora: bool = False
 
     def __post_init__(self):
         validate_adapter_arguments(self.r, self.lora_alpha, self.lora_dropout)
@@ -233,7 +240,9 @@ class LoRAConfig:
                              f"'pissa_niter_<n>'), got {self.init_lora_weights!r}")
         self.target_modules = normalized_target_modules(self.target_modules)
         self.modules_to_save = with_task_heads(self.task_type, self.modules_to_save)
-        check_flags(self, "use_rslora", "fan_in_fan_out")
+        if self.use_dora is None:  # PEFT writes null for "off" in some versions
+            self.use_dora = False
+        check_flags(self, "use_rslora", "fan_in_fan_out", "use_dora")
         check_patterns("rank_pattern", self.rank_pattern)
         check_patterns("alpha_pattern", self.alpha_pattern)
         for pattern, rank in self.rank_pattern.items():

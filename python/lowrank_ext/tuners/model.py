@@ -784,7 +784,7 @@ class LoRAModule(AdapterModel):
         rank, alpha = config.rank_and_alpha(path)
         return dict(r=rank, alpha=alpha, dropout=config.lora_dropout,
                     use_rslora=config.use_rslora, init=layer_init(config.init_lora_weights),
-                    adapter_name=adapter_name)
+                    adapter_name=adapter_name, use_dora=config.use_dora)
 
     def _create_layer(self, module, path, adapter_name, config):
         options = self._layer_options(path, adapter_name, config)
