@@ -5,7 +5,8 @@
 #   1. builds the CUDA extension for sm_90 only against the installed torch
 #      (pip --no-index --no-build-isolation; torch < 2.14 builds as C++17,
 #      torch >= 2.14 as C++20, see CMakeLists.txt),
-#   2. runs the CUDA tests (tests/test_cuda*.py) with a per-test timeout,
+#   2. runs the CUDA tests (tests/test_cuda*.py and the CUDA samples of
+#      tests/test_op_samples.py) with a per-test timeout,
 #   3. runs bench/bench_cuda.py, which prints the side-by-side table and
 #      writes it to bench/results/ and to $OUT.
 # The benchmark runs even when tests fail (its numbers are still worth
@@ -113,8 +114,8 @@ if ! step build 240 250 \
 fi
 (cd "$out_dir" && "$python" -c "import lowrank_ext; print(lowrank_ext.build_info())")
 
-step tests 210 120 "$python" -m pytest tests/test_cuda.py tests/test_cuda_multi_lora.py -q \
-  -p no:cacheprovider -rfE --maxfail=50 "${timeout_option[@]}" \
+step tests 210 120 "$python" -m pytest tests/test_cuda.py tests/test_cuda_multi_lora.py \
+  tests/test_op_samples.py -k cuda -q -p no:cacheprovider -rfE --maxfail=50 "${timeout_option[@]}" \
   --junitxml="$out_dir/test_cuda.xml" || status=1
 
 step bench 150 0 "$python" bench/bench_cuda.py || status=1
