@@ -1,6 +1,6 @@
 """NF4 quantization ops: bit-exact with bitsandbytes on every ISA, torch integration, errors.
 
-Bit-exactness is the contract (DESIGN.md), so every comparison with
+Bit-exactness is the contract (docs/numerics.md), so every comparison with
 bitsandbytes is `torch.equal`, not a tolerance.
 """
 

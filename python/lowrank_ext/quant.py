@@ -1,6 +1,6 @@
 """NF4 weights: packed 4-bit codes plus (optionally double-quantized) block scales.
 
-The layout and numerics are those of bitsandbytes' NF4 (see DESIGN.md), and
+The layout and numerics are those of bitsandbytes' NF4 (see docs/numerics.md), and
 :meth:`NF4Weight.state_dict` / :meth:`NF4Weight.from_state_dict` use its
 serialization keys, so checkpoints move both ways between the two libraries.
 """
