@@ -16,6 +16,57 @@ from .lora import is_transformers_conv1d
 # ``weight`` buffer itself), as (buffer name, NF4Weight field).
 _SCALE_BUFFERS = (("weight_absmax", "absmax"), ("weight_nested_absmax", "nested_absmax"),
                   ("weight_nested_code", "nested_code"))
+# The codes and every scale tensor, as (attribute, NF4Weight field, state-dict suffix).
+_QUANT_TENSORS = (("weight", "packed", ""),) + tuple(
+    (name, field, "." + {"nested_code": "nested_quant_map"}.get(field, field))
+    for name, field in _SCALE_BUFFERS)
+
+
+_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
+# A shardable layer's quant state (JSON bytes) is padded with spaces to a
+# multiple of this width: torch.distributed.checkpoint loads into tensors of
+# the saved size, and the JSON's length varies with the double-quantization
+# offset's digits. JSON allows trailing whitespace; bitsandbytes and
+# NF4Weight.from_state_dict parse it unchanged.
+_STATE_WIDTH = 256
+
+
+def _fixed_width(encoded: torch.Tensor) -> torch.Tensor:
+    width = -(-encoded.numel() // _STATE_WIDTH) * _STATE_WIDTH
+    return torch.cat([encoded, encoded.new_full((width - encoded.numel(),), ord(" "))])
+
+
+def _is_dtensor(tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "to_local")
+
+
+def _reinterpret(tensor: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``tensor`` viewed as ``dtype`` of the same element size (no copy); a DTensor
+    stays a DTensor with the same mesh, placements and global shape."""
+    if tensor is None or tensor.dtype == dtype:
+        return tensor
+    if not _is_dtensor(tensor):
+        return tensor.view(dtype)
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(tensor.to_local().view(dtype), tensor.device_mesh,
+                              tensor.placements, run_check=False, shape=tensor.shape,
+                              stride=tensor.stride())
+
+
+def _storage_form(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """How a shardable layer stores a quantized tensor: fp32 scales as their int32
+    bits, so that neither ``Module.to(dtype)`` nor FSDP's mixed precision
+    (``param_dtype``), which only touch floating-point parameters, can round them."""
+    if tensor is not None and tensor.dtype == torch.float32:
+        return _reinterpret(tensor, torch.int32)
+    return tensor
+
+
+def _value_form(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Inverse of :func:`_storage_form` (int32 bits back to the fp32 scales)."""
+    return _reinterpret(tensor, torch.float32) if tensor is not None and \
+        tensor.dtype == torch.int32 else tensor
 
 
 def is_bnb_linear4bit(module: nn.Module) -> bool:
@@ -42,6 +93,13 @@ class NF4Linear(nn.Module):
     ``forward(x)``: ``x`` ``[..., in_features]`` float; computed in
     ``compute_dtype`` (default: x's dtype) with fp32 accumulation and returned
     in x's dtype. Gradients flow to ``x`` (and ``bias`` if it requires grad).
+
+    Sharding with FSDP2: :meth:`make_shardable` turns the codes and scales
+    into frozen parameters (``requires_grad=False``), which
+    ``torch.distributed.fsdp.fully_shard`` shards on dim 0 and all-gathers
+    around forward and backward like any other parameter; the gathered
+    tensors feed the fused kernels as they are. See
+    :mod:`lowrank_ext.distributed`.
     """
 
     def __init__(self, weight: NF4Weight, bias: Optional[torch.Tensor] = None,
@@ -51,6 +109,7 @@ class NF4Linear(nn.Module):
             raise ValueError(f"NF4Linear needs a 2-D weight, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         self.compute_dtype = compute_dtype
+        self.shardable = False
         self.register_buffer("weight", weight.packed.reshape(-1, 1))
         for buffer_name, _ in _SCALE_BUFFERS:
             self.register_buffer(buffer_name, None, persistent=False)
@@ -62,9 +121,19 @@ class NF4Linear(nn.Module):
         self.source_class: type = nn.Linear
 
     def _set_quantized(self, weight: NF4Weight) -> None:
-        self.weight = weight.packed.reshape(-1, 1)
-        for buffer_name, field in _SCALE_BUFFERS:
-            setattr(self, buffer_name, getattr(weight, field))
+        if self.shardable:
+            if self.is_sharded():
+                raise RuntimeError("this NF4Linear is sharded by FSDP: its 4-bit weight cannot "
+                                   "be replaced in place (load a state dict instead)")
+            for name, field, _ in _QUANT_TENSORS:
+                tensor = getattr(weight, field)
+                tensor = tensor.reshape(-1, 1) if name == "weight" else tensor
+                self._parameters[name] = None if tensor is None else nn.Parameter(
+                    _storage_form(tensor), requires_grad=False)
+        else:
+            self.weight = weight.packed.reshape(-1, 1)
+            for buffer_name, field in _SCALE_BUFFERS:
+                setattr(self, buffer_name, getattr(weight, field))
         self.blocksize = weight.blocksize
         self.offset = weight.offset
         self.weight_dtype = weight.dtype
@@ -115,12 +184,51 @@ class NF4Linear(nn.Module):
         weight = NF4Weight.from_state_dict(linear.state_dict(), "weight")
         return cls(weight, linear.bias, linear.compute_dtype)
 
+    def make_shardable(self) -> "NF4Linear":
+        """Hold the codes and scales as frozen ``nn.Parameter`` s (``requires_grad=False``)
+        instead of buffers, so that FSDP2's ``fully_shard`` shards them; returns self.
+
+        Same attribute names (``weight``, ``weight_absmax``, ...); fp32 scales
+        are stored as their int32 bits (see :func:`_storage_form`), so read
+        the weight through :meth:`quantized_weight` / :meth:`linear_args`,
+        never through those attributes. The state dict is unchanged
+        (bitsandbytes' keys and dtypes). Idempotent; there is no way back.
+        """
+        if self.shardable:
+            return self
+        weight = self.quantized_weight()
+        for name, _, _ in _QUANT_TENSORS:
+            del self._buffers[name]
+        self.shardable = True
+        self._set_quantized(weight)
+        return self
+
+    def is_sharded(self) -> bool:
+        """True while FSDP holds this layer's 4-bit weight as sharded DTensors."""
+        return self.shardable and _is_dtensor(self._parameters.get("weight"))
+
+    def _quant_tensor(self, name: str) -> Optional[torch.Tensor]:
+        """A quantized tensor in its NF4Weight form (sharded ones gathered: a collective)."""
+        tensor = getattr(self, name)
+        if tensor is None or not self.shardable:
+            return tensor
+        if _is_dtensor(tensor):
+            # Outside FSDP's forward/backward (there the module holds the
+            # gathered tensors): every rank must make this call.
+            tensor = tensor.full_tensor()
+        return _value_form(tensor)
+
     def quantized_weight(self) -> NF4Weight:
-        """The weight as an :class:`~lowrank_ext.NF4Weight` (sharing these buffers)."""
-        return NF4Weight(self.weight.reshape(-1), self.weight_absmax,
+        """The weight as an :class:`~lowrank_ext.NF4Weight` (sharing these buffers).
+
+        On a layer that FSDP has sharded (:meth:`is_sharded`) this gathers the
+        weight, a collective call that every rank must make.
+        """
+        return NF4Weight(self._quant_tensor("weight").reshape(-1),
+                         self._quant_tensor("weight_absmax"),
                          torch.Size((self.out_features, self.in_features)), self.weight_dtype,
-                         self.blocksize, self.weight_nested_absmax, self.weight_nested_code,
-                         self.offset)
+                         self.blocksize, self._quant_tensor("weight_nested_absmax"),
+                         self._quant_tensor("weight_nested_code"), self.offset)
 
     def set_quantized_weight(self, weight: NF4Weight) -> None:
         """Replace the stored weight (same ``[out, in]`` shape; raises ``ValueError`` otherwise)."""
@@ -177,6 +285,11 @@ class NF4Linear(nn.Module):
 
     def linear_args(self) -> tuple:
         """The NF4 weight argument group of :func:`lowrank_ext.ops.nf4_linear`."""
+        if self.shardable:  # inside FSDP's forward: the gathered tensors, as they are
+            return (self._quant_tensor("weight"), self._quant_tensor("weight_absmax"),
+                    self._quant_tensor("weight_nested_absmax"),
+                    self._quant_tensor("weight_nested_code"), self.offset, self.out_features,
+                    self.in_features, self.blocksize)
         return (self.weight, self.weight_absmax, self.weight_nested_absmax,
                 self.weight_nested_code, self.offset, self.out_features, self.in_features,
                 self.blocksize)
@@ -214,26 +327,94 @@ class NF4Linear(nn.Module):
                 self._buffers[name] = fn(tensor.view(torch.int32)).view(torch.float32)
         return self
 
+    def _load_shards(self, weight: NF4Weight) -> None:
+        """Copy ``weight`` (its tensors sharded DTensors, e.g. from
+        ``torch.distributed.checkpoint.load``, or whole tensors on every rank)
+        into this sharded layer's local shards. Raises ``ValueError`` when it
+        does not fit (shape, blocksize, double quantization, dtypes)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        if tuple(weight.shape) != (self.out_features, self.in_features) or \
+                weight.blocksize != self.blocksize or \
+                weight.double_quant != (self.weight_nested_absmax is not None):
+            raise ValueError(
+                f"NF4 weight (shape {tuple(weight.shape)}, blocksize {weight.blocksize}, "
+                f"double_quant={weight.double_quant}) does not fit this sharded layer "
+                f"{(self.out_features, self.in_features)}, blocksize {self.blocksize}, "
+                f"double_quant={self.weight_nested_absmax is not None}; a sharded layer keeps "
+                "its format")
+        copies = []
+        for name, field, _ in _QUANT_TENSORS:
+            target = getattr(self, name)
+            if target is None:
+                continue
+            source = getattr(weight, field)
+            source = _storage_form(source.reshape(-1, 1) if name == "weight" else source)
+            if source.dtype != target.dtype or source.shape != target.shape:
+                raise ValueError(f"{name}: {source.dtype} {tuple(source.shape)} does not fit "
+                                 f"{target.dtype} {tuple(target.shape)}")
+            if not _is_dtensor(source):  # a whole tensor: this rank's part, no communication
+                source = distribute_tensor(source.to(target.device), target.device_mesh,
+                                           target.placements, src_data_rank=None)
+            elif source.placements != target.placements:
+                source = source.redistribute(target.device_mesh, target.placements)
+            copies.append((target, source))
+        with torch.no_grad():
+            for target, source in copies:
+                target.to_local().copy_(source.to_local())
+        self.offset = weight.offset
+        self.weight_dtype = weight.dtype
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key, value in self.quantized_weight().state_dict(prefix + "weight").items():
-            if key != prefix + "weight":
-                destination[key] = value
+        if not self.shardable:
+            for key, value in self.quantized_weight().state_dict(prefix + "weight").items():
+                if key != prefix + "weight":
+                    destination[key] = value
+            return
+        # The same keys and dtypes as the buffer form. Sharded tensors stay
+        # DTensors (no gathering: torch.distributed.checkpoint saves each
+        # rank's shard; DTensor.full_tensor() on every value gives the
+        # bitsandbytes-format state dict).
+        values = {}
+        for name, field, _ in _QUANT_TENSORS:
+            destination.pop(prefix + name, None)
+            tensor = getattr(self, name)
+            if tensor is not None and not keep_vars:
+                tensor = tensor.detach()
+            values[field] = _value_form(tensor)
+        metadata = NF4Weight(shape=torch.Size((self.out_features, self.in_features)),
+                             dtype=self.weight_dtype, blocksize=self.blocksize,
+                             offset=self.offset, **values)
+        for key, value in metadata.state_dict(prefix + "weight").items():
+            if key == prefix + "weight":
+                value = values["packed"]
+            elif key.endswith(_STATE_SUFFIX):
+                value = _fixed_width(value)
+            destination[key] = value
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         if prefix + "weight" in state_dict:
             try:
                 weight = NF4Weight.from_state_dict(state_dict, prefix + "weight")
-                self.set_quantized_weight(weight)
+                if self.is_sharded():
+                    self._load_shards(weight)
+                else:
+                    self.set_quantized_weight(weight)
             except (KeyError, ValueError, RuntimeError) as error:
                 error_msgs.append(f"{prefix}weight: {error}")
                 return
             # The codes are in; the generic copy below must not see the file's
             # tensor, which bitsandbytes may store as another dtype
-            # (quant_storage=bf16 for FSDP, a different shape).
+            # (quant_storage=bf16 for FSDP, a different shape). A shardable
+            # layer's scales are parameters the generic copy looks for under
+            # their attribute names: it finds them already in place.
             state_dict = dict(state_dict)
-            state_dict[prefix + "weight"] = self.weight
+            names = [name for name, _, _ in _QUANT_TENSORS] if self.shardable else ["weight"]
+            for name in names:
+                if getattr(self, name) is not None:
+                    state_dict[prefix + name] = getattr(self, name)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         # torch reads dotted keys as submodule state; these belong to ``weight``.
