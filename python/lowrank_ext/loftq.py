@@ -228,8 +228,9 @@ def reconstruction_error(weight: torch.Tensor, quantized: NF4Weight,
                          lora_A: Optional[torch.Tensor] = None,
                          lora_B: Optional[torch.Tensor] = None,
                          scaling: float = 1.0) -> float:
-    """``||weight - (Q + scaling * lora_B @ lora_A)||_F`` in float64 (no adapter: ``||weight - Q||_F``).
+    """``||weight - (Q + scaling * lora_B @ lora_A)||_F``, in float64.
 
+    Without factors: ``||weight - Q||_F`` (plain QLoRA init's error).
     ``Q`` is ``quantized`` decoded in float32, the precision the layer computes
     in at best. Raises ``ValueError`` if only one of the factors is given.
     """
