@@ -9,8 +9,10 @@ the same global batches; see that module for why the tolerance is 1e-5
 
 * ``qlora``: double-quantized NF4 under every adapted projection;
 * ``mixed``: fp32 scales (no double quantization), lowrank_ext's dense
-  LoRALinear on o_proj in the same FSDP groups, gradient checkpointing;
-* ``compile``: every sharded decoder layer under ``torch.compile`` (the
+  LoRALinear on o_proj in the same FSDP groups, gradient checkpointing; and
+  a copy under ``MixedPrecisionPolicy(param_dtype=bfloat16)`` whose 4-bit
+  layers must receive their codes and scales unrounded;
+* ``compile``: the first sharded decoder layer under ``torch.compile`` (the
   ``aot_eager`` backend: dynamo and AOTAutograd trace the layer, our ops'
   fake kernels included, without inductor's C++ code generation, which
   takes minutes on two CPU cores).
@@ -191,6 +193,9 @@ def test_fsdp_matches_single_process(fsdp_result, scenario):
     if scenario == "mixed":
         assert main["has_dense_lora"] and main["gradient_checkpointing"]
         assert "LoRALinear" in main["layer_kinds"]
+        # Under MixedPrecisionPolicy(param_dtype=bfloat16) the fp32 scales
+        # reach the kernels unrounded.
+        assert all(entry["mixed_precision_keeps_scales"] is True for entry in entries)
     if scenario != "compile":
         for entry in entries:
             assert entry["dcp_differed_before_load"] is True

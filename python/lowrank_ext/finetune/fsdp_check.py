@@ -29,8 +29,9 @@ one process training on the whole global batches. Per scenario it checks
 
 Scenarios (``--scenarios``, comma-separated): ``qlora`` (double-quantized
 NF4 on every projection), ``mixed`` (fp32 scales, no double quantization;
-dense LoRA on v_proj / o_proj next to 4-bit layers; gradient checkpointing)
-and ``compile`` (each sharded decoder layer ``torch.compile`` d).
+dense LoRA on o_proj next to 4-bit layers; gradient checkpointing) and
+``compile`` (the first sharded decoder layer under ``torch.compile``,
+``--compile-backend``; no checkpoint round trip).
 
 It writes ``fsdp_check.json`` to ``--output-dir`` and exits with status 1
 when a check fails.
@@ -158,13 +159,13 @@ def _normalized_key(key: str) -> str:
 
 
 def compile_layers(model: nn.Module, scenario: str, arguments) -> None:
-    """In scenario "compile", ``torch.compile`` each sharded decoder layer (FSDP's
-    hooks stay outside the compiled forward)."""
+    """In scenario "compile", ``torch.compile`` the first sharded decoder layer's
+    forward (FSDP's unshard/reshard hooks run around it, outside the graph)."""
     from lowrank_ext.distributed import decoder_layers
 
     if scenario == "compile":
-        for layer in decoder_layers(model):
-            layer.forward = torch.compile(layer.forward, backend=arguments.compile_backend)
+        layer = decoder_layers(model)[0]
+        layer.forward = torch.compile(layer.forward, backend=arguments.compile_backend)
 
 
 def check_checkpoint(model: nn.Module, scenario: str, arguments, device, output: Path,
@@ -194,8 +195,55 @@ def check_checkpoint(model: nn.Module, scenario: str, arguments, device, output:
             "dcp_outputs_equal": outputs_equal}
 
 
+def check_mixed_precision(scenario: str, arguments, device, probe: torch.Tensor) -> bool:
+    """Shard another copy with ``MixedPrecisionPolicy(param_dtype=bfloat16)``: the
+    codes and scales its 4-bit layers receive inside forward are bit for bit
+    the unsharded layer's (FSDP casts floating-point parameters; fp32 scales
+    are held as int32 bits, so it leaves them alone), and the norms do get
+    cast (the policy is in effect)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from lowrank_ext.distributed import fully_shard_model
+    from lowrank_ext.nn import NF4Linear
+
+    reference = build(scenario, arguments.seed, device)
+    expected = {name: module.linear_args() for name, module in reference.named_modules()
+                if isinstance(module, NF4Linear)}
+    model = build(scenario, arguments.seed, device)
+    fully_shard_model(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    seen, norm_dtypes = {}, set()
+
+    def record(name, layer):
+        # QLoRALinear hands its base's linear_args() to the fused op itself.
+        # Copies: FSDP frees the gathered storage after the forward.
+        return lambda module, _: seen.__setitem__(name, tuple(
+            argument.clone() if isinstance(argument, torch.Tensor) else argument
+            for argument in layer.linear_args()))
+
+    hooks = []
+    for name, module in model.named_modules():
+        layer = getattr(module, "base_layer", module)
+        if isinstance(layer, NF4Linear) and not name.endswith("base_layer"):
+            base_name = name if layer is module else name + ".base_layer"
+            hooks.append(module.register_forward_pre_hook(record(base_name, layer)))
+        if type(module).__name__.endswith("RMSNorm"):
+            hooks.append(module.register_forward_pre_hook(
+                lambda module, _: norm_dtypes.add(module.weight.dtype)))
+    with torch.no_grad():
+        model(input_ids=probe)
+    for hook in hooks:
+        hook.remove()
+    same = sorted(seen) == sorted(expected) and len(seen) > 0 and all(
+        (a is None and b is None) or (isinstance(a, torch.Tensor) and a.dtype == b.dtype
+                                      and torch.equal(a, b)) or a == b
+        for name in seen for a, b in zip(seen[name], expected[name]))
+    return same and norm_dtypes == {torch.bfloat16}
+
+
 def _checkpoint_passed(result: dict) -> bool:
     keys = ("dcp_differed_before_load", "dcp_reload_equal", "dcp_outputs_equal")
+    if result["scenario"] == "mixed":
+        keys += ("mixed_precision_keeps_scales",)
     return result["scenario"] == "compile" or all(result.get(key) is True for key in keys)
 
 
@@ -226,6 +274,9 @@ def run_scenario(scenario: str, arguments, rank: int, world_size: int, device,
     checkpoint = (check_checkpoint(model, scenario, arguments, device, output, full,
                                    batches[0][rank::world_size].to(device))
                   if scenario != "compile" else {})
+    if scenario == "mixed":
+        checkpoint["mixed_precision_keeps_scales"] = check_mixed_precision(
+            scenario, arguments, device, batches[0][rank::world_size].to(device))
     result = {"scenario": scenario, "layer_kinds": sorted(kinds & {"QLoRALinear", "LoRALinear",
                                                                    "NF4Linear"}),
               "rank": rank, "resident_nf4_bytes": resident, "whole_nf4_bytes": whole,
