@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/dispatch.h"
+#include "cpu/kernels.h"
 
 #ifndef LOWRANK_VERSION
 #define LOWRANK_VERSION "0.0.0"
@@ -54,6 +55,9 @@ py::dict build_info() {
   info["cpu_parallel"] = "none";
 #endif
   info["cpu_isas_supported"] = supported_isas();
+  // Whether the CPU has AVX512-BF16: without it the 4-bit GEMM path
+  // multiplies bfloat16 activations in fp32 (see gemm_dtype in cpu_ops.cpp).
+  info["cpu_bf16_dot_product"] = lowrank::cpu::bf16_dot_product_supported();
   return info;
 }
 

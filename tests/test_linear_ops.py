@@ -456,3 +456,37 @@ def test_errors_name_the_argument():
         ops.qlora_linear(x, *args, None, lora_A, lora_B, 1.0, lora_input=x[:1])
     with pytest.raises(RuntimeError, match="weight must be 2-D"):
         ops.lora_linear(x, random((19, 45, 1), torch.float32, seed=47), None, lora_A, lora_B, 1.0)
+
+
+@pytest.mark.parametrize("direction", ["forward", "grad_input"])
+def test_bf16_gemm_path_multiplies_as_this_cpu_does_fastest(direction):
+    """The GEMM path (more rows than the GEMV takes) with bfloat16 activations.
+
+    Without AVX512-BF16, ATen's bf16 GEMM has no native instructions (26x
+    slower than fp32 at 64x5632 @ 5632x256 on an AVX2-only CPU), so the
+    weight is dequantized to fp32, multiplied in fp32 and the result rounded
+    once: it must then equal fp32 arithmetic rounded to bf16. With
+    AVX512-BF16 the weight is dequantized to bf16 and ATen's bf16 GEMM runs:
+    it must equal that. Both sides accumulate in fp32, perhaps in another
+    order, so an element whose fp32 value lies within a few fp32 ulps of a
+    bf16 rounding boundary may round the other way: at most 1% of the
+    elements may differ, each by at most one bf16 ulp. Rounding the weight to
+    bf16 when fp32 is expected changes about a third of them.
+    """
+    native = lowrank_ext._C.build_info()["cpu_bf16_dot_product"]
+    weight = make_weight(256, 2048, 64, True, seed=70)
+    dense = weight.dequantize(torch.float32)
+    if direction == "forward":
+        x = random((64, 2048), torch.bfloat16, seed=71)
+        result = ops.nf4_linear(x, *weight.linear_args())
+        expected = x @ dense.bfloat16().T if native else (x.float() @ dense.T).bfloat16()
+    else:
+        x = random((64, 256), torch.bfloat16, seed=72)
+        result = ops.nf4_linear_grad_input(x, *weight.linear_args())
+        expected = x @ dense.bfloat16() if native else (x.float() @ dense).bfloat16()
+    assert result.dtype == torch.bfloat16
+    differs = result != expected
+    ulp = expected.float().abs().clamp_min(2.0**-126) * 2.0**-7
+    assert ((result.float() - expected.float()).abs() <= ulp).all()
+    assert differs.float().mean().item() <= 0.01, \
+        f"{differs.float().mean().item():.1%} of the elements differ"
