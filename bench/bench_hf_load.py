@@ -6,11 +6,15 @@ Three ways to a trainable 4-bit model from the same bf16 safetensors shards
 - ours: ``from_pretrained(quantization_config=lowrank_ext.NF4Config())``
   (quantized layer by layer while loading), then ``QLoRAModule``;
 - anchor: ``from_pretrained(quantization_config=BitsAndBytesConfig(nf4,
-  double quant, bf16 compute))``, then PEFT ``get_peft_model``;
-- old route: bf16 ``from_pretrained``, then ``QLoRAModule`` quantizes.
+  double quant, compute in --dtype))``, then PEFT ``get_peft_model``;
+- old route: dense ``from_pretrained``, then ``QLoRAModule`` quantizes.
 
 Adapters r=16, alpha=32, dropout 0.05 on all seven projections; two AdamW
-steps on a batch of 1x64 tokens. Each case runs in a fresh subprocess, cases
+steps on a batch of 1x64 tokens. ``--dtype`` (default bfloat16) is the dtype
+the model loads in and the 4-bit layers compute in, for every case alike;
+float32 suits CPUs without AVX512-BF16, where ATen's bf16 GEMMs (the
+unquantized LM head's among them) run without native instructions (one
+step of this model took minutes there). Each case runs in a fresh subprocess, cases
 interleaved, ``--repeats`` times; the table gives the range over repeats.
 Memory is anonymous memory (RssAnon, sampled every 5 ms from
 /proc/self/status: the mmapped checkpoint pages are file-backed and not in
@@ -19,7 +23,7 @@ its peak over the two steps. VmHWM (peak resident, file pages included) is
 printed too. Linux only.
 
     python bench/make_tinyllama_checkpoint.py CKPT   # once, 2.2 GB
-    python bench/bench_hf_load.py CKPT [--repeats 2]
+    python bench/bench_hf_load.py CKPT [--repeats 2] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -70,45 +74,45 @@ class PeakSampler:
         return max(self.peak, status_bytes("RssAnon"))
 
 
-def load_ours(path):
+def load_ours(path, dtype):
     import transformers
 
     import lowrank_ext
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.bfloat16, quantization_config=lowrank_ext.NF4Config())
+        path, dtype=dtype, quantization_config=lowrank_ext.NF4Config(compute_dtype=dtype))
     return model, lambda: lowrank_ext.QLoRAModule(model, **ADAPTER)
 
 
-def load_bitsandbytes(path):
+def load_bitsandbytes(path, dtype):
     import peft
     import transformers
 
     config = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16)
+        bnb_4bit_compute_dtype=dtype)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.bfloat16, quantization_config=config)
+        path, dtype=dtype, quantization_config=config)
     return model, lambda: peft.get_peft_model(model, peft.LoraConfig(**ADAPTER))
 
 
-def load_bf16(path):
+def load_bf16(path, dtype):
     import transformers
 
     import lowrank_ext
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, lambda: lowrank_ext.QLoRAModule(model, **ADAPTER)
 
 
 CASES = {
     "ours": ("lowrank_ext NF4Config load + QLoRAModule", load_ours),
     "bnb": ("transformers + bitsandbytes 4-bit + PEFT LoRA", load_bitsandbytes),
-    "bf16": ("bf16 load + QLoRAModule (old route)", load_bf16),
+    "bf16": ("dense load + QLoRAModule (old route)", load_bf16),
 }
 
 
-def run_case(path: str, case: str) -> dict:
+def run_case(path: str, case: str, dtype: torch.dtype) -> dict:
     """One case in this process: load, wrap, two steps; the measurements."""
     import bitsandbytes  # noqa: F401  (imports are not part of the load time)
     import peft  # noqa: F401
@@ -120,7 +124,7 @@ def run_case(path: str, case: str) -> dict:
     sampler = PeakSampler()
     sampler.reset()
     start = time.perf_counter()
-    model, wrap = CASES[case][1](path)
+    model, wrap = CASES[case][1](path, dtype)
     loaded = time.perf_counter()
     wrapped = wrap()
     ready = time.perf_counter()
@@ -159,10 +163,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cases", default=",".join(CASES),
                         help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="load and compute dtype of every case")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # the child process's one case
     args = parser.parse_args()
     if args.case:
-        print("RESULT " + json.dumps(run_case(args.checkpoint, args.case)), flush=True)
+        result = run_case(args.checkpoint, args.case, getattr(torch, args.dtype))
+        print("RESULT " + json.dumps(result), flush=True)
         return
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -173,7 +180,8 @@ def main():
     for repeat in range(args.repeats):
         for case in cases:  # interleaved, so a load spike on the machine hits all cases
             child = subprocess.run([sys.executable, os.path.abspath(__file__), args.checkpoint,
-                                    "--case", case], capture_output=True, text=True)
+                                    "--dtype", args.dtype, "--case", case],
+                               capture_output=True, text=True)
             lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
             if child.returncode or not lines:
                 sys.exit(f"{case} failed (exit status {child.returncode}):\n"
@@ -187,8 +195,8 @@ def main():
     shape = ", ".join(f"{key} {config[key]}" for key in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "vocab_size"))
-    print(f"checkpoint: {shape}; adapters r=16 on 7 projections; steps: 1x64 tokens, AdamW; "
-          f"ranges over {args.repeats} runs")
+    print(f"checkpoint: {shape}; loaded and computed in {args.dtype}; adapters r=16 on 7 "
+          f"projections; steps: 1x64 tokens, AdamW; ranges over {args.repeats} runs")
     headers = ["setup", "load s", "wrap s", "load+wrap s", "peak anon load GiB",
                "anon ready GiB", "peak anon 2 steps GiB", "step 1 s", "step 2 s", "VmHWM GiB"]
     rows = []

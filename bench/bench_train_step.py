@@ -9,6 +9,13 @@ Prints the median step time of each setup and the ratios ours / PEFT
 
     python bench/bench_train_step.py            # hidden 2048, 2 layers, batch 4x256
     python bench/bench_train_step.py --quick    # a small shape for a smoke run
+    python bench/bench_train_step.py --dtype float32   # on CPUs without AVX512-BF16
+
+``--dtype`` is the model's dtype and the 4-bit layers' compute dtype, for every
+setup alike. Without AVX512-BF16, ATen's bf16 GEMMs (PEFT's dense layers, the
+LM head, every setup's attention projections in LoRA) have no native
+instructions and run several times slower than fp32's, so the bf16 default
+there measures mostly that.
 """
 
 from __future__ import annotations
@@ -33,7 +40,12 @@ def build_model(args):
                          num_key_value_heads=args.heads, vocab_size=1000,
                          max_position_embeddings=max(512, args.length))
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(torch.bfloat16).train()
+    return LlamaForCausalLM(config).to(model_dtype(args)).train()
+
+
+def model_dtype(args) -> torch.dtype:
+    """The dtype every setup runs in (bench_decode.py's arguments have none: bf16)."""
+    return getattr(torch, getattr(args, "dtype", "bfloat16"))
 
 
 def floor_setup(args):
@@ -66,7 +78,7 @@ def peft_qlora(args):
         if name.rsplit(".", 1)[-1] not in PROJECTIONS:
             continue
         quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False,
-                                      compute_dtype=torch.bfloat16, compress_statistics=True,
+                                      compute_dtype=model_dtype(args), compress_statistics=True,
                                       quant_type="nf4")
         quantized.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False,
                                              quant_type="nf4",
@@ -160,6 +172,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps per setup")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     args = parser.parse_args()
     shape = dict(model_shape(args.quick), **(dict(batch=2, length=64) if args.quick
                                              else dict(batch=4, length=256)))
@@ -186,7 +199,7 @@ def main():
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"lowrank_ext CPU ISA {info['cpu_isa']}")
-    print(f"shape: {shape}, bf16, r=16 alpha=32 dropout=0.05 on {len(PROJECTIONS)} projections, "
+    print(f"shape: {shape}, {args.dtype}, r=16 alpha=32 dropout=0.05 on {len(PROJECTIONS)} projections, "
           f"AdamW; median of {args.steps} steps after {args.warmup} warm-up")
     print_comparison(setups, results, "step s", "x floor", target=" (target <= 0.75)")
     for label, _, wrapper in FRONT_END_SETUPS:
