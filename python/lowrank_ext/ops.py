@@ -380,56 +380,273 @@ def _register_fake(name: str):
     return decorate
 
 
-# The fake kernels check what the real ones check about dtypes, block sizes
-# and the NF4 weight's sizes, so a wrong call fails the same way on the meta
-# device and while torch.compile traces, not only when the kernel runs.
+# The fake kernels check every argument the real kernels check (csrc/op_checks.h,
+# csrc/multi_lora_checks.h and the ops' glue), in the same order and with the
+# same messages, so a wrong call fails the same way on the meta device and
+# while torch.compile traces as when the kernel runs. Each argument group has
+# one check function here, the Python twin of its C++ one; every fake kernel
+# taking that group calls it. Static properties (dtype, dimensionality,
+# presence, device) raise RuntimeError directly; sizes go through
+# torch._check, so symbolic sizes add guards (or, for unbacked sizes, runtime
+# assertions) instead of failing to trace. Only the checks that read tensor
+# values (NaN or Inf inputs, an unsorted code map, ranks and adapter indices
+# out of range) have no fake counterpart.
+
+# c10's names of the scalar types, which the C++ messages print.
+_SCALAR_TYPE_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+    torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+    torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool",
+    torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}
+
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The linear ops also take float64 (a reference path in ATen; see csrc/op_checks.h).
+_LINEAR_DTYPES = _FLOAT_DTYPES + (torch.float64,)
+# nf4::kNestedBlocksize: double quantization keeps one fp32 scale per 256 absmax codes.
+_NESTED_BLOCKSIZE = 256
 
 
-def _check_blocksize(op: str, blocksize: int) -> None:
-    torch._check(isinstance(blocksize, int) and 32 <= blocksize <= 4096
-                 and blocksize & (blocksize - 1) == 0,
-                 lambda: f"{op}: blocksize must be a power of two in [32, 4096], got {blocksize}")
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
+def _shape(sizes) -> str:
+    """Sizes as c10 prints an IntArrayRef: ``[2, 45]``."""
+    return f"[{', '.join(str(size) for size in sizes)}]"
+
+
+def _fail(op: str, message: str):
+    raise RuntimeError(f"{op}: {message}")
+
+
+def _check_sizes(op: str, sizes, expected, message) -> None:
+    """sizes == expected, one torch._check per dimension (symbolic sizes trace)."""
+    if len(sizes) != len(expected):
+        _fail(op, message())
+    for size, want in zip(sizes, expected):
+        torch._check(size == want, lambda: f"{op}: {message()}")
+
+
+# check_float_tensor
 def _check_float(op: str, name: str, tensor: torch.Tensor) -> None:
-    torch._check(tensor.dtype in _FLOAT_DTYPES,
-                 lambda: f"{op}: {name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        _fail(op, f"{name} must be float32, bfloat16 or float16, got {_dtype_name(tensor.dtype)}")
 
 
+# check_linear_float
+def _check_linear_float(op: str, name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in _LINEAR_DTYPES:
+        _fail(op, f"{name} must be float32, bfloat16, float16 or float64, got "
+                  f"{_dtype_name(tensor.dtype)}")
+
+
+# check_dtype
+def _check_dtype(op: str, name: str, tensor: torch.Tensor, expected: torch.dtype) -> None:
+    if tensor.dtype != expected:
+        _fail(op, f"{name} must be {_dtype_name(expected)}, got {_dtype_name(tensor.dtype)}")
+
+
+# check_numel
 def _check_numel(op: str, name: str, tensor: torch.Tensor, expected, why: str) -> None:
     torch._check(tensor.numel() == expected,
                  lambda: f"{op}: {name} must have {expected} elements ({why}), got "
                          f"{tensor.numel()}")
 
 
-# The linear ops also take float64 (a reference path in ATen; see csrc/op_checks.h).
-_LINEAR_DTYPES = _FLOAT_DTYPES + (torch.float64,)
+# check_same_device
+def _check_same_device(op: str, name: str, tensor: torch.Tensor, reference: torch.Tensor,
+                       reference_name: str) -> None:
+    if tensor.device != reference.device:
+        _fail(op, f"{name} is on {tensor.device} but {reference_name} is on {reference.device}")
 
 
-def _check_rows(op: str, name: str, tensor: torch.Tensor, features, field: str) -> None:
-    torch._check(tensor.dtype in _LINEAR_DTYPES,
-                 lambda: f"{op}: {name} must be float32, bfloat16, float16 or float64, got "
-                         f"{tensor.dtype}")
-    torch._check(tensor.dim() >= 1 and tensor.shape[-1] == features,
-                 lambda: f"{op}: {name}'s last dimension must be {field}={features}, got "
-                         f"shape {tuple(tensor.shape)}")
+# check_blocksize (NF4)
+def _check_blocksize(op: str, blocksize: int) -> None:
+    torch._check(isinstance(blocksize, int) and 32 <= blocksize <= 4096
+                 and blocksize & (blocksize - 1) == 0,
+                 lambda: f"{op}: blocksize must be a power of two in [32, 4096], got {blocksize}")
 
 
-def _check_nf4_weight(op, packed, absmax, out_features, in_features, blocksize):
+# The 8-bit ops' blocksize (any positive one).
+def _check_positive_blocksize(op: str, blocksize: int) -> None:
+    torch._check(blocksize > 0, lambda: f"{op}: blocksize must be positive, got {blocksize}")
+
+
+# The 8-bit code map: float32, 256 entries (its order is a value check).
+def _check_code_map(op: str, code: torch.Tensor) -> None:
+    _check_dtype(op, "code", code, torch.float32)
+    _check_numel(op, "code", code, 256, "an 8-bit code map")
+
+
+# check_linear_input: input [..., in_features] of a float dtype the linear ops take.
+def _check_linear_input(op: str, input: torch.Tensor, in_features) -> None:
+    _check_linear_float(op, "input", input)
+    if input.dim() < 1:
+        _fail(op, "input must have at least one dimension")
+    torch._check(input.shape[-1] == in_features,
+                 lambda: f"{op}: input's last dimension must be in_features={in_features}, got "
+                         f"input of shape {_shape(input.shape)}")
+
+
+# Nf4WeightArgs::validate: the NF4 weight group against the input's device.
+def _check_nf4_weight(op, device_reference, packed, absmax, nested_absmax, nested_code,
+                      out_features, in_features, blocksize) -> None:
+    torch._check(out_features > 0 and in_features > 0,
+                 lambda: f"{op}: out_features and in_features must be positive, got "
+                         f"{out_features} and {in_features}")
     _check_blocksize(op, blocksize)
+    _check_dtype(op, "packed", packed, torch.uint8)
     numel = out_features * in_features
+    blocks = _num_blocks(numel, blocksize)
     _check_numel(op, "packed", packed, (numel + 1) // 2,
                  "two 4-bit codes per byte of out_features * in_features")
-    _check_numel(op, "absmax", absmax, _num_blocks(numel, blocksize), "one scale per block")
+    _check_same_device(op, "packed", packed, device_reference, "input")
+    _check_same_device(op, "absmax", absmax, device_reference, "input")
+    _check_numel(op, "absmax", absmax, blocks, "one scale per block")
+    if (nested_absmax is None) != (nested_code is None):
+        _fail(op, "nested_absmax and nested_code must both be given (double quantization) or "
+                  "both be None")
+    if nested_absmax is not None:
+        _check_dtype(op, "absmax (double-quantized codes)", absmax, torch.uint8)
+        _check_dtype(op, "nested_absmax", nested_absmax, torch.float32)
+        _check_dtype(op, "nested_code", nested_code, torch.float32)
+        _check_numel(op, "nested_absmax", nested_absmax, _num_blocks(blocks, _NESTED_BLOCKSIZE),
+                     "one scale per 256 blocks")
+        _check_numel(op, "nested_code", nested_code, 256, "the 8-bit code map")
+        _check_same_device(op, "nested_absmax", nested_absmax, device_reference, "input")
+        _check_same_device(op, "nested_code", nested_code, device_reference, "input")
+    else:
+        _check_dtype(op, "absmax", absmax, torch.float32)
+
+
+# check_bias
+def _check_bias(op: str, bias: Optional[torch.Tensor], input: torch.Tensor, out_features) -> None:
+    if bias is None:
+        return
+    _check_dtype(op, "bias", bias, input.dtype)
+    _check_numel(op, "bias", bias, out_features, "one value per output feature")
+    if bias.dim() != 1:
+        _fail(op, f"bias must be 1-D, got shape {_shape(bias.shape)}")
+    _check_same_device(op, "bias", bias, input, "input")
+
+
+# check_lora_factors: lora_A [r, in], lora_B [out, r], of input's dtype, or
+# both float32 with a bfloat16 or float16 input.
+def _check_lora_factors(op, input, lora_A, lora_B, out_features, in_features) -> None:
+    reduced = input.dtype in (torch.bfloat16, torch.float16)
+    factors = torch.float32 if reduced and lora_A.dtype == torch.float32 else input.dtype
+    if lora_A.dtype != factors:
+        allowed = " (input's dtype) or float32" if reduced else " (input's dtype)"
+        _fail(op, f"lora_A must be {_dtype_name(input.dtype)}{allowed}, got "
+                  f"{_dtype_name(lora_A.dtype)}")
+    _check_dtype(op, "lora_B", lora_B, factors)
+    _check_same_device(op, "lora_A", lora_A, input, "input")
+    _check_same_device(op, "lora_B", lora_B, input, "input")
+    if lora_A.dim() != 2:
+        _fail(op, f"lora_A must have shape [r, {in_features}], got {_shape(lora_A.shape)}")
+    torch._check(lora_A.shape[1] == in_features,
+                 lambda: f"{op}: lora_A must have shape [r, {in_features}], got "
+                         f"{_shape(lora_A.shape)}")
+    _check_sizes(op, lora_B.shape, (out_features, lora_A.shape[0]),
+                 lambda: f"lora_B must have shape [{out_features}, {lora_A.shape[0]}], got "
+                         f"{_shape(lora_B.shape)}")
+
+
+# check_lora_input
+def _check_lora_input(op: str, lora_input: Optional[torch.Tensor], input: torch.Tensor) -> None:
+    if lora_input is None:
+        return
+    _check_dtype(op, "lora_input", lora_input, input.dtype)
+    _check_sizes(op, lora_input.shape, input.shape,
+                 lambda: f"lora_input must have input's shape {_shape(input.shape)}, got "
+                         f"{_shape(lora_input.shape)}")
+    _check_same_device(op, "lora_input", lora_input, input, "input")
+
+
+# A dense base weight [out, in] of input's dtype.
+def _check_dense_weight(op: str, weight: torch.Tensor, input: torch.Tensor) -> None:
+    _check_dtype(op, "weight", weight, input.dtype)
+    if weight.dim() != 2:
+        _fail(op, f"weight must be 2-D [out, in], got {_shape(weight.shape)}")
+
+
+# checked_linear_weight: nf4_linear's and qlora_linear's input, weight and bias.
+def _check_linear_weight(op, input, packed, absmax, nested_absmax, nested_code, out_features,
+                         in_features, blocksize, bias) -> None:
+    _check_linear_input(op, input, in_features)
+    _check_nf4_weight(op, input, packed, absmax, nested_absmax, nested_code, out_features,
+                      in_features, blocksize)
+    _check_bias(op, bias, input, out_features)
+
+
+# checked_grad_input_weight: nf4_linear_grad_input's grad_output and weight.
+def _check_grad_input_weight(op, grad_output, packed, absmax, nested_absmax, nested_code,
+                             out_features, in_features, blocksize) -> None:
+    _check_linear_float(op, "grad_output", grad_output)
+    if grad_output.dim() < 1:
+        _fail(op, f"grad_output's last dimension must be out_features={out_features}, got "
+                  f"shape {_shape(grad_output.shape)}")
+    torch._check(grad_output.shape[-1] == out_features,
+                 lambda: f"{op}: grad_output's last dimension must be out_features="
+                         f"{out_features}, got shape {_shape(grad_output.shape)}")
+    _check_nf4_weight(op, grad_output, packed, absmax, nested_absmax, nested_code, out_features,
+                      in_features, blocksize)
+
+
+# check_multi_lora_args (shapes, dtypes, devices; not the values of ranks and
+# adapter_indices). `other` is base_output or grad_output, [..., out_features].
+def _check_multi_lora(op, input, other, other_name, lora_A, lora_B, ranks, scalings,
+                      adapter_indices) -> None:
+    _check_float(op, "input", input)
+    if input.dim() < 1:
+        _fail(op, "input must have at least one dimension")
+    in_features = input.shape[-1]
+    _check_dtype(op, "lora_A", lora_A, input.dtype)
+    _check_dtype(op, "lora_B", lora_B, input.dtype)
+    _check_dtype(op, other_name, other, input.dtype)
+    lora_A_message = (lambda: f"lora_A must have shape [num_adapters, max_rank, {in_features}] "
+                              f"(in_features from input), got {_shape(lora_A.shape)}")
+    if lora_A.dim() != 3:
+        _fail(op, lora_A_message())
+    torch._check(lora_A.shape[2] == in_features, lambda: f"{op}: {lora_A_message()}")
+    num_adapters, max_rank = lora_A.shape[0], lora_A.shape[1]
+    lora_B_message = (lambda: f"lora_B must have shape [{num_adapters}, out_features, "
+                              f"{max_rank}] (num_adapters and max_rank from lora_A), got "
+                              f"{_shape(lora_B.shape)}")
+    if lora_B.dim() != 3:
+        _fail(op, lora_B_message())
+    _check_sizes(op, lora_B.shape, (num_adapters, lora_B.shape[1], max_rank), lora_B_message)
+    expected = (*input.shape[:-1], lora_B.shape[1])
+    _check_sizes(op, other.shape, expected,
+                 lambda: f"{other_name} must have shape {_shape(expected)} (input's leading "
+                         f"dimensions, out_features from lora_B), got {_shape(other.shape)}")
+    _check_dtype(op, "ranks", ranks, torch.int64)
+    _check_dtype(op, "scalings", scalings, torch.float32)
+    _check_dtype(op, "adapter_indices", adapter_indices, torch.int64)
+    for name, tensor in (("ranks", ranks), ("scalings", scalings)):
+        _check_sizes(op, tensor.shape, (num_adapters,),
+                     lambda name=name, tensor=tensor: f"{name} must have shape [{num_adapters}] "
+                                                      f"(one per adapter), got "
+                                                      f"{_shape(tensor.shape)}")
+    leading = input.shape[:-1]
+    _check_sizes(op, adapter_indices.shape, leading[:adapter_indices.dim()],
+                 lambda: f"adapter_indices' shape must be a prefix of input's leading "
+                         f"dimensions {_shape(leading)}, got {_shape(adapter_indices.shape)}")
+    for name, tensor in ((other_name, other), ("lora_A", lora_A), ("lora_B", lora_B),
+                         ("ranks", ranks), ("scalings", scalings),
+                         ("adapter_indices", adapter_indices)):
+        _check_same_device(op, name, tensor, input, "input")
 
 
 @_register_fake("nf4_quantize")
 def _nf4_quantize_fake(input, blocksize):
-    _check_blocksize("nf4_quantize", blocksize)
-    _check_float("nf4_quantize", "input", input)
+    op = "nf4_quantize"
+    _check_float(op, "input", input)
+    _check_blocksize(op, blocksize)
     numel = input.numel()
-    torch._check(numel > 0, lambda: "nf4_quantize: input must not be empty")
+    torch._check(numel > 0, lambda: f"{op}: input must not be empty, got shape "
+                                    f"{_shape(input.shape)}")
     packed = input.new_empty(((numel + 1) // 2,), dtype=torch.uint8)
     absmax = input.new_empty((_num_blocks(numel, blocksize),), dtype=torch.float32)
     return packed, absmax
@@ -439,11 +656,18 @@ def _nf4_quantize_fake(input, blocksize):
 def _nf4_dequantize_fake(packed, absmax, shape, blocksize, dtype):
     op = "nf4_dequantize"
     _check_blocksize(op, blocksize)
-    torch._check(dtype in _FLOAT_DTYPES,
-                 lambda: f"{op}: dtype must be float32, bfloat16 or float16, got {dtype}")
+    if dtype not in _FLOAT_DTYPES:
+        _fail(op, f"dtype must be float32, bfloat16 or float16, got {_dtype_name(dtype)}")
+    _check_dtype(op, "packed", packed, torch.uint8)
+    _check_dtype(op, "absmax", absmax, torch.float32)
+    _check_same_device(op, "absmax", absmax, packed, "packed")
     numel = 1
     for size in shape:
+        torch._check(size >= 0, lambda: f"{op}: shape must not have negative sizes, got "
+                                        f"{_shape(shape)}")
         numel = numel * size
+    torch._check(numel > 0, lambda: f"{op}: shape must describe a non-empty tensor, got "
+                                    f"{_shape(shape)}")
     _check_numel(op, "packed", packed, (numel + 1) // 2, "two 4-bit codes per byte of shape")
     _check_numel(op, "absmax", absmax, _num_blocks(numel, blocksize), "one scale per block of shape")
     return packed.new_empty(shape, dtype=dtype)
@@ -451,6 +675,12 @@ def _nf4_dequantize_fake(packed, absmax, shape, blocksize, dtype):
 
 @_register_fake("quantize_blockwise_8bit")
 def _quantize_blockwise_8bit_fake(input, code, blocksize):
+    op = "quantize_blockwise_8bit"
+    _check_dtype(op, "input", input, torch.float32)
+    _check_code_map(op, code)
+    _check_same_device(op, "code", code, input, "input")
+    _check_positive_blocksize(op, blocksize)
+    torch._check(input.numel() > 0, lambda: f"{op}: input must not be empty")
     codes = torch.empty_like(input, dtype=torch.uint8)
     absmax = input.new_empty((_num_blocks(input.numel(), blocksize),), dtype=torch.float32)
     return codes, absmax
@@ -458,6 +688,15 @@ def _quantize_blockwise_8bit_fake(input, code, blocksize):
 
 @_register_fake("dequantize_blockwise_8bit")
 def _dequantize_blockwise_8bit_fake(codes, absmax, code, blocksize):
+    op = "dequantize_blockwise_8bit"
+    _check_dtype(op, "codes", codes, torch.uint8)
+    _check_dtype(op, "absmax", absmax, torch.float32)
+    _check_code_map(op, code)
+    _check_same_device(op, "absmax", absmax, codes, "codes")
+    _check_same_device(op, "code", code, codes, "codes")
+    _check_positive_blocksize(op, blocksize)
+    _check_numel(op, "absmax", absmax, _num_blocks(codes.numel(), blocksize),
+                 "one scale per block of codes")
     return torch.empty_like(codes, dtype=torch.float32)
 
 
@@ -468,23 +707,31 @@ def _linear_out_fake(input, out_features):
 @_register_fake("nf4_linear")
 def _nf4_linear_fake(input, packed, absmax, nested_absmax, nested_code, offset,
                      out_features, in_features, blocksize, bias):
-    _check_nf4_weight("nf4_linear", packed, absmax, out_features, in_features, blocksize)
-    _check_rows("nf4_linear", "input", input, in_features, "in_features")
+    _check_linear_weight("nf4_linear", input, packed, absmax, nested_absmax, nested_code,
+                         out_features, in_features, blocksize, bias)
     return _linear_out_fake(input, out_features)
 
 
 @_register_fake("nf4_linear_grad_input")
 def _nf4_linear_grad_input_fake(grad_output, packed, absmax, nested_absmax, nested_code,
                                 offset, out_features, in_features, blocksize):
-    op = "nf4_linear_grad_input"
-    _check_nf4_weight(op, packed, absmax, out_features, in_features, blocksize)
-    _check_rows(op, "grad_output", grad_output, out_features, "out_features")
+    _check_grad_input_weight("nf4_linear_grad_input", grad_output, packed, absmax, nested_absmax,
+                             nested_code, out_features, in_features, blocksize)
     return _linear_out_fake(grad_output, in_features)
 
 
 @_register_fake("lora_linear")
 def _lora_linear_fake(input, lora_input, weight, bias, lora_A, lora_B, scaling):
-    return _linear_out_fake(input, weight.shape[0])
+    op = "lora_linear"
+    _check_linear_float(op, "input", input)
+    _check_dense_weight(op, weight, input)
+    _check_same_device(op, "weight", weight, input, "input")
+    out_features, in_features = weight.shape
+    _check_linear_input(op, input, in_features)
+    _check_bias(op, bias, input, out_features)
+    _check_lora_input(op, lora_input, input)
+    _check_lora_factors(op, input, lora_A, lora_B, out_features, in_features)
+    return _linear_out_fake(input, out_features)
 
 
 def _lora_backward_fake(input, lora_input, lora_A, lora_B):
@@ -497,14 +744,29 @@ def _lora_backward_fake(input, lora_input, lora_A, lora_B):
 
 @_register_fake("lora_linear_backward")
 def _lora_linear_backward_fake(grad_output, input, lora_input, weight, lora_A, lora_B, scaling):
+    op = "lora_linear_backward"
+    _check_linear_float(op, "input", input)
+    _check_dtype(op, "grad_output", grad_output, input.dtype)
+    _check_dense_weight(op, weight, input)
+    out_features, in_features = weight.shape
+    _check_linear_input(op, input, in_features)
+    expected = (*input.shape[:-1], out_features)
+    _check_sizes(op, grad_output.shape, expected,
+                 lambda: f"grad_output must have shape {_shape(expected)}, got "
+                         f"{_shape(grad_output.shape)}")
+    _check_lora_input(op, lora_input, input)
+    _check_lora_factors(op, input, lora_A, lora_B, out_features, in_features)
     return _lora_backward_fake(input, lora_input, lora_A, lora_B)
 
 
 @_register_fake("qlora_linear")
 def _qlora_linear_fake(input, lora_input, packed, absmax, nested_absmax, nested_code, offset,
                        out_features, in_features, blocksize, bias, lora_A, lora_B, scaling):
-    _check_nf4_weight("qlora_linear", packed, absmax, out_features, in_features, blocksize)
-    _check_rows("qlora_linear", "input", input, in_features, "in_features")
+    op = "qlora_linear"
+    _check_linear_weight(op, input, packed, absmax, nested_absmax, nested_code, out_features,
+                         in_features, blocksize, bias)
+    _check_lora_input(op, lora_input, input)
+    _check_lora_factors(op, input, lora_A, lora_B, out_features, in_features)
     return _linear_out_fake(input, out_features)
 
 
@@ -512,18 +774,31 @@ def _qlora_linear_fake(input, lora_input, packed, absmax, nested_absmax, nested_
 def _qlora_linear_backward_fake(grad_output, input, lora_input, packed, absmax, nested_absmax,
                                 nested_code, offset, out_features, in_features, blocksize,
                                 lora_A, lora_B, scaling):
+    op = "qlora_linear_backward"
+    _check_linear_input(op, input, in_features)
+    _check_dtype(op, "grad_output", grad_output, input.dtype)
+    _check_lora_input(op, lora_input, input)
+    _check_lora_factors(op, input, lora_A, lora_B, out_features, in_features)
+    # The real kernel leaves grad_output and the weight to nf4_linear_grad_input,
+    # which it calls: its messages name that op.
+    _check_grad_input_weight("nf4_linear_grad_input", grad_output, packed, absmax,
+                             nested_absmax, nested_code, out_features, in_features, blocksize)
     return _lora_backward_fake(input, lora_input, lora_A, lora_B)
 
 
 @_register_fake("multi_lora_linear")
 def _multi_lora_linear_fake(input, base_output, lora_A, lora_B, ranks, scalings,
                             adapter_indices):
+    _check_multi_lora("multi_lora_linear", input, base_output, "base_output", lora_A, lora_B,
+                      ranks, scalings, adapter_indices)
     return torch.empty_like(base_output, memory_format=torch.contiguous_format)
 
 
 @_register_fake("multi_lora_linear_backward")
 def _multi_lora_linear_backward_fake(grad_output, input, lora_A, lora_B, ranks, scalings,
                                      adapter_indices):
+    _check_multi_lora("multi_lora_linear_backward", input, grad_output, "grad_output", lora_A,
+                      lora_B, ranks, scalings, adapter_indices)
     return (torch.empty_like(input, memory_format=torch.contiguous_format),
             torch.empty_like(lora_A, memory_format=torch.contiguous_format),
             torch.empty_like(lora_B, memory_format=torch.contiguous_format))
@@ -531,8 +806,31 @@ def _multi_lora_linear_backward_fake(grad_output, input, lora_A, lora_B, ranks, 
 
 @_register_fake("dropout")
 def _dropout_fake(input, p, seed):
+    op = "dropout"
+    _check_float(op, "input", input)
+    if not 0.0 <= p < 1.0:
+        _fail(op, f"p must be in [0, 1), got {p:g}")
+    # On the meta device (every argument meta) the seed may be meta as well.
+    if (seed.dtype != torch.int64 or seed.numel() != 1
+            or seed.device.type not in ("cpu", "meta")):
+        _fail(op, f"seed must be a CPU int64 tensor with one element, got "
+                  f"{_dtype_name(seed.dtype)} with {seed.numel()} elements on {seed.device}")
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 # The ops' autograd is registered in C++ (csrc/autograd.cpp): a Python autograd
 # kernel would add its interpreter overhead to every call, under no_grad too.
+#
+# nf4_quantize and quantize_blockwise_8bit are not differentiable: their
+# outputs are integer codes and the block scales that go with them, a step
+# function of the input. Without an Autograd kernel torch's fallback gives an
+# input that requires grad an absmax that requires grad too, through a node
+# with no derivative: backward warns (deprecated) and leaves the input's
+# gradient out, and opcheck's AOT-dispatch check fails on it. A fallthrough
+# (no Python in the call path) declares them non-differentiable, as the
+# fallback's own warning suggests: their outputs never require grad.
+_NON_DIFFERENTIABLE = ("nf4_quantize", "quantize_blockwise_8bit")
+_autograd_library = torch.library.Library("lowrank_ext", "IMPL")
+for _name in _NON_DIFFERENTIABLE:
+    _autograd_library.impl(_name, torch.library.fallthrough_kernel, "Autograd")
+del _name
