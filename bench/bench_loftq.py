@@ -107,7 +107,7 @@ def main() -> None:
                 f"{peft_error:.5f}", f"{ours_s:.2f}", f"{fast_s:.2f}", f"{peft_s:.2f}",
                 f"{peft_s / ours_s:.2f}x", f"{peft_s / fast_s:.1f}x", f"{peft_mismatched:.5f}",
             ])
-            print("  done", rows[-1][0], "iters", num_iter, flush=True)
+            print("  " + " | ".join(rows[-1]), flush=True)  # kept if a later shape fails
 
     print(f"LoftQ, rank {args.rank}, NF4 blocksize 64 without double quantization, "
           f"Gaussian weights (std 0.02), relative Frobenius error, one run per init")
