@@ -669,7 +669,8 @@ def _nf4_dequantize_fake(packed, absmax, shape, blocksize, dtype):
     torch._check(numel > 0, lambda: f"{op}: shape must describe a non-empty tensor, got "
                                     f"{_shape(shape)}")
     _check_numel(op, "packed", packed, (numel + 1) // 2, "two 4-bit codes per byte of shape")
-    _check_numel(op, "absmax", absmax, _num_blocks(numel, blocksize), "one scale per block of shape")
+    _check_numel(op, "absmax", absmax, _num_blocks(numel, blocksize),
+                 "one scale per block of shape")
     return packed.new_empty(shape, dtype=dtype)
 
 
