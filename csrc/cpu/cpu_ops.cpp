@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 
 #include "core/nf4.h"
 #include "cpu/dispatch.h"
@@ -229,6 +230,35 @@ constexpr int64_t kPanelMaxRows = 4096;
 // Elements per parallel dequantization task.
 constexpr int64_t kDequantizeGrain = int64_t{1} << 16;
 
+// Scratch for the GEMM paths' dequantized panels and slabs: one buffer per
+// calling thread, grown as needed and reused by every later call. A fresh
+// at::empty per call (8 MiB) went back into glibc's heap when freed (its mmap
+// threshold rises to the size of the first freed mapping), where the small
+// tensors autograd saves between calls pinned it: a 16-layer QLoRA model of
+// 2048x2048 projections kept ~150 MiB more resident after a training step,
+// a 22-layer TinyLlama-shaped one more than bitsandbytes over the whole
+// step (tests/test_memory_retention.py). The tensor returned is valid until
+// the next call on this thread.
+at::Tensor gemm_scratch(int64_t elements, const at::TensorOptions& options) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t capacity = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffer;
+  constexpr size_t kAlignment = 64;
+  const size_t bytes = static_cast<size_t>(elements) * options.dtype().itemsize();
+  if (bytes > buffer.capacity) {
+    const size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
+    std::free(buffer.data);
+    buffer.data = std::aligned_alloc(kAlignment, rounded);
+    buffer.capacity = buffer.data == nullptr ? 0 : rounded;
+    TORCH_CHECK(buffer.data != nullptr, "lowrank_ext: out of memory allocating ", rounded,
+                " bytes of GEMM scratch");
+  }
+  return at::from_blob(buffer.data, {elements}, options);
+}
+
 int64_t panel_rows_for(int64_t row_length, int64_t element_size, int64_t total_rows) {
   const int64_t rows = std::clamp(kPanelBytes / (row_length * element_size), kPanelMinRows,
                                   kPanelMaxRows);
@@ -347,7 +377,8 @@ at::Tensor nf4_gemm_rows(const KernelWeight& weight, const at::Tensor& rows,
   const int64_t in_features = weight.in_features;
   const int64_t out_features = weight.out_features;
   const int64_t panel_rows = panel_rows_for(in_features, rows.element_size(), out_features);
-  at::Tensor panel = at::empty({panel_rows, in_features}, rows.options());
+  at::Tensor panel = gemm_scratch(panel_rows * in_features, rows.options())
+                         .view({panel_rows, in_features});
   at::Tensor out = at::empty({rows.size(0), out_features}, rows.options());
   const CpuKernels& kernels = active_kernels();
   const Dtype dtype = kernel_dtype<Dtype>(rows.scalar_type());
@@ -381,7 +412,7 @@ at::Tensor nf4_gemm_grad_rows(const KernelWeight& weight, const at::Tensor& grad
   const int64_t out_features = weight.out_features;
   const int64_t slab_columns =
       panel_rows_for(out_features, grad_rows.element_size(), in_features);
-  at::Tensor slab_storage = at::empty({out_features * slab_columns}, grad_rows.options());
+  at::Tensor slab_storage = gemm_scratch(out_features * slab_columns, grad_rows.options());
   at::Tensor grad_input = at::empty({grad_rows.size(0), in_features}, grad_rows.options());
   const CpuKernels& kernels = active_kernels();
   const Dtype dtype = kernel_dtype<Dtype>(grad_rows.scalar_type());
