@@ -191,8 +191,9 @@ class NF4Linear(nn.Module):
         Same attribute names (``weight``, ``weight_absmax``, ...); fp32 scales
         are stored as their int32 bits (see :func:`_storage_form`), so read
         the weight through :meth:`quantized_weight` / :meth:`linear_args`,
-        never through those attributes. The state dict is unchanged
-        (bitsandbytes' keys and dtypes). Idempotent; there is no way back.
+        never through those attributes. The state dict keeps bitsandbytes'
+        keys and dtypes (the quant state's JSON padded with spaces, see
+        ``_STATE_WIDTH``). Idempotent; there is no way back.
         """
         if self.shardable:
             return self
