@@ -7,9 +7,11 @@
 
 namespace lowrank {
 
-// [..., features] -> [rows, features] (a view when possible).
+// [..., features] -> [rows, features] (a view when possible). Symbolic sizes
+// stay symbolic: the autograd kernels run under torch.compile's tracing, where
+// size() would specialize the batch size (a recompile per batch size).
 inline at::Tensor flatten_rows(const at::Tensor& input) {
-  return input.reshape({-1, input.size(-1)});
+  return input.reshape_symint({-1, input.sym_size(-1)});
 }
 
 // input's shape with the last dimension replaced by `features`.

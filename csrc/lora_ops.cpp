@@ -75,6 +75,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_common(
   return {grad_input_rows.view(input.sizes()), grad_lora_input, grad_A, grad_B};
 }
 
+// grad_output must have input's shape with out_features as its last size.
+void check_grad_output_shape(const char* op, const at::Tensor& grad_output,
+                             const at::Tensor& input, int64_t out_features) {
+  const std::vector<int64_t> expected = output_shape(input, out_features);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expected), op,
+              ": grad_output must have shape ", at::IntArrayRef(expected), ", got ",
+              grad_output.sizes());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
     const at::Tensor& grad_output, const at::Tensor& input,
     const std::optional<at::Tensor>& lora_input, const at::Tensor& weight,
@@ -85,9 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
   check_dtype(op, "weight", weight, input.scalar_type());
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
   check_linear_input(op, input, weight.size(1));
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(output_shape(input, weight.size(0))), op,
-              ": grad_output must have shape ", output_shape(input, weight.size(0)), ", got ",
-              grad_output.sizes());
+  check_grad_output_shape(op, grad_output, input, weight.size(0));
   check_lora_input(op, lora_input, input);
   check_lora_factors(op, input, lora_A, lora_B, weight.size(0), weight.size(1));
   at::Tensor grad_input_rows = at::mm(flatten_rows(grad_output), weight);
@@ -130,6 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qlora_linear_backward
                        out_features.expect_int(), in_features.expect_int(), blocksize};
   check_linear_input(op, input, weight.in_features);
   check_dtype(op, "grad_output", grad_output, input.scalar_type());
+  check_grad_output_shape(op, grad_output, input, weight.out_features);
   check_lora_input(op, lora_input, input);
   check_lora_factors(op, input, lora_A, lora_B, weight.out_features, weight.in_features);
   at::Tensor grad_input = call_nf4_linear_grad_input(

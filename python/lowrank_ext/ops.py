@@ -751,13 +751,17 @@ def _lora_linear_backward_fake(grad_output, input, lora_input, weight, lora_A, l
     _check_dense_weight(op, weight, input)
     out_features, in_features = weight.shape
     _check_linear_input(op, input, in_features)
+    _check_grad_output_shape(op, grad_output, input, out_features)
+    _check_lora_input(op, lora_input, input)
+    _check_lora_factors(op, input, lora_A, lora_B, out_features, in_features)
+    return _lora_backward_fake(input, lora_input, lora_A, lora_B)
+
+
+def _check_grad_output_shape(op, grad_output, input, out_features):
     expected = (*input.shape[:-1], out_features)
     _check_sizes(op, grad_output.shape, expected,
                  lambda: f"grad_output must have shape {_shape(expected)}, got "
                          f"{_shape(grad_output.shape)}")
-    _check_lora_input(op, lora_input, input)
-    _check_lora_factors(op, input, lora_A, lora_B, out_features, in_features)
-    return _lora_backward_fake(input, lora_input, lora_A, lora_B)
 
 
 @_register_fake("qlora_linear")
@@ -778,6 +782,7 @@ def _qlora_linear_backward_fake(grad_output, input, lora_input, packed, absmax, 
     op = "qlora_linear_backward"
     _check_linear_input(op, input, in_features)
     _check_dtype(op, "grad_output", grad_output, input.dtype)
+    _check_grad_output_shape(op, grad_output, input, out_features)
     _check_lora_input(op, lora_input, input)
     _check_lora_factors(op, input, lora_A, lora_B, out_features, in_features)
     # The real kernel leaves grad_output and the weight to nf4_linear_grad_input,
