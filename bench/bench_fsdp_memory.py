@@ -8,16 +8,25 @@ table also gives per-layer figures. Two implementations:
 - ours: ``from_pretrained(quantization_config=lowrank_ext.NF4Config(...))``,
   ``QLoRAModule`` (r=16 on the seven projections), then
   ``lowrank_ext.distributed.fully_shard_model`` (one FSDP group per decoder
-  layer, the root holds embeddings, final norm and the bf16 output head);
+  layer, one for the input embedding, one for the output head, the root
+  holds the final norm);
 - torchao: a bf16 load whose projections become torchao ``NF4Tensor``
   parameters (``to_nf4``, double-quantized scales, the FSDP2 extension hooks
   torchtune uses) with the same LoRA factors, computed by ``linear_nf4``,
   sharded the same way. Only when torchao can be imported.
 
+With one rank neither is sharded: that row is the plain single-process
+QLoRA step (FSDP2 with one rank would only add copies; torchao 0.18's
+NF4Tensor also fails there, in ``fsdp_post_all_gather``).
+
 Each rank reports: the 4-bit bytes it holds between steps (exact, from the
 tensors; torchao's NF4Tensor inner tensors likewise); anonymous memory
 (RssAnon) once sharded; and the peak RssAnon during two AdamW steps on
-1 x ``--tokens`` tokens per rank (sampled every 2 ms on a thread; file-backed
+1 x ``--tokens`` tokens per rank, computed in ``--dtype`` (default float32,
+the unquantized embeddings, norms and output head too: torch's CPU bfloat16
+matmul takes a slow path for the backward's ``grad @ W`` on CPUs without
+AVX512-BF16, 27 s for one 16x32000x2048 product on an AVX2 EPYC against
+0.5 s in float32) (sampled every 2 ms on a thread; file-backed
 pages, e.g. the mmapped checkpoint, are not in it). Linux only.
 
     python bench/make_tinyllama_checkpoint.py CKPT    # once, 2.2 GB
@@ -76,7 +85,13 @@ class PeakSampler:
 # ------------------------------------------------------------------ builders
 
 
-def build_ours(path: str, layers: int) -> nn.Module:
+def _world() -> int:
+    import torch.distributed as distributed
+
+    return distributed.get_world_size()
+
+
+def build_ours(path: str, layers: int, dtype: torch.dtype) -> nn.Module:
     import transformers
 
     import lowrank_ext
@@ -84,10 +99,11 @@ def build_ours(path: str, layers: int) -> nn.Module:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.bfloat16, num_hidden_layers=layers,
-        quantization_config=lowrank_ext.NF4Config(compute_dtype=torch.bfloat16))
+        quantization_config=lowrank_ext.NF4Config(compute_dtype=dtype))
     wrapper = lowrank_ext.QLoRAModule(model, r=RANK, lora_alpha=ALPHA,
                                       target_modules=PROJECTIONS)
-    return fully_shard_model(wrapper)
+    wrapper.to(dtype)  # embeddings, norms, head; 4-bit codes and scales stay as they are
+    return fully_shard_model(wrapper) if _world() > 1 else wrapper
 
 
 class TorchaoQLoRALinear(nn.Module):
@@ -110,11 +126,10 @@ class TorchaoQLoRALinear(nn.Module):
         return base + ((down @ self.lora_B.T) * (ALPHA / RANK)).to(base.dtype)
 
 
-def build_torchao(path: str, layers: int) -> nn.Module:
+def build_torchao(path: str, layers: int, dtype: torch.dtype) -> nn.Module:
     import transformers
-    from torch.distributed.fsdp import fully_shard
 
-    from lowrank_ext.distributed import decoder_layers
+    from lowrank_ext.distributed import fully_shard_model
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.bfloat16, num_hidden_layers=layers)
@@ -125,11 +140,14 @@ def build_torchao(path: str, layers: int) -> nn.Module:
             for name, child in list(parent.named_children()):
                 if name in PROJECTIONS:
                     setattr(parent, name, TorchaoQLoRALinear(child))
+    for module in model.modules():  # model.to(dtype) would dequantize the NF4Tensors
+        for name, parameter in module.named_parameters(recurse=False):
+            if type(parameter.data).__name__ != "NF4Tensor" and parameter.dtype != dtype:
+                module.register_parameter(name, nn.Parameter(
+                    parameter.detach().to(dtype), requires_grad=parameter.requires_grad))
     gc.collect()
-    for layer in decoder_layers(model):
-        fully_shard(layer)
-    fully_shard(model)
-    return model
+    # The same FSDP groups as ours (decoder layers, embedding, head, root).
+    return fully_shard_model(model) if _world() > 1 else model
 
 
 BUILDERS = {"ours": build_ours, "torchao": build_torchao}
@@ -159,7 +177,8 @@ def child(arguments) -> None:
     torch.set_num_threads(1)
     sampler = PeakSampler()
     start = time.perf_counter()
-    model = BUILDERS[arguments.impl](arguments.checkpoint, arguments.layers)
+    model = BUILDERS[arguments.impl](arguments.checkpoint, arguments.layers,
+                                     getattr(torch, arguments.dtype))
     gc.collect()
     ready_seconds = time.perf_counter() - start
     resident, whole = quantized_bytes(model)
@@ -203,6 +222,10 @@ def main():
     parser.add_argument("--layers", type=int, default=22, help="decoder layers to load")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per rank per step")
     parser.add_argument("--impls", default="ours,torchao")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype and dtype of the unquantized weights (default "
+                             "float32: torch's CPU bfloat16 matmul takes a slow path on "
+                             "CPUs without AVX512-BF16 for the backward's grad @ W)")
     parser.add_argument("--worlds", default="1,2")
     parser.add_argument("--impl", help=argparse.SUPPRESS)  # set in the torchrun children
     arguments = parser.parse_args()
@@ -222,7 +245,8 @@ def main():
             command = torchrun() + ["--standalone", "--nproc_per_node", str(world),
                                     os.path.abspath(__file__), arguments.checkpoint,
                                     "--layers", str(arguments.layers), "--tokens",
-                                    str(arguments.tokens), "--impl", impl]
+                                    str(arguments.tokens), "--dtype", arguments.dtype,
+                                    "--impl", impl]
             environment = dict(os.environ, OMP_NUM_THREADS="1")
             completed = subprocess.run(command, capture_output=True, text=True, env=environment)
             lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
@@ -238,7 +262,8 @@ def main():
 
     print(describe())
     print(f"TinyLlama shape, first {arguments.layers} decoder layers; LoRA r={RANK} on 7 "
-          f"projections; 2 AdamW steps of 1x{arguments.tokens} tokens per rank; MiB")
+          f"projections; {arguments.dtype} compute, embeddings, norms and head; 2 AdamW steps "
+          f"of 1x{arguments.tokens} tokens per rank; MiB")
     print("| impl | ranks | rank | 4-bit held | 4-bit whole | held / whole | anon sharded | "
           "peak anon in steps | step 2 s |")
     print("|---|---|---|---|---|---|---|---|---|")

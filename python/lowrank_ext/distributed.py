@@ -62,20 +62,54 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
             for entry in module]
 
 
+def _embedding_groups(model: nn.Module) -> list[list[nn.Module]]:
+    """The input embedding and the output head of the (first) Hugging Face model
+    inside ``model``, as FSDP groups of their own: one group for both when
+    their weights are tied."""
+    for module in model.modules():
+        get_input = getattr(module, "get_input_embeddings", None)
+        get_output = getattr(module, "get_output_embeddings", None)
+        if not (callable(get_input) and callable(get_output)):
+            continue
+        try:
+            found = [get_input(), get_output()]
+        except (AttributeError, NotImplementedError):
+            continue
+        found = [entry for entry in found if isinstance(entry, nn.Module)]
+        weights = [getattr(entry, "weight", None) for entry in found]
+        if len(found) == 2 and weights[0] is not None and weights[0] is weights[1]:
+            return [found]
+        return [[entry] for entry in found]
+    return []
+
+
 def fully_shard_model(model: nn.Module, layers: Optional[Iterable[nn.Module]] = None,
-                      **fsdp_options) -> nn.Module:
+                      shard_embeddings: bool = True, **fsdp_options) -> nn.Module:
     """Make the 4-bit layers shardable, then ``fully_shard`` each of ``layers``
-    (default :func:`decoder_layers`) and the root ``model`` with
-    ``fsdp_options`` (``mesh``, ``mp_policy``, ``reshard_after_forward``, ...).
+    (default :func:`decoder_layers`), the input embedding and the output head
+    (``shard_embeddings``; each its own group, so that at most one of these
+    large tensors is gathered at a time; the head keeps its gathered copy
+    from its forward to its backward, which follows at once), and the root
+    ``model``, with ``fsdp_options`` (``mesh``, ``mp_policy``,
+    ``reshard_after_forward``, ...).
 
     Returns ``model`` (now also an ``FSDPModule``). Call on every rank, with
     the process group initialized and the model on its device.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     make_nf4_shardable(model)
     for layer in (decoder_layers(model) if layers is None else layers):
         fully_shard(layer, **fsdp_options)
+    if shard_embeddings:
+        groups = _embedding_groups(model)
+        for index, group in enumerate(groups):
+            if any(isinstance(module, FSDPModule) for module in group):
+                continue
+            options = dict(fsdp_options)
+            if index == len(groups) - 1 and len(groups) > 1:  # the output head
+                options["reshard_after_forward"] = False
+            fully_shard(group if len(group) > 1 else group[0], **options)
     fully_shard(model, **fsdp_options)
     return model
 
