@@ -134,3 +134,14 @@ def test_compare_on_a_file_runs_every_method_and_prints_one_table(tmp_path, smal
     for method in ("qlora", "lora", "adalora", "full"):
         assert f"| {method} |" in (output / "compare.md").read_text()
         assert any(line.startswith(method + " ") for line in completed.stdout.splitlines())
+
+
+def test_group_by_length_reaches_the_run_and_every_compare_child(tmp_path):
+    from lowrank_ext import cli
+
+    grouped = cli.build_parser().parse_args(["finetune", "--group-by-length"])
+    assert cli._settings(grouped, "qlora", None).group_by_length
+    assert "--group-by-length" in cli._child_arguments(grouped, "lora", tmp_path)
+    plain = cli.build_parser().parse_args(["finetune"])
+    assert not cli._settings(plain, "qlora", None).group_by_length
+    assert "--group-by-length" not in cli._child_arguments(plain, "lora", tmp_path)

@@ -215,6 +215,70 @@ def test_peak_memory_sees_a_large_allocation():
     assert peak.peak_bytes >= 48 * 1024 * 1024
 
 
+def test_peak_memory_sees_a_peak_shorter_than_the_sampling_interval():
+    # The kernel's high-water mark catches a peak that lasts far less than
+    # the 5 ms a sampling thread would wait between two reads.
+    if not memory.reset_high_water_mark():
+        pytest.skip("this system cannot reset the RSS high-water mark")
+    with memory.PeakMemory("cpu") as peak:
+        block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+        del block
+    assert peak.kind == "process RSS peak delta (kernel high-water mark)"
+    assert peak.peak_bytes >= 48 * 1024 * 1024
+
+
+def test_activation_peak_measures_only_shapes_not_covered_and_finds_the_peak():
+    linear = nn.Linear(64, 64)
+    peak = memory.ActivationPeak()
+    shapes = [(8, 10), (8, 12), (8, 4), (4, 12), (8, 12), (2, 30), (8, 12)]
+    expected = 0
+    for rows, length in shapes:
+        saved = peak.measure((rows, length), linear)
+        with saved:
+            output = torch.relu(linear(torch.randn(rows, length, 64, requires_grad=True)))
+        peak.add(saved)
+        output.sum().backward()
+        # Input of the matmul and the relu output, fp32.
+        expected = max(expected, 2 * rows * length * 64 * 4)
+    # (8, 4), (4, 12) and the repeats of (8, 12) are covered by (8, 12).
+    assert peak.shapes == [(8, 10), (8, 12), (2, 30)]
+    assert peak.steps == 3
+    assert peak.bytes == expected
+
+
+# ------------------------------------------------------------ batches
+
+
+def test_plain_epoch_batches_are_a_permutation_cut_in_batches():
+    # The default order is unchanged: same seed, same batches, same results.
+    from lowrank_ext.finetune.train import epoch_batches
+
+    lengths = list(range(1, 101))
+    batches = epoch_batches(lengths, 16, torch.Generator().manual_seed(3))
+    expected = torch.randperm(100, generator=torch.Generator().manual_seed(3)).split(16)
+    assert [batch.tolist() for batch in batches] == [batch.tolist() for batch in expected]
+
+
+def test_grouped_epoch_batches_cover_every_example_once_with_less_padding():
+    from lowrank_ext.finetune.train import LENGTH_GROUP_BATCHES, epoch_batches
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 65, (1000,), generator=generator).tolist()
+    padded = {}
+    for grouped in (False, True):
+        batches = epoch_batches(lengths, 32, torch.Generator().manual_seed(1), grouped)
+        assert len(batches) == -(-1000 // 32)
+        assert sorted(index for batch in batches for index in batch.tolist()) == list(range(1000))
+        padded[grouped] = sum(len(batch) * max(lengths[index] for index in batch.tolist())
+                              for batch in batches)
+    assert padded[True] < 0.7 * padded[False]
+    # Batches still mix texts from across the data: a group holds
+    # LENGTH_GROUP_BATCHES random batches' worth of examples, not a length band.
+    batches = epoch_batches(lengths, 32, torch.Generator().manual_seed(1), True)
+    assert LENGTH_GROUP_BATCHES * 32 < 1000
+    assert len({max(lengths[index] for index in batch.tolist()) for batch in batches}) > 5
+
+
 # --------------------------------------------------------- end to end
 
 
@@ -242,6 +306,8 @@ def test_finetune_report_adapter_plot_and_resume(tmp_path, tiny_splits):
     # NF4 linear layers: well under the fp32 size of the base model.
     assert report["weight_bytes"] < 0.8 * report["base_weight_bytes"]
     assert report["train_memory_bytes"] >= report["activation_bytes"] > 0
+    # Activations are counted on the steps with a batch shape not seen before.
+    assert 1 <= report["activation_measured_steps"] <= report["steps"]
     adapter = Path(report["adapter_dir"])
     for name in ("adapter_config.json", "adapter_model.safetensors", methods.RUN_FILE):
         assert (adapter / name).is_file()

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "(every label keeps its share; drawn with --seed)")
     finetune.add_argument("--max-length", type=_positive_int, default=64,
                           help="truncate texts to this many tokens (default: 64)")
+    finetune.add_argument("--group-by-length", action="store_true",
+                          help="batch texts of similar length together (within random groups "
+                               "of 8 batches): less padding, faster steps")
     finetune.add_argument("--threads", type=_positive_int, default=None,
                           help="torch.set_num_threads (default: torch's choice)")
     finetune.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -166,7 +169,8 @@ def _settings(arguments: argparse.Namespace, method: str, output_dir: Optional[s
         target_modules=arguments.target_modules, seed=arguments.seed,
         max_train_samples=arguments.max_train_samples, max_length=arguments.max_length,
         threads=arguments.threads, device=arguments.device, output_dir=output_dir,
-        resume=arguments.resume, progress=not arguments.no_progress)
+        resume=arguments.resume, progress=not arguments.no_progress,
+        group_by_length=arguments.group_by_length)
 
 
 def _child_arguments(arguments: argparse.Namespace, method: str, output_dir: Path) -> list[str]:
@@ -192,6 +196,8 @@ def _child_arguments(arguments: argparse.Namespace, method: str, output_dir: Pat
             command += [flag, str(value)]
     if arguments.no_progress:
         command.append("--no-progress")
+    if arguments.group_by_length:
+        command.append("--group-by-length")
     return command
 
 

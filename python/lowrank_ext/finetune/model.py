@@ -110,6 +110,10 @@ class Tokenized:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def lengths(self) -> list[int]:
+        """Token count of each example."""
+        return [row.numel() for row in self.ids]
+
     def batch(self, indices) -> Batch:
         """Examples ``indices`` padded on the right to a common length."""
         rows = [self.ids[int(index)] for index in indices]

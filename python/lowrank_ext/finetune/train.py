@@ -17,7 +17,7 @@ from torch import nn
 
 from . import methods
 from .data import DataSplits, load_file_splits, stdlib_docstring_splits
-from .memory import PeakMemory, SavedActivations, gradient_and_optimizer_bytes
+from .memory import ActivationPeak, PeakMemory, gradient_and_optimizer_bytes
 from .model import (HEAD_NAME, Tokenized, build_classifier, check_dependencies, load_tokenizer,
                     max_positions)
 
@@ -55,6 +55,7 @@ class FinetuneSettings:
     output_dir: Optional[str] = None
     resume: Optional[str] = None
     progress: bool = True
+    group_by_length: bool = False
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
@@ -220,6 +221,35 @@ def _linear_schedule(total_steps: int):
     return factor
 
 
+# With --group-by-length, each run of this many batches of the shuffled
+# training set is sorted by length before it is cut into batches.
+LENGTH_GROUP_BATCHES = 8
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator,
+                  group_by_length: bool = False) -> list[torch.Tensor]:
+    """One epoch's batches of example indices, drawn from ``generator``.
+
+    Plain: a random permutation cut into batches. ``group_by_length``: the
+    permutation is cut into groups of :data:`LENGTH_GROUP_BATCHES` batches,
+    each group is sorted by token count and cut into batches, and the
+    batches are shuffled, as Hugging Face's ``group_by_length`` does. A
+    batch is padded to its longest text, so similar lengths waste less
+    work on padding, while every batch still mixes texts from a random
+    eighth of the data. Either way each example is in exactly one batch,
+    and there are ``ceil(len(lengths) / batch_size)`` batches.
+    """
+    order = torch.randperm(len(lengths), generator=generator)
+    if not group_by_length:
+        return list(order.split(batch_size))
+    batches = []
+    for group in order.split(LENGTH_GROUP_BATCHES * batch_size):
+        ranked = sorted(group.tolist(), key=lambda index: lengths[index])
+        batches += [torch.tensor(ranked[start:start + batch_size], dtype=torch.long)
+                    for start in range(0, len(ranked), batch_size)]
+    return [batches[index] for index in torch.randperm(len(batches), generator=generator)]
+
+
 def default_output_dir(method: str) -> Path:
     """``runs/<method>-<YYYYmmdd-HHMMSS>`` under the current directory."""
     return Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -316,7 +346,8 @@ def run_finetune(settings: FinetuneSettings, splits: Optional[DataSplits] = None
     methods.attach_optimizer(module, settings.method, optimizer)
     order_generator = torch.Generator().manual_seed(settings.seed)
 
-    peak_activation_bytes = training_state_bytes = 0
+    activation_peak = ActivationPeak()
+    training_state_bytes = 0
     history = History(validation_steps=[0], validation_loss=[before["validation"].loss],
                       validation_accuracy=[before["validation"].accuracy])
     progress = reporting.progress_bar(total_steps, settings.method, settings.progress)
@@ -333,18 +364,17 @@ def run_finetune(settings: FinetuneSettings, splits: Optional[DataSplits] = None
         with PeakMemory(device) as peak_memory:
             for _ in range(settings.epochs):
                 epoch_start = time.perf_counter()
-                for indices in torch.randperm(len(train_set), generator=order_generator).split(
-                        settings.batch_size):
+                for indices in epoch_batches(tokenized["train"].lengths(), settings.batch_size,
+                                             order_generator, settings.group_by_length):
                     batch = tokenized["train"].batch(indices).to(device)
-                    # Looked up every step: AdaLoRA swaps its factors for smaller ones.
-                    resident = methods.weight_storages(module)
-                    with SavedActivations(resident) as saved:
+                    saved = activation_peak.measure(batch.input_ids.shape, module)
+                    with saved:
                         logits = module(input_ids=batch.input_ids,
                                         attention_mask=batch.attention_mask)
                         loss = functional.cross_entropy(logits.float(), batch.labels)
                         regularization = methods.regularization_loss(module, settings.method)
                         objective = loss if regularization is None else loss + regularization
-                    peak_activation_bytes = max(peak_activation_bytes, saved.bytes)
+                    activation_peak.add(saved)
                     objective.backward()
                     torch.nn.utils.clip_grad_norm_(parameters, 1.0)
                     optimizer.step()
@@ -398,8 +428,9 @@ def run_finetune(settings: FinetuneSettings, splits: Optional[DataSplits] = None
         "base_parameters": base_parameters,
         "weight_bytes": stored_weight_bytes,
         "base_weight_bytes": base_weight_bytes,
-        "train_memory_bytes": peak_activation_bytes + training_state_bytes,
-        "activation_bytes": peak_activation_bytes,
+        "train_memory_bytes": activation_peak.bytes + training_state_bytes,
+        "activation_bytes": activation_peak.bytes,
+        "activation_measured_steps": activation_peak.steps,
         "gradient_and_optimizer_bytes": training_state_bytes,
         "peak_memory_bytes": peak_memory.peak_bytes,
         "peak_memory_measures": peak_memory.kind,
