@@ -366,6 +366,10 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
         Raises ``ValueError`` for out-of-range arguments or an init this layer kind lacks.
         """
         validate_adapter_arguments(r, alpha, dropout)
+        if isinstance(init, str) and init == "loftq":
+            raise ValueError(f"init 'loftq' is not available for {type(self).__name__}: LoftQ "
+                             "quantizes the base with the factors; use "
+                             "QLoRALinear.from_linear(linear, init='loftq') or QLoRAModule")
         if init not in _INIT_CHOICES:
             raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES}, got {init!r}")
         if not isinstance(use_dora, bool):

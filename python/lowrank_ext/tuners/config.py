@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
@@ -202,7 +203,8 @@ class LoRAConfig:
         rank_pattern / alpha_pattern: ``{regex: value}`` overriding r / alpha
             for modules whose path ends with a match.
         init_lora_weights: True, False, ``"gaussian"`` or ``"pissa"`` (PEFT's
-            ``"pissa_niter_<n>"`` runs as exact PiSSA).
+            ``"pissa_niter_<n>"`` runs as exact PiSSA); ``"loftq"`` on
+            :class:`QLoRAConfig` only (see there).
         fan_in_fan_out: weights stored ``[in, out]``; detected for Conv1D anyway.
         base_model_name_or_path: recorded in ``adapter_config.json``.
         task_type: None or one of PEFT's task types (recorded, and its head
@@ -215,6 +217,8 @@ class LoRAConfig:
     """
 
     peft_type: ClassVar[str] = "LORA"
+    # Whether init_lora_weights="loftq" is accepted (it quantizes the base: QLoRA only).
+    _takes_loftq: ClassVar[bool] = False
 
     r: int = 8
     lora_alpha: float = 8
@@ -235,7 +239,14 @@ class LoRAConfig:
         validate_adapter_arguments(self.r, self.lora_alpha, self.lora_dropout)
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"bias must be one of {_BIAS_MODES}, got {self.bias!r}")
-        if self.init_lora_weights not in _INIT_CHOICES and not _is_pissa(self.init_lora_weights):
+        if _is_loftq(self.init_lora_weights) and not self._takes_loftq:
+            raise ValueError("init_lora_weights='loftq' chooses the 4-bit base and the adapter "
+                             "together, so it needs a quantized model: use QLoRAConfig / "
+                             "QLoRAModule (or QLoRALinear.from_linear(init='loftq')), not "
+                             f"{type(self).__name__}")
+        if self.init_lora_weights not in _INIT_CHOICES and not _is_pissa(
+                self.init_lora_weights) and not (_is_loftq(self.init_lora_weights)
+                                                 and self._takes_loftq):
             raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES} (or PEFT's "
                              f"'pissa_niter_<n>'), got {self.init_lora_weights!r}")
         self.target_modules = normalized_target_modules(self.target_modules)
@@ -289,7 +300,11 @@ class LoRAConfig:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(LoRAConfig)}
         values["peft_type"] = self.peft_type
         values["inference_mode"] = True
-        if isinstance(values["init_lora_weights"], str) and values["init_lora_weights"] == "default":
+        if isinstance(values["init_lora_weights"], str) and values["init_lora_weights"] in (
+                "default", "loftq"):
+            # A LoftQ adapter is saved as a plain one, as PEFT's LoftQ example
+            # does ("don't apply LoftQ when loading again"): the stored factors
+            # fit the LoftQ base, which loading must not recompute.
             values["init_lora_weights"] = True
         return values
 
@@ -323,15 +338,40 @@ class QLoRAConfig(LoRAConfig):
             adapted linear layers are quantized too, except those a Hugging Face
             model keeps in full precision (``_keep_in_fp32_modules``);
             ``modules_to_save`` modules never are (they are trained whole).
+        loftq_config: with ``init_lora_weights="loftq"``, a
+            :class:`~lowrank_ext.LoftQConfig`, PEFT's ``LoftQConfig`` or a dict
+            (``loftq_bits`` must be 4, ``loftq_iter`` >= 1; default
+            ``LoftQConfig()``), stored as a :class:`~lowrank_ext.LoftQConfig`.
+            LoftQ (Li et al. 2023) then quantizes every targeted ``nn.Linear``
+            / ``Conv1D`` together with its adapter's starting factors, so that
+            ``Q + scaling * B @ A`` starts close to the dense weight (see
+            :mod:`lowrank_ext.loftq`). Targets that stay dense (embeddings,
+            convolutions, ``_keep_in_fp32_modules``) take the default init:
+            they have no quantization error to absorb. Ignored, with a
+            warning, for any other init (as PEFT).
     """
+
+    _takes_loftq: ClassVar[bool] = True
 
     blocksize: int = 64
     double_quant: bool = True
     compute_dtype: Optional[torch.dtype] = None
     quantize_modules: TargetSpec = "all-linear"
+    loftq_config: Any = None
 
     def __post_init__(self):
         super().__post_init__()
+        from ..loftq import LoftQConfig
+
+        if _is_loftq(self.init_lora_weights):
+            self.loftq_config = LoftQConfig.from_any(
+                {} if self.loftq_config is None else self.loftq_config)
+        elif self.loftq_config is not None and self.loftq_config != {}:
+            warnings.warn("loftq_config is ignored: init_lora_weights is "
+                          f"{self.init_lora_weights!r}, not 'loftq'", UserWarning, stacklevel=3)
+            self.loftq_config = None
+        else:
+            self.loftq_config = None
         if not isinstance(self.blocksize, int) or self.blocksize < 32 or self.blocksize > 4096 \
                 or self.blocksize & (self.blocksize - 1):
             raise ValueError(f"blocksize must be a power of two in [32, 4096], "
@@ -341,6 +381,10 @@ class QLoRAConfig(LoRAConfig):
                              f"got {self.compute_dtype!r}")
 
 
+def _is_loftq(init) -> bool:
+    return isinstance(init, str) and init == "loftq"
+
+
 def _is_pissa(init) -> bool:
     return init == "pissa" or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)
                                is not None)
@@ -348,7 +392,11 @@ def _is_pissa(init) -> bool:
 
 def layer_init(init):
     """The init a layer runs for a config's ``init_lora_weights``: PEFT's fast
-    ``pissa_niter_<n>`` (randomized SVD) runs as exact PiSSA."""
+    ``pissa_niter_<n>`` (randomized SVD) runs as exact PiSSA; ``"loftq"``
+    creates the layer with the default init, its factors set afterwards by
+    :class:`~lowrank_ext.QLoRAModule` (from the dense weight it quantizes)."""
+    if _is_loftq(init):
+        return True
     return "pissa" if _is_pissa(init) else init
 
 
@@ -362,12 +410,22 @@ def init_for_loading(init):
     The stored factors replace the initial ones, so an init that leaves the
     base alone ("orthogonal", "eva", "mica": MiCA's frozen lora_B is then
     trainable like any factor) loads as a plain one; PiSSA (any variant) is
-    kept, its base rebuilt on load. PEFT's other named inits rewrite the base
-    in ways this library cannot rebuild (olora, corda, lora_ga, loftq) and
-    raise ``ValueError``.
+    kept, its base rebuilt on load. LoftQ loads as a plain adapter, with a
+    warning: its factors fit the LoftQ-quantized base only (with
+    ``loftq_iter=1`` that is plain NF4 of the dense weights, which
+    :class:`~lowrank_ext.QLoRAModule` builds; with more iterations the base
+    saved with it). PEFT's other named inits rewrite the base in ways this
+    library cannot rebuild (olora, corda, lora_ga) and raise ``ValueError``.
     """
     if _is_pissa(init):
         return "pissa"
+    if _is_loftq(init):
+        warnings.warn("init_lora_weights='loftq': the adapter loads as a plain one; its "
+                      "factors fit only the LoftQ-quantized base they were trained on (with "
+                      "loftq_iter=1 the plain NF4 base QLoRAModule makes of the original dense "
+                      "model, with the same blocksize and double_quant; with more iterations "
+                      "the quantized base saved with it)", UserWarning, stacklevel=3)
+        return True
     if init in _INIT_CHOICES:
         return init
     if init in _BASE_KEEPING_INITS:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import os
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -21,7 +22,8 @@ from torch import nn
 from ..nn.lora import BASE_ROW, next_node_number, record_row_adapters
 from ..nn import (AdapterLayer, LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, NF4Linear,
                   QLoRALinear, is_bnb_linear4bit, is_transformers_conv1d)
-from .config import LoRAConfig, QLoRAConfig, layer_init, task_heads
+from ..nn.qlora import loftq_quantize
+from .config import LoRAConfig, QLoRAConfig, _is_loftq as _is_loftq_init, layer_init, task_heads
 from .modules_to_save import ModulesToSave
 from .targets import (get_submodule_parent, match_modules_to_save, match_targets,
                       warn_tied_merges)
@@ -756,6 +758,10 @@ def _batch_rows(args: tuple, kwargs: dict, names: tuple[str, ...]) -> Optional[i
     return None
 
 
+def _is_loftq(config) -> bool:
+    return _is_loftq_init(getattr(config, "init_lora_weights", None))
+
+
 def _first(items: list[str], count: int = 5) -> str:
     shown = ", ".join(items[:count])
     return shown + (f" (and {len(items) - count} more)" if len(items) > count else "")
@@ -875,12 +881,62 @@ class QLoRAModule(LoRAModule):
         quantize = {path for path in quantize
                     if not any(path == name or path.endswith("." + name)
                                or name in path.split(".") for name in keep)}
+        loftq = _is_loftq(config)
+        targeted = set(targets)
+        factors = self.__dict__.setdefault("_loftq_factors", {})
         for path in sorted(quantize):
             module = self.model.get_submodule(path)
-            if isinstance(module, nn.Linear) or is_transformers_conv1d(module):
-                self._replace(path, NF4Linear.from_linear(
-                    module, config.blocksize, config.double_quant, config.compute_dtype),
-                    replaced)
+            if not (isinstance(module, nn.Linear) or is_transformers_conv1d(module)):
+                continue
+            if loftq and path in targeted:
+                # LoftQ: the base's 4-bit codes and the adapter's first factors
+                # are chosen together from the dense weight; the factors are
+                # set once the adapter layer exists (_create_layer).
+                rank, alpha = config.rank_and_alpha(path)
+                scaling = float(alpha) / (math.sqrt(rank) if config.use_rslora else rank)
+                try:
+                    base, lora_A, lora_B = loftq_quantize(
+                        module, rank, scaling, config.loftq_config, config.blocksize,
+                        config.double_quant, config.compute_dtype)
+                except ValueError as error:
+                    raise ValueError(f"init_lora_weights='loftq' on {path!r}: {error}") from None
+                factors[path] = (lora_A, lora_B)
+                self._replace(path, base, replaced)
+                continue
+            self._replace(path, NF4Linear.from_linear(
+                module, config.blocksize, config.double_quant, config.compute_dtype),
+                replaced)
+
+    def _check_targets(self, targets, config):
+        super()._check_targets(targets, config)
+        if not _is_loftq(config):
+            return
+        # LoftQ chooses the 4-bit base: it needs each target's dense weight,
+        # and must not rewrite a base another adapter already uses.
+        for path in targets:
+            module = self.model.get_submodule(path)
+            if isinstance(module, AdapterLayer):
+                raise ValueError(f"init_lora_weights='loftq': {path!r} already holds adapters "
+                                 f"{list(module.adapter_names)}; LoftQ would requantize the "
+                                 "base they share. Use LoftQ for the first adapter only (later "
+                                 "ones can start plain)")
+            if isinstance(module, NF4Linear) or is_bnb_linear4bit(module):
+                raise ValueError(f"init_lora_weights='loftq': {path!r} is already 4-bit "
+                                 f"({type(module).__name__}); LoftQ needs the unquantized "
+                                 "model (load it dense and let QLoRAModule quantize it)")
+
+    def _inject(self, adapter_name, config, strict=True):
+        try:
+            super()._inject(adapter_name, config, strict)
+        finally:
+            self.__dict__.pop("_loftq_factors", None)
+
+    def _create_layer(self, module, path, adapter_name, config):
+        layer = super()._create_layer(module, path, adapter_name, config)
+        factors = self.__dict__.get("_loftq_factors", {}).get(path)
+        if factors is not None:
+            layer.set_loftq_factors(adapter_name, *factors)
+        return layer
 
     def _layer_options(self, path, adapter_name, config):
         options = super()._layer_options(path, adapter_name, config)
