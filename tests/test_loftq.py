@@ -217,29 +217,32 @@ def test_matches_peft_loftq(kind):
 
 
 def test_initialises_a_qlora_layer_close_to_the_dense_one():
-    # The wiring proposed for QLoRAConfig(init_lora_weights="loftq"): LoftQ
-    # on the dense weight with the layer's scaling, blocksize and double
+    # QLoRALinear.from_linear(init="loftq") (and QLoRAModule's
+    # init_lora_weights="loftq", tests/test_loftq_model.py) run LoftQ on the
+    # dense weight with the layer's scaling, blocksize and double
     # quantization; its Q becomes the base, its factors the adapter. The
     # layer's output must then be closer to the dense layer's than plain
     # QLoRA's (whose adapter starts at zero), and by Eckart-Young at least by
     # the factor bounded in the first test (on the weights; here the outputs
     # on random inputs, so only "closer" is asserted).
+    import lowrank_ext
     from lowrank_ext.nn.qlora import QLoRALinear
 
+    assert lowrank_ext.loftq_init is loftq_init and lowrank_ext.LoftQConfig is LoftQConfig
     torch.manual_seed(0)
     linear = torch.nn.Linear(IN, OUT)
     with torch.no_grad():
         linear.weight.copy_(WEIGHTS["low_rank_plus_noise"])
     plain = QLoRALinear.from_linear(linear, r=RANK, alpha=32, init=False)
-    layer = QLoRALinear.from_linear(linear, r=RANK, alpha=32, init=False)
+    layer = QLoRALinear.from_linear(linear, r=RANK, alpha=32, init="loftq",
+                                    loftq_config=LoftQConfig(loftq_iter=3))
     base = layer.base_layer
     quantized, lora_A, lora_B = loftq_init(
         linear.weight, RANK, scaling=layer.scaling["default"], num_iter=3,
         blocksize=base.blocksize, double_quant=base.weight_nested_absmax is not None)
-    base.set_quantized_weight(quantized)
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(lora_A)
-        layer.lora_B["default"].weight.copy_(lora_B)
+    assert torch.equal(base.quantized_weight().packed, quantized.packed)
+    assert torch.equal(layer.lora_A["default"].weight, lora_A)
+    assert torch.equal(layer.lora_B["default"].weight, lora_B)
     x = torch.randn(64, IN)
     with torch.no_grad():
         expected = linear(x)

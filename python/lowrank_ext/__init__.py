@@ -13,6 +13,7 @@ check_running_torch()
 
 from . import _C, ops  # noqa: E402  (only after the torch version check)
 from .quant import NF4Weight, dynamic_map, nf4_codebook
+from .loftq import LoftQConfig, loftq_init
 from . import nn, tuners  # noqa: E402  (layers need the ops registered first)
 from .tuners import (
     AdaLoRAConfig,
@@ -81,6 +82,7 @@ __all__ = [
     "AdaLoRAModule",
     "LoRAConfig",
     "LoRAModule",
+    "LoftQConfig",
     "NF4Weight",
     "QLoRAConfig",
     "QLoRAModule",
@@ -88,6 +90,7 @@ __all__ = [
     "dynamic_map",
     "get_cpu_isa",
     "load_adapter",
+    "loftq_init",
     "nf4_codebook",
     "nn",
     "ops",

@@ -842,6 +842,17 @@ class QLoRAModule(LoRAModule):
     ``keep_merged_weight=True`` keeps dense merged weights instead.
     ``modules_to_save`` modules are never quantized. A model loaded with
     bitsandbytes in NF4 is taken over as stored (no requantization).
+
+    ``init_lora_weights="loftq"`` (with ``loftq_config``) runs LoftQ on each
+    targeted ``nn.Linear`` / ``Conv1D``: its 4-bit base and first factors are
+    chosen together from the dense weight (with that layer's rank, alpha and
+    scaling), so the model starts closer to the dense one than plain QLoRA's.
+    It needs the dense model (already 4-bit targets raise ``ValueError``) and
+    refuses layers that already hold an adapter (it would requantize their
+    shared base). With ``loftq_iter=1`` the base is plain NF4 of the dense
+    weights, so the saved adapter alone reloads exactly on a new QLoRAModule
+    of the same model; with more iterations the base differs: keep the
+    wrapper's ``state_dict()`` (4-bit base included) as well.
     """
 
     config_class = QLoRAConfig
