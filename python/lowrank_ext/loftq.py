@@ -29,7 +29,10 @@ bit for bit (the quantizer is bitsandbytes' NF4, so with
 :func:`loftq_init` works on one dense ``[out_features, in_features]``
 weight on its own device; wiring it into a layer is: quantize the layer's
 base with the returned :class:`~lowrank_ext.quant.NF4Weight` and copy the
-factors into its ``lora_A`` / ``lora_B`` weights.
+factors into its ``lora_A`` / ``lora_B`` weights. That is what
+``QLoRAModule(model, ..., init_lora_weights="loftq", loftq_config=...)``
+(:class:`~lowrank_ext.QLoRAConfig`) does for every targeted linear layer,
+and ``QLoRALinear.from_linear(linear, init="loftq")`` for one.
 """
 
 from __future__ import annotations
