@@ -34,13 +34,12 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import describe, median_seconds, print_table  # noqa: E402
+from machine import PeakSampler, describe, median_seconds, print_table, status_bytes  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -161,31 +160,6 @@ def time_decode(args, labels) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ memory
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-class PeakSampler:
-    """The highest RssAnon seen, sampled on a thread (kernels release the GIL)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak = interval, status_bytes("RssAnon")
-        self._stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, status_bytes("RssAnon"))
-            time.sleep(self.interval)
-
-    def read(self) -> int:
-        return max(self.peak, status_bytes("RssAnon"))
-
 
 def memory_case(args) -> dict:
     """In a fresh process: anonymous memory before the model, peak over two steps."""

@@ -34,44 +34,16 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import PeakSampler, describe, print_table, status_bytes  # noqa: E402
+
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=PROJECTIONS)
 GIB = 2**30
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-class PeakSampler:
-    """The highest RssAnon seen since the last ``reset``, sampled on a thread
-    (torch kernels release the GIL, so it samples during them too)."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, status_bytes("RssAnon"))
-            time.sleep(self.interval)
-
-    def reset(self) -> None:
-        self.peak = status_bytes("RssAnon")
-
-    def read(self) -> int:
-        return max(self.peak, status_bytes("RssAnon"))
 
 
 def load_ours(path, dtype):
@@ -171,9 +143,6 @@ def main():
         result = run_case(args.checkpoint, args.case, getattr(torch, args.dtype))
         print("RESULT " + json.dumps(result), flush=True)
         return
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from machine import describe, print_table
 
     cases = args.cases.split(",")
     results: dict[str, list[dict]] = {case: [] for case in cases}

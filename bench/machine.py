@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import statistics
+import threading
 import time
 from typing import Callable
 
@@ -51,3 +52,33 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print(line(row))
+
+
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (RssAnon, VmHWM, ...) in bytes. Linux only."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakSampler:
+    """The highest RssAnon (anonymous resident memory) since construction or the
+    last ``reset``, sampled on a daemon thread every ``interval`` seconds (torch
+    kernels release the GIL, so it samples during them too)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak = interval, status_bytes("RssAnon")
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            self.peak = max(self.peak, status_bytes("RssAnon"))
+            time.sleep(self.interval)
+
+    def reset(self) -> None:
+        self.peak = status_bytes("RssAnon")
+
+    def read(self) -> int:
+        return max(self.peak, status_bytes("RssAnon"))
