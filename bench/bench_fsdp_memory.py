@@ -42,44 +42,17 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import torch
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import PeakSampler, describe, status_bytes  # noqa: E402
+
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
 MIB = 2**20
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-class PeakSampler:
-    """The highest RssAnon since the last ``reset``, sampled on a thread (torch
-    kernels release the GIL, so it samples during them too)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, status_bytes("RssAnon"))
-            time.sleep(self.interval)
-
-    def reset(self) -> None:
-        self.peak = status_bytes("RssAnon")
-
-    def read(self) -> int:
-        return max(self.peak, status_bytes("RssAnon"))
 
 
 # ------------------------------------------------------------------ builders
@@ -257,8 +230,6 @@ def main():
                 rows.append(json.loads(line[len("RESULT "):]))
             print(f"{impl} x{world}: done", file=sys.stderr, flush=True)
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from machine import describe
 
     print(describe())
     print(f"TinyLlama shape, first {arguments.layers} decoder layers; LoRA r={RANK} on 7 "
