@@ -39,26 +39,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train_step import PROJECTIONS, bitsandbytes_model, build_model  # noqa: E402
 from machine import PeakSampler, describe, median_seconds, print_table, status_bytes  # noqa: E402
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def adapter(args, dora: bool) -> dict:
     return dict(r=16, lora_alpha=32, lora_dropout=args.dropout, target_modules=PROJECTIONS,
                 use_dora=dora)
-
-
-def build_model(args):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, vocab_size=1000,
-                         max_position_embeddings=max(512, args.length))
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(DTYPES[args.dtype]).train()
 
 
 def ours(args, dora: bool):
@@ -81,22 +69,9 @@ def peft_dense(args, dora: bool):
 
 
 def peft_bitsandbytes(args, dora: bool):
-    import bitsandbytes as bnb
     import peft
 
-    model = build_model(args)
-    for name, module in list(model.named_modules()):
-        parent, _, child = name.rpartition(".")
-        if child not in PROJECTIONS:
-            continue
-        quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False,
-                                      compute_dtype=DTYPES[args.dtype], compress_statistics=True,
-                                      quant_type="nf4")
-        quantized.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False,
-                                             quant_type="nf4",
-                                             compress_statistics=True)._quantize("cpu")
-        setattr(model.get_submodule(parent), child, quantized)
-    return peft.get_peft_model(model, peft.LoraConfig(**adapter(args, dora)))
+    return peft.get_peft_model(bitsandbytes_model(args), peft.LoraConfig(**adapter(args, dora)))
 
 
 SETUPS = {
@@ -194,7 +169,7 @@ def measure_memory(args, label: str) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shape, for a smoke run")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=256)

@@ -69,13 +69,15 @@ def ours_lora(args):
     return lowrank_ext.LoRAModule(build_model(args), **ADAPTER)
 
 
-def peft_qlora(args):
+def bitsandbytes_model(args):
+    """The model with every projection a bitsandbytes NF4 ``Linear4bit`` (double
+    quantization, computing in the model's dtype)."""
     import bitsandbytes as bnb
-    import peft
 
     model = build_model(args)
     for name, module in list(model.named_modules()):
-        if name.rsplit(".", 1)[-1] not in PROJECTIONS:
+        parent, _, child = name.rpartition(".")
+        if child not in PROJECTIONS:
             continue
         quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False,
                                       compute_dtype=model_dtype(args), compress_statistics=True,
@@ -83,9 +85,14 @@ def peft_qlora(args):
         quantized.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False,
                                              quant_type="nf4",
                                              compress_statistics=True)._quantize("cpu")
-        parent = model.get_submodule(name.rsplit(".", 1)[0])
-        setattr(parent, name.rsplit(".", 1)[-1], quantized)
-    return peft.get_peft_model(model, peft.LoraConfig(**ADAPTER))
+        setattr(model.get_submodule(parent), child, quantized)
+    return model
+
+
+def peft_qlora(args):
+    import peft
+
+    return peft.get_peft_model(bitsandbytes_model(args), peft.LoraConfig(**ADAPTER))
 
 
 def ours_qlora(args):
