@@ -69,6 +69,27 @@ def global_batches(steps: int, batch_size: int, seed: int) -> list[tuple[torch.T
             for _ in range(steps)]
 
 
+def start_process_group(parser: argparse.ArgumentParser, arguments: argparse.Namespace,
+                        module_name: str) -> tuple[int, int, torch.device]:
+    """Under torchrun: joins the process group (NCCL with GPUs, else gloo) and
+    returns (rank, world size, this rank's device), one torch thread per rank.
+    Stops with the parser's error outside torchrun or when
+    ``arguments.global_batch_size`` does not split over the processes."""
+    if "RANK" not in os.environ:
+        parser.error(f"run under torchrun, e.g. torchrun --nproc_per_node 2 -m {module_name}")
+    use_cuda = torch.cuda.is_available()
+    distributed.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    if arguments.global_batch_size % world_size:
+        parser.error(f"--global-batch-size {arguments.global_batch_size} is not divisible by "
+                     f"the {world_size} processes")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    torch.set_num_threads(1)
+    return rank, world_size, device
+
+
 def build(method: str, seed: int, device: torch.device) -> nn.Module:
     """The tiny model wrapped for ``method``, identical for a given seed."""
     torch.manual_seed(seed)
@@ -118,22 +139,12 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", default="ddp_check")
     arguments = parser.parse_args(argv)
 
-    if "RANK" not in os.environ:
-        parser.error("run under torchrun, e.g. torchrun --nproc_per_node 2 -m "
-                     "lowrank_ext.finetune.ddp_check")
-    use_cuda = torch.cuda.is_available()
-    distributed.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world_size = distributed.get_rank(), distributed.get_world_size()
-    if arguments.global_batch_size % world_size:
-        parser.error(f"--global-batch-size {arguments.global_batch_size} is not divisible by "
-                     f"the {world_size} processes")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    torch.set_num_threads(1)
+    rank, world_size, device = start_process_group(parser, arguments, "lowrank_ext.finetune.ddp_check")
 
     batches = global_batches(arguments.steps, arguments.global_batch_size, arguments.seed)
     module = build(arguments.method, arguments.seed, device)
     parallel = nn.parallel.DistributedDataParallel(
-        module, device_ids=[device.index] if use_cuda else None)
+        module, device_ids=[device.index] if device.type == "cuda" else None)
     losses = train(parallel, batches, rank, world_size, device, arguments.learning_rate)
     state = trained_state(module)
     # Drop DDP's reducer while the process group is still registered. Otherwise

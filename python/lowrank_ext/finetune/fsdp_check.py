@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,8 @@ from pathlib import Path
 import torch
 import torch.distributed as distributed
 from torch import nn
+
+from .ddp_check import start_process_group
 
 VOCABULARY = 128
 SEQUENCE = 16
@@ -354,19 +355,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(scenarios) - set(SCENARIOS))
     if unknown:
         parser.error(f"unknown scenarios {unknown}; choose from {list(SCENARIOS)}")
-    if "RANK" not in os.environ:
-        parser.error("run under torchrun, e.g. torchrun --nproc_per_node 2 -m "
-                     "lowrank_ext.finetune.fsdp_check")
-    use_cuda = torch.cuda.is_available()
-    distributed.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world_size = distributed.get_rank(), distributed.get_world_size()
-    if arguments.global_batch_size % world_size:
-        parser.error(f"--global-batch-size {arguments.global_batch_size} is not divisible by "
-                     f"the {world_size} processes")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    torch.set_num_threads(1)
+    rank, world_size, device = start_process_group(parser, arguments, "lowrank_ext.finetune.fsdp_check")
     output = Path(arguments.output_dir)
     output.mkdir(parents=True, exist_ok=True)
 
