@@ -5,6 +5,7 @@
 #include "core/nf4.h"
 #include "cpu/kernels.h"
 #include "cpu/scalar_tail.h"
+#include "cpu/nf4_gemv.h"
 #include "cpu/simd_avx2.h"
 
 namespace lowrank {
@@ -127,100 +128,35 @@ inline float reduce_add8(__m256 values) {
   return _mm_cvtss_f32(sum);
 }
 
-// Activation rows handled together by one pass over a weight row, and output
-// rows per chunk: a chunk's weight slice stays cache-hot while every row
-// group passes over it.
-constexpr int kGemvRowGroup = 4;
-constexpr std::int64_t kGemvOutputChunk = 32;
-
-// GEMV over outputs [out_begin, out_end) for activation rows [first_row, first_row + Rows).
-// A 16-element step reads 8 packed bytes: the high nibbles multiply 8
-// consecutive `even` activations, the low nibbles the matching `odd` ones.
-template <int Rows>
-void gemv_rows(const GemvInput& input, std::int64_t first_row, const std::uint8_t* packed,
-               const BlockScales& scales, std::int64_t out_features, std::int64_t in_features,
-               std::int64_t blocksize, const float* bias, std::int64_t out_begin,
-               std::int64_t out_end, void* out, Dtype out_dtype) {
-  const __m256 codebook_low = _mm256_loadu_ps(nf4::kCodebook);
-  const __m256 codebook_high = _mm256_loadu_ps(nf4::kCodebook + 8);
-  for (std::int64_t output = out_begin; output < out_end; ++output) {
-    const std::int64_t row_begin = output * in_features;
-    const std::int64_t row_end = row_begin + in_features;
-    const std::int64_t parity = row_begin & 1;
-    const float* natural[Rows];
-    const float* even[Rows];
-    const float* odd[Rows];
-    __m256 acc_even[Rows];
-    __m256 acc_odd[Rows];
-    float scalar_sum[Rows];
-    for (int r = 0; r < Rows; ++r) {
-      natural[r] = gemv_natural(input, first_row + r);
-      even[r] = gemv_even(input, first_row + r, parity);
-      odd[r] = gemv_odd(input, first_row + r, parity);
-      acc_even[r] = _mm256_setzero_ps();
-      acc_odd[r] = _mm256_setzero_ps();
-      scalar_sum[r] = 0.0f;
-    }
-    std::int64_t start = row_begin;
-    if (parity) {
-      // The row starts in a low nibble: take that element alone so every
-      // vector step below begins on a byte.
-      float weight = nf4::kCodebook[tail::code_at(packed, start)] *
-                     block_scale(scales, start / blocksize);
-      for (int r = 0; r < Rows; ++r) scalar_sum[r] += weight * natural[r][0];
-      ++start;
-    }
-    tail::for_each_block_segment(
-        start, row_end, blocksize, [&](std::int64_t begin, std::int64_t end, std::int64_t block) {
-          const float scale = block_scale(scales, block);
-          const __m256 scale8 = _mm256_set1_ps(scale);
-          const __m256 lut_low = _mm256_mul_ps(codebook_low, scale8);
-          const __m256 lut_high = _mm256_mul_ps(codebook_high, scale8);
-          std::int64_t i = begin;
-          for (; i + 2 * kLanes <= end; i += 2 * kLanes) {
-            // Streaming the weight is the bound; prefetching 1 KiB ahead keeps
-            // more cache-line fills in flight than the hardware prefetcher.
-            _mm_prefetch(reinterpret_cast<const char*>(packed + i / 2) + 1024, _MM_HINT_T0);
-            __m256i index = _mm256_cvtepu8_epi32(
-                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i / 2)));
-            __m256 weight_high = lookup8(_mm256_srli_epi32(index, 4), lut_low, lut_high);
-            __m256 weight_low = lookup8(index, lut_low, lut_high);
-            const std::int64_t pair = (i - row_begin - parity) / 2;
-            for (int r = 0; r < Rows; ++r) {
-              acc_even[r] = _mm256_fmadd_ps(weight_high, _mm256_loadu_ps(even[r] + pair), acc_even[r]);
-              acc_odd[r] = _mm256_fmadd_ps(weight_low, _mm256_loadu_ps(odd[r] + pair), acc_odd[r]);
-            }
-          }
-          if (i < end) {
-            for (int r = 0; r < Rows; ++r) {
-              scalar_sum[r] += tail::dot_range(packed, scale, i, end, natural[r] + (i - row_begin));
-            }
-          }
-        });
-    for (int r = 0; r < Rows; ++r) {
-      float sum = reduce_add8(_mm256_add_ps(acc_even[r], acc_odd[r])) + scalar_sum[r];
-      if (bias != nullptr) sum += bias[output];
-      tail::store_float(out, out_dtype, (first_row + r) * out_features + output, sum);
-    }
+// The GEMV's vector operations (see nf4_gemv.h): 8 packed bytes decode into
+// two vectors of 8 weights through two 8-entry permutes each (lookup8).
+struct GemvSimd {
+  using Vec = __m256;
+  static constexpr int kLanes = 8;
+  static constexpr int kMaxRows = 4;
+  static constexpr int kPairedRows = 4;
+  struct Lut {
+    __m256 low, high;
+  };
+  static Lut lut(const BlockScales& scales, std::int64_t block) {
+    const __m256 scale = _mm256_set1_ps(block_scale(scales, block));
+    return {_mm256_mul_ps(_mm256_loadu_ps(nf4::kCodebook), scale),
+            _mm256_mul_ps(_mm256_loadu_ps(nf4::kCodebook + 8), scale)};
   }
-}
-
-void nf4_gemv_avx2(const GemvInput& input, const std::uint8_t* packed, const BlockScales& scales,
-                   std::int64_t out_features, std::int64_t in_features, std::int64_t blocksize,
-                   const float* bias, std::int64_t out_begin, std::int64_t out_end, void* out,
-                   Dtype out_dtype) {
-  for (std::int64_t chunk = out_begin; chunk < out_end; chunk += kGemvOutputChunk) {
-    const std::int64_t chunk_end = chunk + kGemvOutputChunk < out_end ? chunk + kGemvOutputChunk : out_end;
-    for (std::int64_t row = 0; row < input.rows; row += kGemvRowGroup) {
-      const std::int64_t count = input.rows - row < kGemvRowGroup ? input.rows - row : kGemvRowGroup;
-      tail::with_row_count(count, [&](auto row_count) {
-        gemv_rows<decltype(row_count)::value>(input, row, packed, scales, out_features,
-                                              in_features, blocksize, bias, chunk,
-                                              chunk_end, out, out_dtype);
-      });
-    }
+  static void decode(const std::uint8_t* bytes, const Lut& lut, __m256& high, __m256& low) {
+    __m256i index = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+    high = lookup8(_mm256_srli_epi32(index, 4), lut.low, lut.high);
+    low = lookup8(index, lut.low, lut.high);
   }
-}
+  static __m256 zero() { return _mm256_setzero_ps(); }
+  static __m256 add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+  static __m256 fmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+  static __m256 loadu(const float* data) { return _mm256_loadu_ps(data); }
+  static float reduce_add(__m256 values) { return reduce_add8(values); }
+  static void prefetch(const std::uint8_t* address) {
+    _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T0);
+  }
+};
 
 void nf4_dequantize_range_avx2(const std::uint8_t* packed, const BlockScales& scales,
                                std::int64_t blocksize, std::int64_t begin, std::int64_t end,
@@ -293,7 +229,7 @@ void nf4_gemv_transposed_avx2(const float* grad, std::int64_t rows, const std::u
 }  // namespace
 
 const CpuKernels& avx2_kernels() {
-  static const CpuKernels table{Isa::Avx2, nf4_quantize_avx2, nf4_dequantize_avx2, nf4_gemv_avx2,
+  static const CpuKernels table{Isa::Avx2, nf4_quantize_avx2, nf4_dequantize_avx2, nf4_gemv<GemvSimd>,
                                 nf4_gemv_transposed_avx2, nf4_dequantize_range_avx2, nullptr};
   return table;
 }

@@ -6,6 +6,7 @@
 #include "core/nf4.h"
 #include "cpu/kernels.h"
 #include "cpu/scalar_tail.h"
+#include "cpu/nf4_gemv.h"
 #include "cpu/simd_avx512.h"
 
 namespace lowrank {
@@ -104,105 +105,34 @@ void nf4_dequantize_avx512(const std::uint8_t* packed, const float* absmax, std:
   }
 }
 
-// Activation rows handled together by one pass over a weight row, and output
-// rows per chunk: a chunk's weight slice stays cache-hot while every row
-// group passes over it.
-constexpr int kGemvRowGroup = 4;
-constexpr std::int64_t kGemvOutputChunk = 32;
-
-// One 32-element step of the GEMV: 16 packed bytes, decoded with the scaled
-// codebook `lut` (permutexvar reads only an index's low 4 bits, so the raw
-// byte indexes its low nibble and the byte shifted right by 4 its high one).
-template <int Rows>
-inline void gemv_step(const std::uint8_t* bytes, __m512 lut, const float* const* even,
-                      const float* const* odd, std::int64_t pair, __m512* acc_even,
-                      __m512* acc_odd) {
-  // Streaming the weight is the bound; prefetching 1 KiB ahead keeps more
-  // cache-line fills in flight than the hardware prefetcher alone does.
-  _mm_prefetch(reinterpret_cast<const char*>(bytes) + 1024, _MM_HINT_T0);
-  __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  __m512 weight_high = _mm512_permutexvar_ps(_mm512_srli_epi32(index, 4), lut);
-  __m512 weight_low = _mm512_permutexvar_ps(index, lut);
-  for (int r = 0; r < Rows; ++r) {
-    acc_even[r] = _mm512_fmadd_ps(weight_high, _mm512_loadu_ps(even[r] + pair), acc_even[r]);
-    acc_odd[r] = _mm512_fmadd_ps(weight_low, _mm512_loadu_ps(odd[r] + pair), acc_odd[r]);
+// The GEMV's vector operations (see nf4_gemv.h): 16 packed bytes decode into
+// two vectors of 16 weights, one permutexvar each (it reads only an index's
+// low 4 bits, so the raw byte indexes its low nibble and the byte shifted
+// right by 4 its high one).
+struct GemvSimd {
+  using Vec = __m512;
+  static constexpr int kLanes = 16;
+  static constexpr int kMaxRows = 4;
+  static constexpr int kPairedRows = 4;
+  using Lut = __m512;
+  static __m512 lut(const BlockScales& scales, std::int64_t block) {
+    return _mm512_mul_ps(_mm512_loadu_ps(nf4::kCodebook),
+                         block_scale16(scales, block, _mm512_set1_ps(scales.offset)));
   }
-}
-
-// GEMV over outputs [out_begin, out_end) for activation rows [first_row, first_row + Rows).
-template <int Rows>
-void gemv_rows(const GemvInput& input, std::int64_t first_row, const std::uint8_t* packed,
-               const BlockScales& scales, std::int64_t out_features, std::int64_t in_features,
-               std::int64_t blocksize, const float* bias, std::int64_t out_begin,
-               std::int64_t out_end, void* out, Dtype out_dtype) {
-  const __m512 codebook = _mm512_loadu_ps(nf4::kCodebook);
-  const __m512 offset = _mm512_set1_ps(scales.offset);
-  for (std::int64_t output = out_begin; output < out_end; ++output) {
-    const std::int64_t row_begin = output * in_features;
-    const std::int64_t row_end = row_begin + in_features;
-    const std::int64_t parity = row_begin & 1;
-    const float* natural[Rows];
-    const float* even[Rows];
-    const float* odd[Rows];
-    __m512 acc_even[Rows];
-    __m512 acc_odd[Rows];
-    float scalar_sum[Rows];
-    for (int r = 0; r < Rows; ++r) {
-      natural[r] = gemv_natural(input, first_row + r);
-      even[r] = gemv_even(input, first_row + r, parity);
-      odd[r] = gemv_odd(input, first_row + r, parity);
-      acc_even[r] = _mm512_setzero_ps();
-      acc_odd[r] = _mm512_setzero_ps();
-      scalar_sum[r] = 0.0f;
-    }
-    std::int64_t start = row_begin;
-    if (parity) {
-      // The row starts in a low nibble: take that element alone so every
-      // vector step below begins on a byte.
-      float weight = nf4::kCodebook[tail::code_at(packed, start)] *
-                     block_scale(scales, start / blocksize);
-      for (int r = 0; r < Rows; ++r) scalar_sum[r] += weight * natural[r][0];
-      ++start;
-    }
-    tail::for_each_block_segment(
-        start, row_end, blocksize, [&](std::int64_t begin, std::int64_t end, std::int64_t block) {
-          const __m512 lut = _mm512_mul_ps(codebook, block_scale16(scales, block, offset));
-          std::int64_t i = begin;
-          for (; i + 2 * kLanes <= end; i += 2 * kLanes) {
-            gemv_step<Rows>(packed + i / 2, lut, even, odd, (i - row_begin - parity) / 2,
-                            acc_even, acc_odd);
-          }
-          if (i < end) {
-            const float scale = block_scale(scales, block);
-            for (int r = 0; r < Rows; ++r) {
-              scalar_sum[r] += tail::dot_range(packed, scale, i, end, natural[r] + (i - row_begin));
-            }
-          }
-        });
-    for (int r = 0; r < Rows; ++r) {
-      float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc_even[r], acc_odd[r])) + scalar_sum[r];
-      if (bias != nullptr) sum += bias[output];
-      tail::store_float(out, out_dtype, (first_row + r) * out_features + output, sum);
-    }
+  static void decode(const std::uint8_t* bytes, __m512 lut, __m512& high, __m512& low) {
+    __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+    high = _mm512_permutexvar_ps(_mm512_srli_epi32(index, 4), lut);
+    low = _mm512_permutexvar_ps(index, lut);
   }
-}
-
-void nf4_gemv_avx512(const GemvInput& input, const std::uint8_t* packed,
-                     const BlockScales& scales, std::int64_t out_features,
-                     std::int64_t in_features, std::int64_t blocksize, const float* bias,
-                     std::int64_t out_begin, std::int64_t out_end, void* out, Dtype out_dtype) {
-  for (std::int64_t chunk = out_begin; chunk < out_end; chunk += kGemvOutputChunk) {
-    const std::int64_t chunk_end = chunk + kGemvOutputChunk < out_end ? chunk + kGemvOutputChunk : out_end;
-    for (std::int64_t row = 0; row < input.rows; row += kGemvRowGroup) {
-      const std::int64_t count = input.rows - row < kGemvRowGroup ? input.rows - row : kGemvRowGroup;
-      tail::with_row_count(count, [&](auto row_count) {
-        gemv_rows<decltype(row_count)::value>(input, row, packed, scales, out_features,
-                                              in_features, blocksize, bias, chunk,
-                                              chunk_end, out, out_dtype);
-      });
-    }
+  static __m512 zero() { return _mm512_setzero_ps(); }
+  static __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+  static __m512 fmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+  static __m512 loadu(const float* data) { return _mm512_loadu_ps(data); }
+  static float reduce_add(__m512 values) { return _mm512_reduce_add_ps(values); }
+  static void prefetch(const std::uint8_t* address) {
+    _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T0);
   }
-}
+};
 
 void nf4_dequantize_range_avx512(const std::uint8_t* packed, const BlockScales& scales,
                                  std::int64_t blocksize, std::int64_t begin, std::int64_t end,
@@ -272,7 +202,7 @@ void nf4_gemv_transposed_avx512(const float* grad, std::int64_t rows, const std:
 
 const CpuKernels& avx512_kernels() {
   static const CpuKernels table{Isa::Avx512, nf4_quantize_avx512, nf4_dequantize_avx512,
-                                nf4_gemv_avx512, nf4_gemv_transposed_avx512,
+                                nf4_gemv<GemvSimd>, nf4_gemv_transposed_avx512,
                                 nf4_dequantize_range_avx512,
                                 bf16_dot_product_supported() ? nf4_gemv_avx512bf16 : nullptr};
   return table;

@@ -5,6 +5,7 @@
 #include "core/float_convert.h"
 #include "core/nf4.h"
 #include "cpu/kernels.h"
+#include "cpu/nf4_gemv.h"
 #include "cpu/scalar_tail.h"
 
 namespace lowrank {
@@ -34,27 +35,34 @@ void nf4_dequantize_scalar(const std::uint8_t* packed, const float* absmax, std:
   }
 }
 
-// Reference: one output at a time, the weight decoded again for every row.
-void nf4_gemv_scalar(const GemvInput& input, const std::uint8_t* packed,
-                     const BlockScales& scales, std::int64_t out_features,
-                     std::int64_t in_features, std::int64_t blocksize, const float* bias,
-                     std::int64_t out_begin, std::int64_t out_end, void* out, Dtype out_dtype) {
-  for (std::int64_t output = out_begin; output < out_end; ++output) {
-    const std::int64_t row_begin = output * in_features;
-    for (std::int64_t row = 0; row < input.rows; ++row) {
-      const float* x = gemv_natural(input, row);
-      float sum = 0.0f;
-      tail::for_each_block_segment(
-          row_begin, row_begin + in_features, blocksize,
-          [&](std::int64_t begin, std::int64_t end, std::int64_t block) {
-            sum += tail::dot_range(packed, block_scale(scales, block), begin, end,
-                                   x + (begin - row_begin));
-          });
-      if (bias != nullptr) sum += bias[output];
-      tail::store_float(out, out_dtype, row * out_features + output, sum);
-    }
+// The GEMV's operations on one-lane "vectors" (see nf4_gemv.h): a step is
+// one packed byte, its high-nibble weight for the `even` activation and its
+// low-nibble one for the `odd`.
+struct GemvSimd {
+  using Vec = float;
+  static constexpr int kLanes = 1;
+  static constexpr int kMaxRows = 4;
+  static constexpr int kPairedRows = 4;
+  struct Lut {
+    float values[16];
+  };
+  static Lut lut(const BlockScales& scales, std::int64_t block) {
+    const float scale = block_scale(scales, block);
+    Lut lut;
+    for (int code = 0; code < 16; ++code) lut.values[code] = nf4::kCodebook[code] * scale;
+    return lut;
   }
-}
+  static void decode(const std::uint8_t* bytes, const Lut& lut, float& high, float& low) {
+    high = lut.values[*bytes >> 4];
+    low = lut.values[*bytes & 0x0f];
+  }
+  static float zero() { return 0.0f; }
+  static float add(float a, float b) { return a + b; }
+  static float fmadd(float a, float b, float c) { return a * b + c; }
+  static float loadu(const float* data) { return *data; }
+  static float reduce_add(float value) { return value; }
+  static void prefetch(const std::uint8_t*) {}
+};
 
 void nf4_dequantize_range_scalar(const std::uint8_t* packed, const BlockScales& scales,
                                  std::int64_t blocksize, std::int64_t begin, std::int64_t end,
@@ -95,7 +103,7 @@ void nf4_gemv_transposed_scalar(const float* grad, std::int64_t rows, const std:
 
 const CpuKernels& scalar_kernels() {
   static const CpuKernels table{Isa::Scalar, nf4_quantize_scalar, nf4_dequantize_scalar,
-                                nf4_gemv_scalar, nf4_gemv_transposed_scalar,
+                                nf4_gemv<GemvSimd>, nf4_gemv_transposed_scalar,
                                 nf4_dequantize_range_scalar, nullptr};
   return table;
 }

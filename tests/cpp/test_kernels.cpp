@@ -2,6 +2,7 @@
 // reference on awkward sizes (partial blocks, odd counts, sizes that are not
 // multiples of the vector width), plus the fp16/bf16 conversions. Built with
 // sanitizers in CI. Prints "N passed, M failed" and exits non-zero on failure.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -227,6 +228,168 @@ void test_gemv_bf16(const CpuKernels& kernels, std::mt19937& rng) {
   }
 }
 
+// Weight element `flat` of a packed NF4 tensor, as dequantization gives it.
+float weight_at(const std::vector<std::uint8_t>& packed, const lowrank::cpu::BlockScales& scales,
+                std::int64_t blocksize, std::int64_t flat) {
+  const int code = (packed[flat / 2] >> ((flat & 1) ? 0 : 4)) & 0x0f;
+  return lowrank::nf4::kCodebook[code] * lowrank::cpu::block_scale(scales, flat / blocksize);
+}
+
+// A random NF4 weight with plain or double-quantized scales (the nested
+// tables live in `storage`).
+struct TestWeight {
+  std::vector<std::uint8_t> packed, nested_codes;
+  std::vector<float> absmax, nested_absmax, nested_code;
+  lowrank::cpu::BlockScales scales;
+};
+
+TestWeight make_weight(std::mt19937& rng, std::int64_t numel, std::int64_t blocksize,
+                       bool double_quant) {
+  TestWeight weight;
+  auto dense = random_values(rng, Dtype::Float32, numel, 1.0f);
+  const std::int64_t blocks = lowrank::nf4::num_blocks(numel, blocksize);
+  weight.packed.resize(lowrank::nf4::packed_bytes(numel));
+  weight.absmax.resize(blocks);
+  lowrank::cpu::scalar_kernels().nf4_quantize(dense.data(), Dtype::Float32, numel, blocksize, 0,
+                                              blocks, weight.packed.data(), weight.absmax.data());
+  if (double_quant) {
+    weight.nested_code.resize(256);
+    for (int i = 0; i < 256; ++i) weight.nested_code[i] = static_cast<float>(i) / 255.0f;
+    weight.nested_codes.resize(blocks);
+    for (auto& code : weight.nested_codes) code = rng() & 0xff;
+    weight.nested_absmax.assign((blocks + 255) / 256, 2.0f);
+    weight.scales.nested_codes = weight.nested_codes.data();
+    weight.scales.nested_absmax = weight.nested_absmax.data();
+    weight.scales.nested_code = weight.nested_code.data();
+    weight.scales.offset = 0.25f;
+  } else {
+    weight.scales.absmax = weight.absmax.data();
+  }
+  return weight;
+}
+
+// The fp32 GEMV of every table against a float64 reference, for every row
+// count up to 17 (the kernels take rows in groups) and output ranges that
+// start mid-chunk: products of exact fp32 weights summed in fp32, so per
+// output |y - exact| <= in_features * 2^-23 * sum |x| |w| (+ the bias and
+// the output's rounding).
+void test_gemv(const CpuKernels& kernels, std::mt19937& rng) {
+  struct Shape { std::int64_t out_features, in_features, blocksize; bool double_quant; };
+  // Odd in_features: rows start mid-byte and blocks straddle rows.
+  const Shape shapes[] = {{37, 301, 64, true}, {19, 33, 32, false}, {70, 256, 64, true},
+                          {33, 129, 4096, false}, {5, 2100, 128, true}};
+  for (const Shape& shape : shapes) {
+    const std::int64_t numel = shape.out_features * shape.in_features;
+    TestWeight weight = make_weight(rng, numel, shape.blocksize, shape.double_quant);
+    for (std::int64_t rows = 1; rows <= 17; ++rows) {
+      auto input = random_values(rng, Dtype::Float32, rows * shape.in_features, 1.0f);
+      auto bias = random_values(rng, Dtype::Float32, shape.out_features, 1.0f);
+      const auto* x = reinterpret_cast<const float*>(input.data());
+      const auto* b = reinterpret_cast<const float*>(bias.data());
+      lowrank::cpu::GemvInput layout;
+      layout.rows = rows;
+      layout.in_features = shape.in_features;
+      std::vector<float> buffer(rows * lowrank::cpu::gemv_row_stride(layout));
+      lowrank::cpu::prepare_gemv_input(x, Dtype::Float32, rows, shape.in_features, buffer.data());
+      layout.data = buffer.data();
+      const std::int64_t out_begin = shape.out_features / 3;
+      std::vector<float> result(rows * shape.out_features, -1.0f);
+      kernels.nf4_gemv(layout, weight.packed.data(), weight.scales, shape.out_features,
+                       shape.in_features, shape.blocksize, b, out_begin, shape.out_features,
+                       result.data(), Dtype::Float32);
+      bool within = true, untouched = true;
+      for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int64_t o = 0; o < shape.out_features; ++o) {
+          const float got = result[r * shape.out_features + o];
+          if (o < out_begin) {
+            untouched &= got == -1.0f;
+            continue;
+          }
+          double exact = b[o], magnitude = std::fabs(b[o]);
+          for (std::int64_t k = 0; k < shape.in_features; ++k) {
+            const double product = static_cast<double>(weight_at(weight.packed, weight.scales,
+                                                                 shape.blocksize,
+                                                                 o * shape.in_features + k)) *
+                                   x[r * shape.in_features + k];
+            exact += product;
+            magnitude += std::fabs(product);
+          }
+          const double bound = (shape.in_features + 2) * std::ldexp(1.0, -23) * magnitude;
+          within &= std::fabs(got - exact) <= bound;
+        }
+      }
+      const std::string where = std::string(lowrank::cpu::isa_name(kernels.isa)) + " rows=" +
+                                std::to_string(rows) + " " + std::to_string(shape.out_features) +
+                                "x" + std::to_string(shape.in_features) + " blocksize=" +
+                                std::to_string(shape.blocksize);
+      expect(within, "fp32 gemv within bound " + where);
+      expect(untouched, "fp32 gemv writes only its output range " + where);
+    }
+  }
+}
+
+// The transposed GEMV (column ranges, as the glue splits them) against a
+// float64 reference, and dequantize_range on arbitrary bounds against the
+// scalar table, bit for bit.
+void test_gemv_transposed_and_range(const CpuKernels& kernels, std::mt19937& rng) {
+  const CpuKernels& reference = lowrank::cpu::scalar_kernels();
+  struct Shape { std::int64_t out_features, in_features, blocksize; bool double_quant; };
+  const Shape shapes[] = {{37, 301, 64, true}, {19, 33, 32, false}, {6, 2100, 128, true}};
+  for (const Shape& shape : shapes) {
+    const std::int64_t numel = shape.out_features * shape.in_features;
+    TestWeight weight = make_weight(rng, numel, shape.blocksize, shape.double_quant);
+    const std::string where = std::string(lowrank::cpu::isa_name(kernels.isa)) + " " +
+                              std::to_string(shape.out_features) + "x" +
+                              std::to_string(shape.in_features);
+    for (std::int64_t rows : {1, 3, 8}) {
+      auto grad_bytes = random_values(rng, Dtype::Float32, rows * shape.out_features, 1.0f);
+      const auto* grad = reinterpret_cast<const float*>(grad_bytes.data());
+      std::vector<float> result(rows * shape.in_features);
+      for (std::int64_t begin = 0; begin < shape.in_features;
+           begin += lowrank::cpu::kGemvTransposedMaxColumns) {
+        const std::int64_t end =
+            std::min(begin + lowrank::cpu::kGemvTransposedMaxColumns, shape.in_features);
+        kernels.nf4_gemv_transposed(grad, rows, weight.packed.data(), weight.scales,
+                                    shape.out_features, shape.in_features, shape.blocksize, begin,
+                                    end, result.data() + begin, shape.in_features);
+      }
+      bool within = true;
+      for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int64_t k = 0; k < shape.in_features; ++k) {
+          double exact = 0.0, magnitude = 0.0;
+          for (std::int64_t o = 0; o < shape.out_features; ++o) {
+            const double product = static_cast<double>(weight_at(weight.packed, weight.scales,
+                                                                 shape.blocksize,
+                                                                 o * shape.in_features + k)) *
+                                   grad[r * shape.out_features + o];
+            exact += product;
+            magnitude += std::fabs(product);
+          }
+          const double bound = (shape.out_features + 1) * std::ldexp(1.0, -23) * magnitude;
+          within &= std::fabs(result[r * shape.in_features + k] - exact) <= bound;
+        }
+      }
+      expect(within, "transposed gemv rows=" + std::to_string(rows) + " " + where);
+    }
+    for (Dtype dtype : {Dtype::Float32, Dtype::BFloat16, Dtype::Float16}) {
+      const std::size_t width = dtype == Dtype::Float32 ? 4 : 2;
+      bool same = true;
+      for (std::int64_t begin : {std::int64_t{0}, std::int64_t{1}, std::int64_t{7}, numel / 2 + 1}) {
+        for (std::int64_t end : {numel, numel - 1, begin + 33}) {
+          if (end <= begin || end > numel) continue;
+          std::vector<std::uint8_t> out((end - begin) * width), expected(out.size());
+          kernels.nf4_dequantize_range(weight.packed.data(), weight.scales, shape.blocksize,
+                                       begin, end, out.data(), dtype);
+          reference.nf4_dequantize_range(weight.packed.data(), weight.scales, shape.blocksize,
+                                         begin, end, expected.data(), dtype);
+          same &= out == expected;
+        }
+      }
+      expect(same, std::string("dequantize_range to ") + dtype_name(dtype) + " " + where);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -241,6 +404,8 @@ int main() {
     const CpuKernels& kernels = lowrank::cpu::kernels_for(isa);
     test_nf4_against_scalar(kernels, rng);
     test_non_finite_is_reported(kernels);
+    test_gemv(kernels, rng);
+    test_gemv_transposed_and_range(kernels, rng);
     if (kernels.nf4_gemv_bf16 != nullptr) test_gemv_bf16(kernels, rng);
   }
   return lowrank_test::report();
