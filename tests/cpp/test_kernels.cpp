@@ -15,7 +15,9 @@
 #include "core/nf4.h"
 #include "check.h"
 #include "cpu/dispatch.h"
+#include "cpu/dropout_kernels.h"
 #include "cpu/kernels.h"
+#include "cpu/scalar_tail.h"
 
 namespace {
 
@@ -192,10 +194,12 @@ void test_gemv_bf16(const CpuKernels& kernels, std::mt19937& rng) {
     fast_input.data = permuted.data();
     fast_input.rows = shape.rows;
     fast_input.in_features = shape.in_features;
-    std::vector<float> fp32_input(shape.rows * (shape.in_features + 4 * ((shape.in_features + 1) / 2)));
+    lowrank::cpu::GemvInput plain_input;
+    plain_input.rows = shape.rows;
+    plain_input.in_features = shape.in_features;
+    std::vector<float> fp32_input(shape.rows * lowrank::cpu::gemv_row_stride(plain_input));
     lowrank::cpu::prepare_gemv_input(input_bf16, Dtype::BFloat16, shape.rows, shape.in_features,
                                      fp32_input.data());
-    lowrank::cpu::GemvInput plain_input;
     plain_input.data = fp32_input.data();
     plain_input.rows = shape.rows;
     plain_input.in_features = shape.in_features;
@@ -390,6 +394,50 @@ void test_gemv_transposed_and_range(const CpuKernels& kernels, std::mt19937& rng
   }
 }
 
+// Dropout: every table's output equals the scalar reference's bit for bit
+// (same mask, same fp32 product, same rounding) on ranges that start and end
+// off the vector width; kept elements are x * scale, the others zero; the
+// kept fraction is within 5 standard deviations of 1 - p.
+void test_dropout(Isa isa, std::mt19937& rng) {
+  const auto& kernels = lowrank::cpu::dropout_kernels_for(isa);
+  const auto& reference = lowrank::cpu::dropout_scalar_kernels();
+  const std::int64_t numel = 10007;
+  for (Dtype dtype : {Dtype::Float32, Dtype::BFloat16, Dtype::Float16}) {
+    const std::size_t width = dtype == Dtype::Float32 ? 4 : 2;
+    auto input = random_values(rng, dtype, numel, 1.0f);
+    for (double p : {0.1, 0.5, 0.9}) {
+      const auto threshold = static_cast<std::uint32_t>(p * 4294967296.0);
+      const float scale = static_cast<float>(1.0 / (1.0 - p));
+      const std::uint64_t seed = (static_cast<std::uint64_t>(rng()) << 32) | rng();
+      std::vector<std::uint8_t> out(numel * width, 0xff), expected(numel * width, 0xff);
+      for (std::int64_t begin : {std::int64_t{0}, std::int64_t{3}, std::int64_t{17}}) {
+        const std::int64_t end = numel - begin;
+        kernels.apply(input.data(), out.data(), dtype, begin, end, seed, threshold, scale);
+        reference.apply(input.data(), expected.data(), dtype, begin, end, seed, threshold, scale);
+      }
+      const std::string where = std::string(lowrank::cpu::isa_name(isa)) + " " +
+                                dtype_name(dtype) + " p=" + std::to_string(p);
+      expect(out == expected, "dropout equals the scalar kernel " + where);
+      std::int64_t kept = 0;
+      bool values = true;
+      for (std::int64_t i = 0; i < numel; ++i) {
+        const float x = lowrank::cpu::tail::load_float(input.data(), dtype, i);
+        const float y = lowrank::cpu::tail::load_float(out.data(), dtype, i);
+        std::uint8_t rounded[4];
+        lowrank::cpu::tail::store_float(rounded, dtype, 0, x * scale);
+        const float kept_value = lowrank::cpu::tail::load_float(rounded, dtype, 0);
+        if (y == 0.0f && x != 0.0f) continue;
+        ++kept;
+        values &= y == kept_value;
+      }
+      const double mean = numel * (1.0 - p);
+      const double deviation = std::sqrt(numel * p * (1.0 - p));
+      expect(values, "dropout keeps x * scale " + where);
+      expect(std::fabs(kept - mean) <= 5 * deviation, "dropout keep rate " + where);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -405,6 +453,7 @@ int main() {
     test_nf4_against_scalar(kernels, rng);
     test_non_finite_is_reported(kernels);
     test_gemv(kernels, rng);
+    test_dropout(isa, rng);
     test_gemv_transposed_and_range(kernels, rng);
     if (kernels.nf4_gemv_bf16 != nullptr) test_gemv_bf16(kernels, rng);
   }
