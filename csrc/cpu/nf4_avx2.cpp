@@ -5,6 +5,7 @@
 #include "core/nf4.h"
 #include "cpu/kernels.h"
 #include "cpu/scalar_tail.h"
+#include "cpu/nf4_dequantize.h"
 #include "cpu/nf4_gemv.h"
 #include "cpu/simd_avx2.h"
 
@@ -82,35 +83,6 @@ bool nf4_quantize_avx2(const void* input, Dtype dtype, std::int64_t numel,
   return finite;
 }
 
-void nf4_dequantize_avx2(const std::uint8_t* packed, const float* absmax, std::int64_t numel,
-                         std::int64_t blocksize, std::int64_t block_begin, std::int64_t block_end,
-                         void* out, Dtype dtype) {
-  const __m256 codebook_low = _mm256_loadu_ps(nf4::kCodebook);
-  const __m256 codebook_high = _mm256_loadu_ps(nf4::kCodebook + 8);
-  const __m128i nibble = _mm_set1_epi8(0x0f);
-  for (std::int64_t block = block_begin; block < block_end; ++block) {
-    std::int64_t begin = block * blocksize;
-    std::int64_t end = begin + blocksize < numel ? begin + blocksize : numel;
-    std::int64_t vector_end = begin + (end - begin) / (2 * kLanes) * (2 * kLanes);
-    __m256 scale = _mm256_set1_ps(absmax[block]);
-    for (std::int64_t i = begin; i < vector_end; i += 2 * kLanes) {
-      __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i / 2));
-      __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-      __m128i low = _mm_and_si128(bytes, nibble);
-      __m128i codes = _mm_unpacklo_epi8(high, low);  // element order
-      for (int half = 0; half < 2; ++half) {
-        __m256i index = _mm256_cvtepu8_epi32(half ? _mm_srli_si128(codes, 8) : codes);
-        __m256 from_low = _mm256_permutevar8x32_ps(codebook_low, index);
-        __m256 from_high = _mm256_permutevar8x32_ps(codebook_high, index);
-        __m256 value = _mm256_blendv_ps(from_low, from_high,
-                                        _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
-        store8(out, dtype, i + half * kLanes, _mm256_mul_ps(value, scale));
-      }
-    }
-    tail::dequantize_range(packed, absmax[block], vector_end, end, out, dtype);
-  }
-}
-
 // Codebook lookup for 8 indices (bits 0..3 of each lane select, bits above
 // are ignored): two 8-entry permutes (which read bits 0..2), chosen by bit 3
 // shifted into the sign bit that blendv reads.
@@ -156,81 +128,32 @@ struct GemvSimd {
   static void prefetch(const std::uint8_t* address) {
     _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T0);
   }
+  static void decode_ordered(const std::uint8_t* bytes, const Lut& lut, __m256& first,
+                             __m256& second) {
+    const __m128i nibble = _mm_set1_epi8(0x0f);
+    __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
+    __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
+    __m128i codes = _mm_unpacklo_epi8(high, _mm_and_si128(packed, nibble));  // element order
+    first = lookup8(_mm256_cvtepu8_epi32(codes), lut.low, lut.high);
+    second = lookup8(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)), lut.low, lut.high);
+  }
+  static __m256 set1(float value) { return _mm256_set1_ps(value); }
+  static void storeu(float* data, __m256 values) { _mm256_storeu_ps(data, values); }
+  static void store(void* data, Dtype dtype, std::int64_t index, __m256 values) {
+    store8(data, dtype, index, values);
+  }
 };
-
-void nf4_dequantize_range_avx2(const std::uint8_t* packed, const BlockScales& scales,
-                               std::int64_t blocksize, std::int64_t begin, std::int64_t end,
-                               void* out, Dtype dtype) {
-  const __m256 codebook_low = _mm256_loadu_ps(nf4::kCodebook);
-  const __m256 codebook_high = _mm256_loadu_ps(nf4::kCodebook + 8);
-  const __m128i nibble = _mm_set1_epi8(0x0f);
-  std::int64_t start = begin;
-  if ((start & 1) && start < end) {
-    // A low-nibble start goes alone so the vector steps begin on a byte.
-    tail::store_float(out, dtype, 0,
-                      nf4::kCodebook[tail::code_at(packed, start)] *
-                          block_scale(scales, start / blocksize));
-    ++start;
-  }
-  tail::for_each_block_segment(
-      start, end, blocksize,
-      [&](std::int64_t segment_begin, std::int64_t segment_end, std::int64_t block) {
-        const __m256 scale8 = _mm256_set1_ps(block_scale(scales, block));
-        const __m256 lut_low = _mm256_mul_ps(codebook_low, scale8);
-        const __m256 lut_high = _mm256_mul_ps(codebook_high, scale8);
-        std::int64_t i = segment_begin;
-        for (; i + 2 * kLanes <= segment_end; i += 2 * kLanes) {
-          __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i / 2));
-          __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-          __m128i codes = _mm_unpacklo_epi8(high, _mm_and_si128(bytes, nibble));  // element order
-          store8(out, dtype, i - begin,
-                 lookup8(_mm256_cvtepu8_epi32(codes), lut_low, lut_high));
-          store8(out, dtype, i - begin + kLanes,
-                 lookup8(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)), lut_low, lut_high));
-        }
-        const float scale = block_scale(scales, block);
-        for (; i < segment_end; ++i) {
-          tail::store_float(out, dtype, i - begin, nf4::kCodebook[tail::code_at(packed, i)] * scale);
-        }
-      });
-}
-
-// The weight rows' column slices are decoded one row at a time into an
-// L1-resident buffer, then added, scaled by each row's gradient, into the
-// accumulators (which stay in cache across all out_features rows).
-void nf4_gemv_transposed_avx2(const float* grad, std::int64_t rows, const std::uint8_t* packed,
-                              const BlockScales& scales, std::int64_t out_features,
-                              std::int64_t in_features, std::int64_t blocksize,
-                              std::int64_t column_begin, std::int64_t column_end,
-                              float* accumulator, std::int64_t accumulator_stride) {
-  const std::int64_t width = column_end - column_begin;
-  const std::int64_t vector_end = width / kLanes * kLanes;
-  alignas(64) float weights[kGemvTransposedMaxColumns];
-  for (std::int64_t row = 0; row < rows; ++row) {
-    for (std::int64_t k = 0; k < width; ++k) accumulator[row * accumulator_stride + k] = 0.0f;
-  }
-  for (std::int64_t output = 0; output < out_features; ++output) {
-    const std::int64_t flat = output * in_features + column_begin;
-    nf4_dequantize_range_avx2(packed, scales, blocksize, flat, flat + width, weights,
-                                Dtype::Float32);
-    for (std::int64_t row = 0; row < rows; ++row) {
-      const float factor = grad[row * out_features + output];
-      const __m256 factor_vector = _mm256_set1_ps(factor);
-      float* sums = accumulator + row * accumulator_stride;
-      std::int64_t k = 0;
-      for (; k < vector_end; k += kLanes) {
-        _mm256_storeu_ps(sums + k, _mm256_fmadd_ps(factor_vector, _mm256_loadu_ps(weights + k), _mm256_loadu_ps(sums + k)));
-      }
-      for (; k < width; ++k) sums[k] += factor * weights[k];
-    }
-  }
-}
 
 }  // namespace
 
 const CpuKernels& avx2_kernels() {
-  static const CpuKernels table{Isa::Avx2, nf4_quantize_avx2, nf4_dequantize_avx2, nf4_gemv<GemvSimd>,
-                                nf4_gemv_transposed_avx2, nf4_dequantize_range_avx2, nullptr};
+  static const CpuKernels table{Isa::Avx2,
+                                nf4_quantize_avx2,
+                                nf4_dequantize<GemvSimd>,
+                                nf4_gemv<GemvSimd>,
+                                nf4_gemv_transposed<GemvSimd>,
+                                nf4_dequantize_range<GemvSimd>,
+                                nullptr};
   return table;
 }
 

@@ -6,6 +6,7 @@
 #include "core/nf4.h"
 #include "cpu/kernels.h"
 #include "cpu/scalar_tail.h"
+#include "cpu/nf4_dequantize.h"
 #include "cpu/nf4_gemv.h"
 #include "cpu/simd_avx512.h"
 
@@ -82,29 +83,6 @@ bool nf4_quantize_avx512(const void* input, Dtype dtype, std::int64_t numel,
   return finite;
 }
 
-void nf4_dequantize_avx512(const std::uint8_t* packed, const float* absmax, std::int64_t numel,
-                           std::int64_t blocksize, std::int64_t block_begin,
-                           std::int64_t block_end, void* out, Dtype dtype) {
-  const __m512 codebook = _mm512_loadu_ps(nf4::kCodebook);
-  const __m128i nibble = _mm_set1_epi8(0x0f);
-  for (std::int64_t block = block_begin; block < block_end; ++block) {
-    std::int64_t begin = block * blocksize;
-    std::int64_t end = begin + blocksize < numel ? begin + blocksize : numel;
-    std::int64_t vector_end = begin + (end - begin) / (2 * kLanes) * (2 * kLanes);
-    __m512 scale = _mm512_set1_ps(absmax[block]);
-    for (std::int64_t i = begin; i < vector_end; i += 2 * kLanes) {
-      __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2));
-      __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-      __m128i low = _mm_and_si128(bytes, nibble);
-      __m512 first = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, low)), codebook);
-      __m512 second = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(high, low)), codebook);
-      store16(out, dtype, i, _mm512_mul_ps(first, scale));
-      store16(out, dtype, i + kLanes, _mm512_mul_ps(second, scale));
-    }
-    tail::dequantize_range(packed, absmax[block], vector_end, end, out, dtype);
-  }
-}
-
 // The GEMV's vector operations (see nf4_gemv.h): 16 packed bytes decode into
 // two vectors of 16 weights, one permutexvar each (it reads only an index's
 // low 4 bits, so the raw byte indexes its low nibble and the byte shifted
@@ -132,78 +110,30 @@ struct GemvSimd {
   static void prefetch(const std::uint8_t* address) {
     _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T0);
   }
+  static void decode_ordered(const std::uint8_t* bytes, __m512 lut, __m512& first,
+                             __m512& second) {
+    __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+    // Only the low 4 bits of an index matter, so no masking is needed.
+    __m128i high = _mm_srli_epi16(packed, 4);
+    first = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, packed)), lut);
+    second = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(high, packed)), lut);
+  }
+  static __m512 set1(float value) { return _mm512_set1_ps(value); }
+  static void storeu(float* data, __m512 values) { _mm512_storeu_ps(data, values); }
+  static void store(void* data, Dtype dtype, std::int64_t index, __m512 values) {
+    store16(data, dtype, index, values);
+  }
 };
-
-void nf4_dequantize_range_avx512(const std::uint8_t* packed, const BlockScales& scales,
-                                 std::int64_t blocksize, std::int64_t begin, std::int64_t end,
-                                 void* out, Dtype dtype) {
-  const __m512 codebook = _mm512_loadu_ps(nf4::kCodebook);
-  std::int64_t start = begin;
-  if ((start & 1) && start < end) {
-    // A low-nibble start goes alone so the vector steps begin on a byte.
-    tail::store_float(out, dtype, 0,
-                      nf4::kCodebook[tail::code_at(packed, start)] *
-                          block_scale(scales, start / blocksize));
-    ++start;
-  }
-  tail::for_each_block_segment(
-      start, end, blocksize,
-      [&](std::int64_t segment_begin, std::int64_t segment_end, std::int64_t block) {
-        const float scale = block_scale(scales, block);
-        const __m512 lut = _mm512_mul_ps(codebook, _mm512_set1_ps(scale));
-        std::int64_t i = segment_begin;
-        for (; i + 2 * kLanes <= segment_end; i += 2 * kLanes) {
-          __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2));
-          // Only the low 4 bits of an index matter, so no masking is needed.
-          __m128i high = _mm_srli_epi16(bytes, 4);
-          __m512 first = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, bytes)), lut);
-          __m512 second = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(high, bytes)), lut);
-          store16(out, dtype, i - begin, first);
-          store16(out, dtype, i - begin + kLanes, second);
-        }
-        for (; i < segment_end; ++i) {
-          tail::store_float(out, dtype, i - begin, nf4::kCodebook[tail::code_at(packed, i)] * scale);
-        }
-      });
-}
-
-// The weight rows' column slices are decoded one row at a time into an
-// L1-resident buffer, then added, scaled by each row's gradient, into the
-// accumulators (which stay in cache across all out_features rows).
-void nf4_gemv_transposed_avx512(const float* grad, std::int64_t rows, const std::uint8_t* packed,
-                              const BlockScales& scales, std::int64_t out_features,
-                              std::int64_t in_features, std::int64_t blocksize,
-                              std::int64_t column_begin, std::int64_t column_end,
-                              float* accumulator, std::int64_t accumulator_stride) {
-  const std::int64_t width = column_end - column_begin;
-  const std::int64_t vector_end = width / kLanes * kLanes;
-  alignas(64) float weights[kGemvTransposedMaxColumns];
-  for (std::int64_t row = 0; row < rows; ++row) {
-    for (std::int64_t k = 0; k < width; ++k) accumulator[row * accumulator_stride + k] = 0.0f;
-  }
-  for (std::int64_t output = 0; output < out_features; ++output) {
-    const std::int64_t flat = output * in_features + column_begin;
-    nf4_dequantize_range_avx512(packed, scales, blocksize, flat, flat + width, weights,
-                                Dtype::Float32);
-    for (std::int64_t row = 0; row < rows; ++row) {
-      const float factor = grad[row * out_features + output];
-      const __m512 factor_vector = _mm512_set1_ps(factor);
-      float* sums = accumulator + row * accumulator_stride;
-      std::int64_t k = 0;
-      for (; k < vector_end; k += kLanes) {
-        _mm512_storeu_ps(sums + k, _mm512_fmadd_ps(factor_vector, _mm512_loadu_ps(weights + k), _mm512_loadu_ps(sums + k)));
-      }
-      for (; k < width; ++k) sums[k] += factor * weights[k];
-    }
-  }
-}
 
 }  // namespace
 
 const CpuKernels& avx512_kernels() {
-  static const CpuKernels table{Isa::Avx512, nf4_quantize_avx512, nf4_dequantize_avx512,
-                                nf4_gemv<GemvSimd>, nf4_gemv_transposed_avx512,
-                                nf4_dequantize_range_avx512,
+  static const CpuKernels table{Isa::Avx512,
+                                nf4_quantize_avx512,
+                                nf4_dequantize<GemvSimd>,
+                                nf4_gemv<GemvSimd>,
+                                nf4_gemv_transposed<GemvSimd>,
+                                nf4_dequantize_range<GemvSimd>,
                                 bf16_dot_product_supported() ? nf4_gemv_avx512bf16 : nullptr};
   return table;
 }

@@ -5,6 +5,7 @@
 #include "core/float_convert.h"
 #include "core/nf4.h"
 #include "cpu/kernels.h"
+#include "cpu/nf4_dequantize.h"
 #include "cpu/nf4_gemv.h"
 #include "cpu/scalar_tail.h"
 
@@ -23,16 +24,6 @@ bool nf4_quantize_scalar(const void* input, Dtype dtype, std::int64_t numel,
                                    packed, absmax + block);
   }
   return finite;
-}
-
-void nf4_dequantize_scalar(const std::uint8_t* packed, const float* absmax, std::int64_t numel,
-                           std::int64_t blocksize, std::int64_t block_begin,
-                           std::int64_t block_end, void* out, Dtype dtype) {
-  for (std::int64_t block = block_begin; block < block_end; ++block) {
-    std::int64_t begin = block * blocksize;
-    std::int64_t end = begin + blocksize < numel ? begin + blocksize : numel;
-    tail::dequantize_range(packed, absmax[block], begin, end, out, dtype);
-  }
 }
 
 // The GEMV's operations on one-lane "vectors" (see nf4_gemv.h): a step is
@@ -62,49 +53,27 @@ struct GemvSimd {
   static float loadu(const float* data) { return *data; }
   static float reduce_add(float value) { return value; }
   static void prefetch(const std::uint8_t*) {}
+  static void decode_ordered(const std::uint8_t* bytes, const Lut& lut, float& first,
+                             float& second) {
+    decode(bytes, lut, first, second);
+  }
+  static float set1(float value) { return value; }
+  static void storeu(float* data, float value) { *data = value; }
+  static void store(void* data, Dtype dtype, std::int64_t index, float value) {
+    tail::store_float(data, dtype, index, value);
+  }
 };
-
-void nf4_dequantize_range_scalar(const std::uint8_t* packed, const BlockScales& scales,
-                                 std::int64_t blocksize, std::int64_t begin, std::int64_t end,
-                                 void* out, Dtype dtype) {
-  tail::for_each_block_segment(
-      begin, end, blocksize, [&](std::int64_t segment_begin, std::int64_t segment_end,
-                                 std::int64_t block) {
-        const float scale = block_scale(scales, block);
-        for (std::int64_t i = segment_begin; i < segment_end; ++i) {
-          tail::store_float(out, dtype, i - begin, nf4::kCodebook[tail::code_at(packed, i)] * scale);
-        }
-      });
-}
-
-void nf4_gemv_transposed_scalar(const float* grad, std::int64_t rows, const std::uint8_t* packed,
-                                const BlockScales& scales, std::int64_t out_features,
-                                std::int64_t in_features, std::int64_t blocksize,
-                                std::int64_t column_begin, std::int64_t column_end,
-                                float* accumulator, std::int64_t accumulator_stride) {
-  const std::int64_t width = column_end - column_begin;
-  float weights[kGemvTransposedMaxColumns];
-  for (std::int64_t row = 0; row < rows; ++row) {
-    for (std::int64_t k = 0; k < width; ++k) accumulator[row * accumulator_stride + k] = 0.0f;
-  }
-  for (std::int64_t output = 0; output < out_features; ++output) {
-    const std::int64_t flat = output * in_features + column_begin;
-    nf4_dequantize_range_scalar(packed, scales, blocksize, flat, flat + width, weights,
-                                Dtype::Float32);
-    for (std::int64_t row = 0; row < rows; ++row) {
-      const float factor = grad[row * out_features + output];
-      float* sums = accumulator + row * accumulator_stride;
-      for (std::int64_t k = 0; k < width; ++k) sums[k] += factor * weights[k];
-    }
-  }
-}
 
 }  // namespace
 
 const CpuKernels& scalar_kernels() {
-  static const CpuKernels table{Isa::Scalar, nf4_quantize_scalar, nf4_dequantize_scalar,
-                                nf4_gemv<GemvSimd>, nf4_gemv_transposed_scalar,
-                                nf4_dequantize_range_scalar, nullptr};
+  static const CpuKernels table{Isa::Scalar,
+                                nf4_quantize_scalar,
+                                nf4_dequantize<GemvSimd>,
+                                nf4_gemv<GemvSimd>,
+                                nf4_gemv_transposed<GemvSimd>,
+                                nf4_dequantize_range<GemvSimd>,
+                                nullptr};
   return table;
 }
 
