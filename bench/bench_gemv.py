@@ -125,9 +125,10 @@ def main():
                     result = ours_fn()
                     scale = reference.float().abs().max().item()
                     error = (result.float() - reference.float()).abs().max().item()
-                    # fp32: summation order only; bf16: one bf16 rounding of
+                    # fp32: summation order over up to 11008 products;
+                    # bf16: one bf16 rounding of
                     # each output (2^-8 relative) plus bnb's bf16 arithmetic.
-                    tolerance = (1e-4 if dtype == torch.float32 else 3e-2) * scale
+                    tolerance = (1e-3 if dtype == torch.float32 else 3e-2) * scale
                     if error > tolerance:
                         raise SystemExit(f"outputs differ: max |ours - bnb| = {error:.3g} > "
                                          f"{tolerance:.3g} ({out_features}x{in_features}, "
