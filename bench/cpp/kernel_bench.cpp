@@ -3,13 +3,16 @@
 // fused GEMV (ms per call and GB/s of packed weight read).
 //
 // Usage: lowrank_kernel_bench [out_features in_features [gemv_rows [repeats [blocksize]]]]
-// (defaults 4096 4096 1 9 64). Prints medians.
+// (defaults 4096 4096 1 9 64). Prints medians; LOWRANK_BENCH_CLOCK=cpu times
+// the thread's CPU time instead of wall time.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
+#include <ctime>
 #include <vector>
 
 #include "core/nf4.h"
@@ -24,14 +27,31 @@ using lowrank::cpu::Dtype;
 using lowrank::cpu::GemvInput;
 using lowrank::cpu::Isa;
 
+// Wall time, or with LOWRANK_BENCH_CLOCK=cpu the thread's CPU time: on a
+// machine shared with other work, a time slice lost to another process then
+// does not count (the wall time of one run doubled now and then on a shared
+// two-core machine).
+double now_seconds() {
+  static const bool cpu_clock = [] {
+    const char* clock = std::getenv("LOWRANK_BENCH_CLOCK");
+    return clock != nullptr && std::string(clock) == "cpu";
+  }();
+  if (cpu_clock) {
+    timespec time;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &time);
+    return static_cast<double>(time.tv_sec) + 1e-9 * static_cast<double>(time.tv_nsec);
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
 template <typename Work>
 double median_seconds(int repeats, Work&& work) {
   work();  // warm-up: page faults and caches
   std::vector<double> times;
   for (int i = 0; i < repeats; ++i) {
-    auto start = std::chrono::steady_clock::now();
+    const double start = now_seconds();
     work();
-    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    times.push_back(now_seconds() - start);
   }
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];

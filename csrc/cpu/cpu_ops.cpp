@@ -192,10 +192,16 @@ struct KernelWeight {
 };
 
 // Up to this many activation rows the fused GEMV (which reads the 4-bit
-// weight once per group of 4 rows) beats dequantizing panels for a GEMM.
-// Measured (per-thread CPU time, 4096x4096): fp32 GEMV wins up to ~16 rows,
-// bf16 (whose GEMM is ~4x faster) up to ~6.
-int64_t gemv_max_rows(at::ScalarType dtype) { return dtype == at::kBFloat16 ? 6 : 16; }
+// weight once per group of up to 8 rows) beats dequantizing panels for a
+// GEMM. Measured (per-thread CPU time, 4096x4096): fp32 GEMV wins up to ~16
+// rows, bf16 with AVX512-BF16 (whose GEMM is ~4x faster) up to ~6. Without
+// AVX512-BF16 the bf16 GEMM runs in fp32 (gemm_dtype), so bf16 takes fp32's
+// limit: on an AVX2-only Zen 5 (1 thread, CPU time), 8 rows of 8192x8192
+// or 4096x4096 bf16 took 1.3x as long on the GEMM path as in the GEMV, 16
+// rows the same on both.
+int64_t gemv_max_rows(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && bf16_dot_product_supported() ? 6 : 16;
+}
 
 // dtype the GEMM path multiplies in: the activations' own, except float16,
 // whose CPU GEMM is several times slower than fp32's without AVX512-FP16

@@ -34,7 +34,8 @@ static inline float block_scale(const BlockScales& scales, std::int64_t block) {
 }
 
 // fp32 activations for nf4_gemv, prepared once per call by prepare_gemv_input.
-// Row r starts at data + r * row_stride and holds, in order:
+// Row r starts at data + r * gemv_row_stride and holds, in order, each part
+// starting gemv_part_stride or gemv_natural_stride floats after the previous:
 //   natural[in_features]      x[r, k]
 //   pairs[0]: even[half], odd[half]  with even[j] = x[r, 2j],     odd[j] = x[r, 2j + 1]
 //   pairs[1]: even[half], odd[half]  with even[j] = x[r, 1 + 2j], odd[j] = x[r, 2 + 2j]
@@ -42,7 +43,11 @@ static inline float block_scale(const BlockScales& scales, std::int64_t block) {
 // whose first flat index has parity p meets its byte-aligned runs in
 // pairs[p]: the high nibbles of a run of bytes multiply a contiguous slice of
 // `even`, the low nibbles the same slice of `odd`, so SIMD code needs no
-// interleaving shuffles.
+// interleaving shuffles. The strides are whole cache lines plus one: the GEMV
+// reads the same column of every part of up to 16 rows at once, and with
+// strides a multiple of 4 KiB (in_features 8192) those 32 streams all fell
+// into one L1 set, which made 8 rows in one pass twice as slow as two passes
+// of 4 rows.
 struct GemvInput {
   const float* data = nullptr;
   std::int64_t rows = 0;
@@ -53,17 +58,25 @@ struct GemvInput {
 // so no out-of-line copy compiled with an ISA file's flags can be shared
 // (member functions would be inline functions with external linkage).
 static inline std::int64_t gemv_half(const GemvInput& input) { return (input.in_features + 1) / 2; }
+static inline std::int64_t gemv_padded(std::int64_t floats) { return (floats + 15) / 16 * 16 + 16; }
+static inline std::int64_t gemv_natural_stride(const GemvInput& input) {
+  return gemv_padded(input.in_features);
+}
+static inline std::int64_t gemv_part_stride(const GemvInput& input) {
+  return gemv_padded(gemv_half(input));
+}
 static inline std::int64_t gemv_row_stride(const GemvInput& input) {
-  return input.in_features + 4 * gemv_half(input);
+  return gemv_natural_stride(input) + 4 * gemv_part_stride(input);
 }
 static inline const float* gemv_natural(const GemvInput& input, std::int64_t row) {
   return input.data + row * gemv_row_stride(input);
 }
 static inline const float* gemv_even(const GemvInput& input, std::int64_t row, std::int64_t parity) {
-  return gemv_natural(input, row) + input.in_features + 2 * parity * gemv_half(input);
+  return gemv_natural(input, row) + gemv_natural_stride(input) +
+         2 * parity * gemv_part_stride(input);
 }
 static inline const float* gemv_odd(const GemvInput& input, std::int64_t row, std::int64_t parity) {
-  return gemv_even(input, row, parity) + gemv_half(input);
+  return gemv_even(input, row, parity) + gemv_part_stride(input);
 }
 
 // bf16 activations for nf4_gemv_bf16 (in_features a multiple of

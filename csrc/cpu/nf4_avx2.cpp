@@ -105,7 +105,7 @@ inline float reduce_add8(__m256 values) {
 struct GemvSimd {
   using Vec = __m256;
   static constexpr int kLanes = 8;
-  static constexpr int kMaxRows = 4;
+  static constexpr int kMaxRows = 8;
   static constexpr int kPairedRows = 4;
   struct Lut {
     __m256 low, high;

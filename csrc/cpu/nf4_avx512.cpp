@@ -90,8 +90,8 @@ bool nf4_quantize_avx512(const void* input, Dtype dtype, std::int64_t numel,
 struct GemvSimd {
   using Vec = __m512;
   static constexpr int kLanes = 16;
-  static constexpr int kMaxRows = 4;
-  static constexpr int kPairedRows = 4;
+  static constexpr int kMaxRows = 8;
+  static constexpr int kPairedRows = 8;
   using Lut = __m512;
   static __m512 lut(const BlockScales& scales, std::int64_t block) {
     return _mm512_mul_ps(_mm512_loadu_ps(nf4::kCodebook),

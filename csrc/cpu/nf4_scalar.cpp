@@ -90,8 +90,8 @@ void prepare_gemv_input(const void* input, Dtype dtype, std::int64_t rows,
       natural[k] = tail::load_float(input, dtype, row * in_features + k);
     }
     for (std::int64_t parity = 0; parity < 2; ++parity) {
-      float* even = natural + in_features + 2 * parity * half;
-      float* odd = even + half;
+      float* even = const_cast<float*>(gemv_even(layout, row, parity));
+      float* odd = const_cast<float*>(gemv_odd(layout, row, parity));
       for (std::int64_t j = 0; j < half; ++j) {
         std::int64_t k = parity + 2 * j;
         even[j] = k < in_features ? natural[k] : 0.0f;
