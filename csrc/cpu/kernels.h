@@ -7,23 +7,17 @@
 
 #include <cstdint>
 
+#include "core/types.h"
+
 namespace lowrank {
 namespace cpu {
 
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
-// Element type of an activation / output buffer.
-enum class Dtype : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
-
-// Per-block NF4 scales: plain fp32 absmax, or double-quantized (8-bit codes
-// into `nested_code`, one fp32 scale per 256 blocks, plus `offset`).
-struct BlockScales {
-  const float* absmax = nullptr;
-  const std::uint8_t* nested_codes = nullptr;
-  const float* nested_absmax = nullptr;
-  const float* nested_code = nullptr;
-  float offset = 0.0f;
-};
+// Defined once in core/types.h; lowrank::cpu::Dtype and
+// lowrank::cpu::BlockScales name them here.
+using ::lowrank::BlockScales;
+using ::lowrank::Dtype;
 
 // `static` on purpose: every ISA translation unit gets a private copy, so no
 // out-of-line copy built with AVX-512 flags can be shared with baseline code.
