@@ -7,6 +7,7 @@
 #include "cpu/scalar_tail.h"
 #include "cpu/nf4_dequantize.h"
 #include "cpu/nf4_gemv.h"
+#include "cpu/nf4_quantize.h"
 #include "cpu/simd_avx2.h"
 
 namespace lowrank {
@@ -43,45 +44,33 @@ inline void pack16(__m256i first, __m256i second, std::uint8_t* out) {
   _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(pairs, pairs));
 }
 
-bool nf4_quantize_avx2(const void* input, Dtype dtype, std::int64_t numel,
-                       std::int64_t blocksize, std::int64_t block_begin, std::int64_t block_end,
-                       std::uint8_t* packed, float* absmax) {
-  const __m256i magnitude_mask = _mm256_set1_epi32(0x7fffffff);
-  bool finite = true;
-  for (std::int64_t block = block_begin; block < block_end; ++block) {
-    std::int64_t begin = block * blocksize;
-    std::int64_t end = begin + blocksize < numel ? begin + blocksize : numel;
-    bool full_block = end - begin == blocksize;
-    std::int64_t vector_end = begin + (end - begin) / (2 * kLanes) * (2 * kLanes);
-
-    __m256i max_bits = _mm256_setzero_si256();
-    for (std::int64_t i = begin; i < vector_end; i += kLanes) {
-      __m256i bits = _mm256_and_si256(_mm256_castps_si256(load8(input, dtype, i)), magnitude_mask);
-      max_bits = _mm256_max_epu32(max_bits, bits);
+// Quantization's operations on 16 elements (see nf4_quantize.h).
+struct QuantizeSimd {
+  using MaxState = __m256i;
+  static __m256i max_start() { return _mm256_setzero_si256(); }
+  static void magnitude_max(__m256i& state, const void* input, Dtype dtype, std::int64_t index) {
+    const __m256i magnitude_mask = _mm256_set1_epi32(0x7fffffff);
+    for (std::int64_t half = 0; half < 2; ++half) {
+      __m256i bits = _mm256_and_si256(_mm256_castps_si256(load8(input, dtype, index + half * kLanes)),
+                                      magnitude_mask);
+      state = _mm256_max_epu32(state, bits);
     }
-    alignas(32) std::uint32_t lanes[kLanes];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), max_bits);
-    std::uint32_t block_bits = 0;
-    for (std::uint32_t lane : lanes) block_bits = lane > block_bits ? lane : block_bits;
-    for (std::int64_t i = vector_end; i < end; ++i) {
-      std::uint32_t bits = float_bits(tail::load_float(input, dtype, i)) & 0x7fffffffu;
-      block_bits = bits > block_bits ? bits : block_bits;
-    }
-    finite &= block_bits < 0x7f800000u;
-    float block_absmax = bits_float(block_bits);
-    absmax[block] = full_block || block_absmax >= nf4::kAbsmaxFloor ? block_absmax : nf4::kAbsmaxFloor;
-
-    float factor = tail::block_factor(block_absmax, full_block);
-    __m256 factor8 = _mm256_set1_ps(factor);
-    for (std::int64_t i = begin; i < vector_end; i += 2 * kLanes) {
-      __m256i first = encode8(scale8(load8(input, dtype, i), factor8, full_block));
-      __m256i second = encode8(scale8(load8(input, dtype, i + kLanes), factor8, full_block));
-      pack16(first, second, packed + i / 2);
-    }
-    tail::encode_range(input, dtype, vector_end, end, factor, full_block, packed);
   }
-  return finite;
-}
+  static std::uint32_t max_finish(__m256i state) {
+    alignas(32) std::uint32_t lanes[kLanes];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), state);
+    std::uint32_t largest = 0;
+    for (std::uint32_t lane : lanes) largest = lane > largest ? lane : largest;
+    return largest;
+  }
+  static void encode16(const void* input, Dtype dtype, std::int64_t index, float factor,
+                       bool full_block, std::uint8_t* out) {
+    const __m256 factor8 = _mm256_set1_ps(factor);
+    __m256i first = encode8(scale8(load8(input, dtype, index), factor8, full_block));
+    __m256i second = encode8(scale8(load8(input, dtype, index + kLanes), factor8, full_block));
+    pack16(first, second, out);
+  }
+};
 
 // Codebook lookup for 8 indices (bits 0..3 of each lane select, bits above
 // are ignored): two 8-entry permutes (which read bits 0..2), chosen by bit 3
@@ -148,7 +137,7 @@ struct GemvSimd {
 
 const CpuKernels& avx2_kernels() {
   static const CpuKernels table{Isa::Avx2,
-                                nf4_quantize_avx2,
+                                nf4_quantize<QuantizeSimd>,
                                 nf4_dequantize<GemvSimd>,
                                 nf4_gemv<GemvSimd>,
                                 nf4_gemv_transposed<GemvSimd>,

@@ -8,6 +8,7 @@
 #include "cpu/scalar_tail.h"
 #include "cpu/nf4_dequantize.h"
 #include "cpu/nf4_gemv.h"
+#include "cpu/nf4_quantize.h"
 #include "cpu/simd_avx512.h"
 
 namespace lowrank {
@@ -24,7 +25,7 @@ constexpr std::int64_t kLanes = 16;
 
 // Binary search over the 15 midpoints: the code is the number of midpoints
 // strictly below the value (steps 8, 4, 2, 1 reach every code 0..15).
-inline __m512i encode16(__m512 scaled, __m512 midpoints) {
+inline __m512i encode16_codes(__m512 scaled, __m512 midpoints) {
   __m512i code = _mm512_setzero_si512();
   for (int step = 8; step >= 1; step >>= 1) {
     __m512i candidate = _mm512_add_epi32(code, _mm512_set1_epi32(step));
@@ -41,47 +42,32 @@ inline __m512 scale16(__m512 values, __m512 factor, bool full_block) {
   return _mm512_min_ps(_mm512_max_ps(scaled, _mm512_set1_ps(-1.0f)), _mm512_set1_ps(1.0f));
 }
 
-bool nf4_quantize_avx512(const void* input, Dtype dtype, std::int64_t numel,
-                         std::int64_t blocksize, std::int64_t block_begin,
-                         std::int64_t block_end, std::uint8_t* packed, float* absmax) {
-  const __m512i magnitude_mask = _mm512_set1_epi32(0x7fffffff);
-  alignas(64) float midpoint_table[16];
-  for (int i = 0; i < 15; ++i) midpoint_table[i] = nf4::kMidpoints[i];
-  midpoint_table[15] = 2.0f;  // never selected: candidates stop at 15
-  const __m512 midpoints = _mm512_load_ps(midpoint_table);
-  bool finite = true;
-  for (std::int64_t block = block_begin; block < block_end; ++block) {
-    std::int64_t begin = block * blocksize;
-    std::int64_t end = begin + blocksize < numel ? begin + blocksize : numel;
-    bool full_block = end - begin == blocksize;
-    std::int64_t vector_end = begin + (end - begin) / kLanes * kLanes;
-
-    __m512i max_bits = _mm512_setzero_si512();
-    for (std::int64_t i = begin; i < vector_end; i += kLanes) {
-      __m512i bits = _mm512_and_si512(_mm512_castps_si512(load16(input, dtype, i)), magnitude_mask);
-      max_bits = _mm512_max_epu32(max_bits, bits);
-    }
-    std::uint32_t block_bits = _mm512_reduce_max_epu32(max_bits);
-    for (std::int64_t i = vector_end; i < end; ++i) {
-      std::uint32_t bits = float_bits(tail::load_float(input, dtype, i)) & 0x7fffffffu;
-      block_bits = bits > block_bits ? bits : block_bits;
-    }
-    finite &= block_bits < 0x7f800000u;
-    float block_absmax = bits_float(block_bits);
-    absmax[block] = full_block || block_absmax >= nf4::kAbsmaxFloor ? block_absmax : nf4::kAbsmaxFloor;
-
-    float factor = tail::block_factor(block_absmax, full_block);
-    __m512 factor16 = _mm512_set1_ps(factor);
-    for (std::int64_t i = begin; i < vector_end; i += kLanes) {
-      __m512i codes = encode16(scale16(load16(input, dtype, i), factor16, full_block), midpoints);
-      __m128i bytes = _mm512_cvtepi32_epi8(codes);
-      __m128i pairs = _mm_maddubs_epi16(bytes, _mm_set1_epi16(0x0110));  // c[2i]*16 + c[2i+1]
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(packed + i / 2), _mm_packus_epi16(pairs, pairs));
-    }
-    tail::encode_range(input, dtype, vector_end, end, factor, full_block, packed);
+// Quantization's operations on 16 elements (see nf4_quantize.h).
+struct QuantizeSimd {
+  using MaxState = __m512i;
+  static __m512i max_start() { return _mm512_setzero_si512(); }
+  static void magnitude_max(__m512i& state, const void* input, Dtype dtype, std::int64_t index) {
+    __m512i bits = _mm512_and_si512(_mm512_castps_si512(load16(input, dtype, index)),
+                                    _mm512_set1_epi32(0x7fffffff));
+    state = _mm512_max_epu32(state, bits);
   }
-  return finite;
-}
+  static std::uint32_t max_finish(__m512i state) { return _mm512_reduce_max_epu32(state); }
+  static void encode16(const void* input, Dtype dtype, std::int64_t index, float factor,
+                       bool full_block, std::uint8_t* out) {
+    alignas(64) static constexpr float kMidpointTable[16] = {
+        nf4::kMidpoints[0],  nf4::kMidpoints[1],  nf4::kMidpoints[2],  nf4::kMidpoints[3],
+        nf4::kMidpoints[4],  nf4::kMidpoints[5],  nf4::kMidpoints[6],  nf4::kMidpoints[7],
+        nf4::kMidpoints[8],  nf4::kMidpoints[9],  nf4::kMidpoints[10], nf4::kMidpoints[11],
+        nf4::kMidpoints[12], nf4::kMidpoints[13], nf4::kMidpoints[14],
+        2.0f};  // never selected: candidates stop at 15
+    const __m512 midpoints = _mm512_load_ps(kMidpointTable);
+    __m512i codes = encode16_codes(
+        scale16(load16(input, dtype, index), _mm512_set1_ps(factor), full_block), midpoints);
+    __m128i bytes = _mm512_cvtepi32_epi8(codes);
+    __m128i pairs = _mm_maddubs_epi16(bytes, _mm_set1_epi16(0x0110));  // c[2i]*16 + c[2i+1]
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(pairs, pairs));
+  }
+};
 
 // The GEMV's vector operations (see nf4_gemv.h): 16 packed bytes decode into
 // two vectors of 16 weights, one permutexvar each (it reads only an index's
@@ -129,7 +115,7 @@ struct GemvSimd {
 
 const CpuKernels& avx512_kernels() {
   static const CpuKernels table{Isa::Avx512,
-                                nf4_quantize_avx512,
+                                nf4_quantize<QuantizeSimd>,
                                 nf4_dequantize<GemvSimd>,
                                 nf4_gemv<GemvSimd>,
                                 nf4_gemv_transposed<GemvSimd>,

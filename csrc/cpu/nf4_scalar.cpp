@@ -7,24 +7,32 @@
 #include "cpu/kernels.h"
 #include "cpu/nf4_dequantize.h"
 #include "cpu/nf4_gemv.h"
+#include "cpu/nf4_quantize.h"
 #include "cpu/scalar_tail.h"
 
 namespace lowrank {
 namespace cpu {
 namespace {
 
-bool nf4_quantize_scalar(const void* input, Dtype dtype, std::int64_t numel,
-                         std::int64_t blocksize, std::int64_t block_begin,
-                         std::int64_t block_end, std::uint8_t* packed, float* absmax) {
-  bool finite = true;
-  for (std::int64_t block = block_begin; block < block_end; ++block) {
-    std::int64_t begin = block * blocksize;
-    std::int64_t end = begin + blocksize < numel ? begin + blocksize : numel;
-    finite &= tail::quantize_block(input, dtype, numel, begin, end, end - begin == blocksize,
-                                   packed, absmax + block);
+// Quantization's operations on 16 elements (see nf4_quantize.h), one at a time.
+struct QuantizeSimd {
+  using MaxState = std::uint32_t;
+  static std::uint32_t max_start() { return 0; }
+  static void magnitude_max(std::uint32_t& state, const void* input, Dtype dtype,
+                            std::int64_t index) {
+    for (std::int64_t i = index; i < index + kQuantizeStep; ++i) {
+      const std::uint32_t bits = float_bits(tail::load_float(input, dtype, i)) & 0x7fffffffu;
+      state = bits > state ? bits : state;
+    }
   }
-  return finite;
-}
+  static std::uint32_t max_finish(std::uint32_t state) { return state; }
+  static void encode16(const void* input, Dtype dtype, std::int64_t index, float factor,
+                       bool full_block, std::uint8_t* out) {
+    // encode_range indexes the packed tensor by element: hand it the base.
+    tail::encode_range(input, dtype, index, index + kQuantizeStep, factor, full_block,
+                       out - index / 2);
+  }
+};
 
 // The GEMV's operations on one-lane "vectors" (see nf4_gemv.h): a step is
 // one packed byte, its high-nibble weight for the `even` activation and its
@@ -68,7 +76,7 @@ struct GemvSimd {
 
 const CpuKernels& scalar_kernels() {
   static const CpuKernels table{Isa::Scalar,
-                                nf4_quantize_scalar,
+                                nf4_quantize<QuantizeSimd>,
                                 nf4_dequantize<GemvSimd>,
                                 nf4_gemv<GemvSimd>,
                                 nf4_gemv_transposed<GemvSimd>,
