@@ -1,57 +1,48 @@
-// AVX2 dropout kernel: 8 hashes per step with 32-bit lane multiplies; the
-// same integer arithmetic as dropout_hash, so the mask equals the scalar one.
+// AVX2 dropout kernel: the loop of dropout_body.h over 8 lanes, 32-bit lane
+// multiplies for the hash.
 #include <immintrin.h>
 
+#include "cpu/dropout_body.h"
 #include "cpu/dropout_kernels.h"
-#include "cpu/scalar_tail.h"
 #include "cpu/simd_avx2.h"
 
 namespace lowrank {
 namespace cpu {
 namespace {
 
-constexpr std::int64_t kLanes = 8;
-
-inline __m256i hash8(__m256i index_low, __m256i seed_low, __m256i mixed_high) {
-  __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(index_low, _mm256_set1_epi32(0x9e3779b1u)),
-                               seed_low);
-  x = _mm256_xor_si256(x, mixed_high);
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x85ebca6bu));
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 13));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0xc2b2ae35u));
-  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-}
-
-void dropout_avx2(const void* input, void* out, Dtype dtype, std::int64_t begin,
-                  std::int64_t end, std::uint64_t seed, std::uint32_t threshold, float scale) {
-  const auto index_high = static_cast<std::uint32_t>(begin >> 32);
-  const __m256i seed_low = _mm256_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(seed)));
-  const __m256i mixed_high = _mm256_set1_epi32(static_cast<int>(
-      static_cast<std::uint32_t>(seed >> 32) ^ (index_high * 0x85ebca77u)));
-  // Unsigned hash >= threshold, via a signed compare after flipping the sign bits.
-  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  const __m256i limit = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(threshold)), sign);
-  const __m256 scale8 = _mm256_set1_ps(scale);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  std::int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<std::uint32_t>(i))), lane);
-    __m256i hash = _mm256_xor_si256(hash8(index, seed_low, mixed_high), sign);
-    __m256i dropped = _mm256_cmpgt_epi32(limit, hash);  // hash < threshold
-    __m256 kept = _mm256_mul_ps(avx2::load8(input, dtype, i), scale8);
-    avx2::store8(out, dtype, i, _mm256_andnot_ps(_mm256_castsi256_ps(dropped), kept));
+struct DropoutSimd {
+  using Vec = __m256;
+  using Ints = __m256i;
+  static constexpr std::int64_t kLanes = 8;
+  static __m256i ints(std::uint32_t value) { return _mm256_set1_epi32(static_cast<int>(value)); }
+  static __m256i lane_indices(std::uint32_t first) {
+    return _mm256_add_epi32(ints(first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
-  for (; i < end; ++i) {
-    bool keep = dropout_hash(static_cast<std::uint32_t>(i), index_high, seed) >= threshold;
-    tail::store_float(out, dtype, i, keep ? tail::load_float(input, dtype, i) * scale : 0.0f);
+  static __m256i add(__m256i a, __m256i b) { return _mm256_add_epi32(a, b); }
+  static __m256i mullo(__m256i a, __m256i b) { return _mm256_mullo_epi32(a, b); }
+  static __m256i xor_bits(__m256i a, __m256i b) { return _mm256_xor_si256(a, b); }
+  template <int N>
+  static __m256i shift_right(__m256i a) { return _mm256_srli_epi32(a, N); }
+  static __m256 set1(float value) { return _mm256_set1_ps(value); }
+  static __m256 load(const void* data, Dtype dtype, std::int64_t index) {
+    return avx2::load8(data, dtype, index);
   }
-}
+  static void store(void* data, Dtype dtype, std::int64_t index, __m256 values) {
+    avx2::store8(data, dtype, index, values);
+  }
+  static __m256 keep_scaled(__m256i hash, std::uint32_t threshold, __m256 values, __m256 scale) {
+    // Unsigned hash >= threshold, via a signed compare after flipping the sign bits.
+    const __m256i sign = ints(0x80000000u);
+    const __m256i dropped = _mm256_cmpgt_epi32(_mm256_xor_si256(ints(threshold), sign),
+                                               _mm256_xor_si256(hash, sign));  // hash < threshold
+    return _mm256_andnot_ps(_mm256_castsi256_ps(dropped), _mm256_mul_ps(values, scale));
+  }
+};
 
 }  // namespace
 
 const DropoutKernels& dropout_avx2_kernels() {
-  static const DropoutKernels table{dropout_avx2};
+  static const DropoutKernels table{dropout_apply<DropoutSimd>};
   return table;
 }
 
