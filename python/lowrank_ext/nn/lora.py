@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _C, ops
-from .adapter_layer import AdapterLayer, adapter_dropout, autocast_enabled
+from .adapter_layer import AdapterLayer, adapter_dropout
+from .bases import DENSE_LINEAR, linear_forward
 from .dora import DORA, _tensor_key, dense_row_sq_norms
 
 Init = Union[bool, str]
@@ -481,10 +482,6 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
         result = result * rows.view(rows.shape[0], *([1] * (result.dim() - 2)), units)
         return result if bias is None else result + bias.to(result.dtype)
 
-    def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``scaling * B @ A`` in fp32, laid out like the base layer's weight."""
-        raise NotImplementedError
-
     def _lora_input(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
         return adapter_dropout(x, self.lora_dropout[adapter_name], self.training)
 
@@ -501,45 +498,11 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
             return factor_A, factor_B
         return factor_A.to(dtype), factor_B.to(dtype)
 
-    # Merging into a dense weight (Linear, Conv, Embedding); QLoRA overrides it.
-    def _dense_base_weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> float:
-        weight = self._dense_base_weight()
-        current = weight.detach().float()
-        delta = self.delta_weight(adapter_name)
-        variant = self.lora_variant.get(adapter_name)
-        if variant is None:
-            exact = current + delta
-        else:
-            exact = variant.merged_weight(self, adapter_name, current,
-                                          self._unmerged_weight(current), delta)
-        if safe_merge and not torch.isfinite(exact).all():
-            raise ValueError(f"merging adapter {adapter_name!r} into {type(self).__name__} "
-                             "gives non-finite weights; the layer was left unchanged")
-        with torch.no_grad():
-            weight.copy_(exact)
-        return (weight.detach().float() - exact).abs().max().item()
-
-    def _unmerge_adapter(self, adapter_name: str) -> None:
-        weight = self._dense_base_weight()
-        with torch.no_grad():
-            weight.copy_(self._unmerge_one(weight.float(), adapter_name))
-
-    def _unmerge_one(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``weight`` (fp32, base layout) with merged adapter ``adapter_name`` taken out."""
-        variant = self.lora_variant.get(adapter_name)
-        delta = self.delta_weight(adapter_name)
-        if variant is None:
-            return weight - delta
-        return variant.unmerged_weight(self, adapter_name, weight, delta)
-
-    def _unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` (fp32) with every merged adapter taken out, last merged first."""
-        for name in reversed(self.merged_adapters):
-            weight = self._unmerge_one(weight, name)
-        return weight
+    def _tail_factors(self, adapter_name: str,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) in ``dtype``, for an adapter added on top of the fused op's output."""
+        factor_A, factor_B = self._factor_tensors(adapter_name)
+        return factor_A.to(dtype), factor_B.to(dtype)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}: r={self.r[name]}, alpha={self.lora_alpha[name]:g}"
@@ -547,36 +510,6 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
 
 
 _prepare_rows_outside_graph = torch.compiler.disable(RowAdapterLayer._prepare_rows)
-
-
-def _linear_adapters(layer: LoRALayer, active: list[str], inputs: torch.Tensor,
-                     bias: Optional[torch.Tensor], dtype: torch.dtype, fused, base) -> torch.Tensor:
-    """The output of a linear-kind LoRA layer (dense or 4-bit base) with ``active`` adapters.
-
-    ``fused(name)`` gives the base's fused op for adapter ``name``,
-    ``(rows, bias, lora_input) -> W rows + bias + s B A lora_input``, and
-    ``base(rows, bias)`` the plain product: the first adapter rides on the
-    fused op (a variant such as DoRA builds its output from it), the others
-    are added on top.
-    """
-    first = active[0]
-    variant = layer.lora_variant.get(first)
-    if variant is None:
-        result = fused(first)(inputs, bias, layer._lora_input(inputs, first))
-    else:
-        result = variant.linear_forward(layer, first, inputs, bias,
-                                        layer._lora_input(inputs, first), fused(first), base,
-                                        dtype)
-    for name in active[1:]:
-        branch = layer._lora_input(inputs, name)
-        branch = inputs if branch is None else branch
-        variant = layer.lora_variant.get(name)
-        if variant is not None:
-            result = variant.extra_linear_term(layer, name, result, branch, fused(name), base)
-            continue
-        down = branch @ layer.lora_A[name].weight.to(dtype).T
-        result = result + (down @ layer.lora_B[name].weight.to(dtype).T) * layer.scaling[name]
-    return result
 
 
 class LoRALinear(LoRALayer):
@@ -596,6 +529,7 @@ class LoRALinear(LoRALayer):
             raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got "
                             f"{type(base_layer).__name__}")
         super().__init__(base_layer)
+        self.base_kind = DENSE_LINEAR
         # Conv1D stores its weight as [in, out], the transpose of nn.Linear's.
         self.fan_in_fan_out = conv1d if fan_in_fan_out is None else bool(fan_in_fan_out)
         if self.fan_in_fan_out and not conv1d:
@@ -641,37 +575,7 @@ class LoRALinear(LoRALayer):
     supports_row_adapters = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        autocast = autocast_enabled(x)
-        if self.row_adapter_names is not None and not self.adapters_disabled:
-            weight = self._oriented_weight()
-            inputs = x if autocast else x.to(weight.dtype)
-            bias = self.base_layer.bias
-            bias = None if bias is None else bias.to(weight.dtype)
-            if self.lora_variant:  # DoRA rows scale W x + s B A x, then the bias is added
-                result = self._dora_rows(
-                    self._row_adapter_forward(inputs, F.linear(inputs, weight)), bias)
-            else:
-                result = self._row_adapter_forward(inputs, F.linear(inputs, weight, bias))
-            return result if autocast else result.to(x.dtype)
-        active = self._unmerged_active()
-        if not active:
-            return self.base_layer(x)
-        weight = self._oriented_weight()
-        dtype = weight.dtype
-        inputs = x if autocast else x.to(dtype)
-        bias = self.base_layer.bias
-        bias = None if bias is None else bias.to(dtype)
-
-        def base(rows, bias):
-            return F.linear(rows, weight, bias)
-
-        def fused(name):
-            return lambda rows, bias, lora_input: ops.lora_linear(
-                rows, weight, bias, *self._op_factors(name, rows, dtype), self.scaling[name],
-                lora_input)
-
-        result = _linear_adapters(self, active, inputs, bias, dtype, fused, base)
-        return result if autocast else result.to(x.dtype)
+        return linear_forward(self, x)
 
 
 class LoRAConv(LoRALayer):

@@ -503,6 +503,9 @@ class AdapterModel(nn.Module):
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
             raise KeyError(f"no adapter named {unknown}; have {list(self.peft_config)}")
+        if layer_options and not any(layer.quantized for _, layer in self.adapter_layers()):
+            raise TypeError(f"unknown merge options {sorted(layer_options)} (they are for "
+                            "adapters on 4-bit bases; this model has none)")
         if safe_merge:
             # Check every delta first, so a bad adapter is refused before any
             # layer changes (unmerging restores weights only up to rounding).
@@ -532,8 +535,10 @@ class AdapterModel(nn.Module):
 
     def _merge_layer(self, layer: AdapterLayer, names: list[str], safe_merge: bool,
                      layer_options: dict) -> dict[str, float]:
-        if layer_options:
-            raise TypeError(f"unknown merge options {sorted(layer_options)}")
+        # Options (keep_merged_weight, merged_dtype) are for 4-bit bases; the
+        # dense layers of the same model merge as usual.
+        if layer.quantized:
+            return layer.merge(names, safe_merge, **layer_options)
         return layer.merge(names, safe_merge)
 
     def unmerge(self) -> None:
@@ -956,11 +961,6 @@ class QLoRAModule(LoRAModule):
                              "base is quantized first); use QLoRALinear.from_linear(init='pissa')")
         return options
 
-    def _merge_layer(self, layer, names, safe_merge, layer_options):
-        if isinstance(layer, QLoRALinear):
-            return layer.merge(names, safe_merge, **layer_options)
-        return layer.merge(names, safe_merge)
-
     def merge_and_unload(self, safe_merge: bool = False,
                          keep_merged_weight: bool = True) -> nn.Module:
         """Merge the active adapter, remove every adapter layer and return the bare model.
@@ -982,7 +982,7 @@ class QLoRAModule(LoRAModule):
         names = [self.active_adapter]
         dense = []
         for path, layer in self.adapter_layers():
-            if isinstance(layer, QLoRALinear):
+            if layer.quantized:
                 present = [name for name in names if name in layer.adapter_names]
                 try:
                     dense.append((path, layer.dense_merged_layer(present, safe_merge)))
