@@ -18,11 +18,11 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .. import ops
 from .adapter_layer import AdapterLayer, adapter_dropout
 from .bases import DENSE_LINEAR, NF4, linear_forward
-from .lora import (RowAdapterLayer, _adapter_dtype, check_conv_mergeable,
-                   is_transformers_conv1d, validate_adapter_arguments)
+from .lora import (_adapter_dtype, check_conv_mergeable, is_transformers_conv1d,
+                   validate_adapter_arguments)
+from .mixed_batch import RowAdapterLayer
 from .nf4_linear import NF4Linear
 
 # (parameter container, dimension that indexes triplets) for each factor.

@@ -10,99 +10,22 @@ and ``lora_embedding_B[name]`` ``[embedding_dim, r]``.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _C, ops
 from .adapter_layer import AdapterLayer, adapter_dropout
 from .bases import DENSE_LINEAR, linear_forward
 from .dora import DORA, _tensor_key, dense_row_sq_norms
+from .mixed_batch import RowAdapterLayer
 
 Init = Union[bool, str]
 _INIT_CHOICES = (True, False, "default", "gaussian", "pissa")
 # Up to this many rows a bfloat16/float16 call computes the low-rank term in
 # float32 (see LoRALayer._op_factors); it matches the NF4 GEMV's row limit.
 FEW_ROWS = 16
-# Per-row adapter name meaning "no adapter" in mixed-adapter batches (PEFT's name).
-BASE_ROW = "__base__"
-# Key of the per-row adapter names a mixed-adapter call records in the metadata
-# of the autograd nodes it created (see record_row_adapters).
-ROW_NAMES_KEY = "lowrank_ext.adapter_names"
-# A leaf whose views number the autograd nodes created from here on.
-_NODE_PROBE = torch.zeros((), requires_grad=True)
-
-
-def row_adapters_in_use(names: Optional[tuple[str, ...]]) -> Optional[tuple[str, ...]]:
-    """The per-row adapter names a layer call uses: ``names`` (those set on the
-    layer) in a forward. Inside backward, where activation checkpointing runs a
-    block's forward again after the call that set the names has returned (and
-    reset them), the names recorded on the node being run by the forward that
-    created it (None: that forward had none)."""
-    node = torch._C._current_autograd_node()
-    if node is None:
-        return names
-    return node.metadata.get(ROW_NAMES_KEY)
-
-
-@torch.compiler.disable
-def next_node_number() -> int:
-    """Sequence number of the next autograd node created in this thread."""
-    return _NODE_PROBE.view(()).grad_fn._sequence_nr() + 1
-
-
-@torch.compiler.disable
-def record_row_adapters(outputs, names: tuple[str, ...], first: int) -> None:
-    """Record ``names`` on every autograd node behind ``outputs`` numbered ``first``
-    or later (those the call created), for :func:`row_adapters_in_use`.
-
-    Any of them may be the one running when a checkpointed block is
-    recomputed: the checkpoint's own node (reentrant checkpointing) or whichever
-    node of the block first needs a dropped tensor (non-reentrant). Nodes of
-    earlier calls keep their own names.
-    """
-    pending = [tensor.grad_fn for tensor in _output_tensors(outputs)
-               if tensor.grad_fn is not None]
-    seen = set()
-    while pending:
-        node = pending.pop()
-        if node is None or node in seen or node._sequence_nr() < first:
-            continue
-        seen.add(node)
-        node.metadata[ROW_NAMES_KEY] = names
-        pending.extend(child for child, _ in node.next_functions)
-
-
-def _output_tensors(value) -> list[torch.Tensor]:
-    """The tensors in a model output: a tensor, or nested mappings (Hugging Face's
-    ModelOutput), lists and tuples of them."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [tensor for item in value for tensor in _output_tensors(item)]
-    return []
-
-
-# Parameters registered (or replaced) on any module since the first
-# mixed-adapter batch, counted by one global hook installed then; the LoRA
-# layers' stacked-factor caches compare it instead of visiting every factor.
-_registrations = [0]
-_registration_hook = None
-
-
-def _parameter_registrations() -> int:
-    global _registration_hook
-    if _registration_hook is None:
-        def count(module, name, parameter):
-            _registrations[0] += 1
-
-        _registration_hook = torch.nn.modules.module.register_module_parameter_registration_hook(
-            count)
-    return _registrations[0]
 
 
 def is_transformers_conv1d(module: nn.Module) -> bool:
@@ -145,178 +68,6 @@ def _adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     if weight_dtype == torch.float64:
         return weight_dtype
     return torch.float32 if weight_dtype.is_floating_point else weight_dtype
-
-
-class RowAdapterLayer:
-    """Mixed-adapter batches for an adapter layer (mixed into an :class:`AdapterLayer`).
-
-    Row ``i`` of the input gets ``scaling[name] * x_i @ A.T @ B.T`` for adapter
-    ``name = names[i]``, where ``(A, B)`` (``[r, in]``, ``[out, r]``, any ``r``
-    per adapter) come from :meth:`_held_factors`. Hosts call
-    :meth:`_init_row_adapters` in ``__init__``, set ``supports_row_adapters``
-    and call :meth:`_row_adapter_forward` from ``forward`` when
-    :attr:`row_adapter_names` is set. With ``reuse_row_stack`` the stacked
-    factors are kept between calls without autograd (the factors must then
-    be the parameters themselves, held in ``lora_A`` / ``lora_B`` module dicts).
-    """
-
-    supports_row_adapters = False
-    reuse_row_stack = True
-
-    def _init_row_adapters(self) -> None:
-        # Plain attributes (not parameters or modules): skip nn.Module.__setattr__'s checks.
-        self.__dict__["_row_names"] = None
-        self.__dict__["_row_indices"] = None
-        self.__dict__["_row_stack"] = None
-
-    def set_row_adapters(self, names: Optional[Sequence[str]]) -> None:
-        """Use adapter ``names[i]`` for row ``i`` of the next inputs (None: back to normal).
-
-        A row named :data:`BASE_ROW` (``"__base__"``) or an adapter this layer
-        does not hold gets the base output. Only layers with
-        ``supports_row_adapters`` accept this.
-        """
-        if names is not None and not self.supports_row_adapters:
-            raise NotImplementedError(
-                f"per-row adapter names are supported on linear LoRA and AdaLoRA layers, not on "
-                f"{type(self).__name__}")
-        self.__dict__["_row_names"] = (
-            None if names is None else names if isinstance(names, tuple) else tuple(names))
-
-    @property
-    def row_adapter_names(self) -> Optional[tuple[str, ...]]:
-        """The per-row adapter names this call uses (see :func:`row_adapters_in_use`)."""
-        return row_adapters_in_use(self.__dict__.get("_row_names"))
-
-    def _row_adapter_forward(self, inputs: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
-        """``base_output`` plus each row's own adapter, in one multi-adapter op.
-
-        Every held adapter's factors are stacked in one buffer kept between
-        calls (refreshed in one copy, see :meth:`_stacked`), and the row ->
-        adapter indices computed once per batch of names, so the per-call work
-        does not grow with a per-adapter loop. Dropout does not
-        apply here. Raises ``ValueError`` when the number of names differs from
-        the batch size or an adapter is merged.
-        """
-        names = self.row_adapter_names
-        if len(names) != inputs.shape[0]:
-            raise ValueError(f"adapter_names has {len(names)} entries but the batch has "
-                             f"{inputs.shape[0]} rows")
-        if self.merged_adapters:
-            raise ValueError(f"unmerge adapters {self.merged_adapters} before running "
-                             f"mixed-adapter batches")
-        # The stack and indices are host-side cache bookkeeping (Python objects,
-        # a C++ fingerprint): under torch.compile they run outside the graph.
-        prepare = (_prepare_rows_outside_graph if torch.compiler.is_compiling()
-                   else RowAdapterLayer._prepare_rows)
-        operands = prepare(self, names, inputs.dtype, inputs.device)
-        if operands is None:
-            return base_output
-        return ops.multi_lora_linear(inputs, base_output, *operands)
-
-    def _prepare_rows(self, names: tuple[str, ...], dtype: torch.dtype,
-                      device: torch.device) -> Optional[tuple]:
-        """(lora_A, lora_B, ranks, scalings, indices) for multi_lora_linear; None if no row
-        has an adapter."""
-        if torch.is_grad_enabled() or not self.reuse_row_stack:
-            # Part of this call's graph (training, or gradients for the inputs), or
-            # factors computed per call: built anew.
-            held, lora_A, lora_B, ranks, scalings = self._stack_factors(
-                self._held_factors(), dtype, device)
-            indices, _ = self._indices(names, held, device)
-        else:
-            (held, lora_A, lora_B, ranks, scalings), fresh = self._stacked(dtype, device)
-            indices, used = self._indices(names, held, device)
-            if indices is not None and not fresh:
-                self._refresh_stack(used)
-        return None if indices is None else (lora_A, lora_B, ranks, scalings, indices)
-
-    def _indices(self, names: tuple[str, ...], held: tuple[str, ...],
-                 device: torch.device) -> tuple[Optional[torch.Tensor], tuple[int, ...]]:
-        """(int64 index of each row's adapter in ``held`` (-1: none), or None when no row
-        has one; the positions in ``held`` that some row uses).
-
-        Remembered for the last (names, held, device): a model's layers share
-        one names tuple per call, and a server often repeats a batch's names.
-        """
-        cached = self._row_indices
-        if (cached is not None and (cached[0] is names or cached[0] == names)
-                and cached[1] == held and cached[2] == device):
-            return cached[3]
-        position = {name: index for index, name in enumerate(held)}
-        values = [position.get(name, -1) for name in names]
-        used = tuple(sorted({value for value in values if value >= 0}))
-        indices = torch.tensor(values, dtype=torch.int64, device=device) if used else None
-        self.__dict__["_row_indices"] = (names, held, device, (indices, used))
-        return indices, used
-
-    def _stacked(self, dtype: torch.dtype, device: torch.device) -> tuple[tuple, bool]:
-        """((held names, lora_A, lora_B, ranks, scalings) of every held adapter, stacked;
-        whether the stack was built by this call), for calls without autograd.
-
-        The stack's buffers are reused while the factors they were built from
-        are the same tensors of the same shapes, checked in two cheap steps (a
-        walk over the factors' Python objects right after a large GEMM, with
-        them out of the caches, cost a third of the multi-adapter op): the
-        structure, by identity (the factor modules, names and scale objects,
-        and the count of parameter registrations anywhere, which moves when a
-        factor parameter is replaced); then the factors' version counters and
-        data addresses in one C++ pass (``p.data = ...`` moves the address).
-        Replacements that bypass both (``_apply``) drop the cache explicitly.
-        Writes through ``p.data`` (EMA, hot-swapped weights) move neither, so
-        a reused stack is refreshed from the factors the batch uses on every
-        call (:meth:`_refresh_stack`).
-        """
-        # A stack made in inference mode cannot be written outside it.
-        structure = (_parameter_registrations(), tuple(self.lora_A._modules.items()),
-                     tuple(self.lora_B._modules.values()), tuple(self.scaling.values()),
-                     dtype, device, torch.is_inference_mode_enabled())
-        cached = self._row_stack
-        if cached is not None and cached[0] == structure and \
-                _C.tensor_fingerprint(cached[1]) == cached[2]:
-            return cached[3], False
-        held_factors = self._held_factors()
-        stacked = self._stack_factors(held_factors, dtype, device)
-        factors = [factor for pair in held_factors.values() for factor in pair]
-        _, lora_A, lora_B, ranks, _ = stacked
-        # (stack slice, factor) pairs per held adapter, for the refresh.
-        copies = [((lora_A[index, :a.shape[0]], a), (lora_B[index, :, :b.shape[1]], b))
-                  for index, (a, b) in enumerate(held_factors.values())]
-        self.__dict__["_row_stack"] = (structure, factors, _C.tensor_fingerprint(factors),
-                                       stacked, copies)
-        return stacked, True
-
-    def _refresh_stack(self, used: tuple[int, ...]) -> None:
-        """Copy the used adapters' factors into the reused stack, in one foreach op.
-
-        In-place writes through ``p.data`` bump no version counter (``p.data``
-        is a new tensor with its own) and keep the address, so no cheap check
-        sees them; rereading the factors the op is about to read anyway costs
-        about as much as the op reads and never serves stale values.
-        """
-        copies = self._row_stack[4]
-        pairs = [pair for index in used for pair in copies[index]]
-        torch._foreach_copy_([target for target, _ in pairs], [factor for _, factor in pairs])
-
-    def _held_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{name: (A, B)} of every held adapter, in lora_A's order (what the rows use)."""
-        return {name: self._factor_tensors(name) for name in self.lora_A.keys()}
-
-    def _stack_factors(self, held_factors: dict, dtype: torch.dtype,
-                       device: torch.device) -> tuple:
-        held = tuple(held_factors)
-        factors = list(held_factors.values())
-        lora_A, lora_B, ranks = ops.stack_lora_factors([a.to(dtype) for a, _ in factors],
-                                                       [b.to(dtype) for _, b in factors])
-        scalings = torch.tensor([self.scaling[name] for name in held], dtype=torch.float32,
-                                device=device)
-        return held, lora_A, lora_B, ranks, scalings
-
-    def _apply(self, *args, **kwargs):
-        # .to() / .half() / to_empty() may swap parameters in place of the
-        # module's (bypassing the registration count): forget the stack.
-        self.__dict__["_row_stack"] = None
-        return super()._apply(*args, **kwargs)
 
 
 class LoRALayer(RowAdapterLayer, AdapterLayer):
@@ -461,27 +212,6 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
     def _dora_magnitude_shape(self, units: int) -> tuple[int, ...]:
         return (units,)
 
-    def _dora_rows(self, result: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """A mixed-adapter batch with DoRA adapters: ``result`` holds each row's
-        ``W x + s B A x`` (no bias); scale every row by its adapter's
-        ``m / ||W + s B A||`` (1 for plain LoRA and base rows) and add the bias."""
-        names = self.row_adapter_names
-        position: dict[str, int] = {}
-        scales: list[Optional[torch.Tensor]] = []
-        index = []
-        for name in names:
-            if name not in position:
-                position[name] = len(scales)
-                variant = self.lora_variant.get(name)
-                scales.append(None if variant is None else variant.scale(self, name, result.dtype))
-            index.append(position[name])
-        units = result.shape[-1]
-        ones = result.new_ones(units)
-        table = torch.stack([ones if scale is None else scale for scale in scales])
-        rows = table[torch.tensor(index, device=result.device)]
-        result = result * rows.view(rows.shape[0], *([1] * (result.dim() - 2)), units)
-        return result if bias is None else result + bias.to(result.dtype)
-
     def _lora_input(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
         return adapter_dropout(x, self.lora_dropout[adapter_name], self.training)
 
@@ -507,9 +237,6 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
     def extra_repr(self) -> str:
         return ", ".join(f"{name}: r={self.r[name]}, alpha={self.lora_alpha[name]:g}"
                          for name in self.adapter_names)
-
-
-_prepare_rows_outside_graph = torch.compiler.disable(RowAdapterLayer._prepare_rows)
 
 
 class LoRALinear(LoRALayer):
