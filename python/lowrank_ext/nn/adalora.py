@@ -18,10 +18,9 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .adapter_layer import AdapterLayer, adapter_dropout
+from .adapter_layer import AdapterLayer
 from .bases import DENSE_LINEAR, NF4, linear_forward
-from .lora import (_adapter_dtype, check_conv_mergeable, is_transformers_conv1d,
-                   validate_adapter_arguments)
+from .lora import check_conv_mergeable, is_transformers_conv1d, validate_adapter_arguments
 from .mixed_batch import RowAdapterLayer
 from .nf4_linear import NF4Linear
 
@@ -103,8 +102,6 @@ class AdaLoRALayer(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
-        for parameter in base_layer.parameters():
-            parameter.requires_grad_(False)
 
     # ----------------------------------------------------------------- adapters
 
@@ -143,7 +140,7 @@ class AdaLoRALayer(AdapterLayer):
                                  f"was created with init_r={init_r}")
             slots = [slot for slot, kept in enumerate(rank_pattern) if kept]
         rank = len(slots)
-        options = self._factor_options()
+        options = self.base_kind.factor_options(self)
         device = options["device"]
         self.init_r[adapter_name] = init_r
         self.lora_alpha[adapter_name] = float(alpha)
@@ -269,11 +266,6 @@ class AdaLoRALayer(AdapterLayer):
             factor_A, factor_B = factor_A.to(dtype), factor_B.to(dtype)
         return factor_A, factor_B
 
-    def _factor_options(self) -> dict:
-        """Device and dtype of new factors: the base weight's (fp32 below 16 bits)."""
-        weight = self.base_layer.weight
-        return dict(device=weight.device, dtype=_adapter_dtype(weight.dtype))
-
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scaling * P @ (Q * masked lambda)`` in fp32, laid out like the base weight."""
         with torch.no_grad():
@@ -295,9 +287,6 @@ class AdaLoRALayer(AdapterLayer):
         factor_B = self.lora_B[adapter_name].float()
         identity = torch.eye(factor_A.shape[0], device=factor_A.device)
         return factor_A @ factor_A.T - identity, factor_B.T @ factor_B - identity
-
-    def _lora_input(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
-        return adapter_dropout(x, self.lora_dropout[adapter_name], self.training)
 
     # The family's factors for the linear forward (lowrank_ext.nn.bases): the
     # fused op takes Q scaled row-wise by the masked lambda as its lora_A.
@@ -364,31 +353,16 @@ class AdaLoRALinear(RowAdapterLayer, AdaLoRALayer):
                  dropout: float = 0.0, init: Union[bool, str] = True,
                  adapter_name: str = "default", rank_pattern: Optional[Sequence[bool]] = None,
                  fan_in_fan_out: Optional[bool] = None):
-        conv1d = is_transformers_conv1d(base_layer)
         quantized = isinstance(base_layer, NF4Linear)
-        if not (isinstance(base_layer, nn.Linear) or conv1d or quantized):
+        if not (isinstance(base_layer, nn.Linear) or is_transformers_conv1d(base_layer)
+                or quantized):
             raise TypeError(f"AdaLoRALinear wraps nn.Linear, transformers Conv1D or NF4Linear, "
                             f"got {type(base_layer).__name__}")
         super().__init__(base_layer)
         self.base_kind = NF4 if quantized else DENSE_LINEAR
-        self.base_kind.attach(self)
-        # Conv1D stores its weight as [in, out], the transpose of nn.Linear's.
-        self.fan_in_fan_out = conv1d if fan_in_fan_out is None else bool(fan_in_fan_out)
-        if self.fan_in_fan_out and not conv1d:
-            raise ValueError("fan_in_fan_out=True needs a weight stored as [in, out] (Conv1D)")
-        if self.quantized:
-            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
-        else:
-            shape = tuple(base_layer.weight.shape)
-            self.out_features, self.in_features = shape[::-1] if self.fan_in_fan_out else shape
+        self.base_kind.attach(self, fan_in_fan_out)
         self._init_row_adapters()
         self.update_layer(adapter_name, init_r, alpha, dropout, init, rank_pattern)
-
-    def _factor_options(self) -> dict:
-        if not self.quantized:
-            return super()._factor_options()
-        base = self.base_layer
-        return dict(device=base.weight.device, dtype=_adapter_dtype(base.weight_dtype))
 
     def _as_weight(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.T if self.fan_in_fan_out else delta

@@ -41,7 +41,7 @@ def adapter_dropout(x: torch.Tensor, probability: float, training: bool) -> Opti
 
 
 class AdapterLayer(nn.Module):
-    """Base class: a frozen ``base_layer`` plus named adapters.
+    """Base class: a frozen ``base_layer`` (its parameters stop training) plus named adapters.
 
     Subclasses store each adapter's tensors in per-adapter ``nn.ModuleDict`` /
     ``nn.ParameterDict`` attributes listed in ``adapter_dict_names`` (keyed by
@@ -68,6 +68,8 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
+        for parameter in base_layer.parameters():
+            parameter.requires_grad_(False)
 
     # ---------------------------------------------------------------- queries
 
@@ -280,6 +282,11 @@ class AdapterLayer(nn.Module):
         for name in reversed(self.merged_adapters):
             weight = self._unmerge_one(weight, name)
         return weight
+
+    def _lora_input(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
+        """The adapter branch's input (see :func:`adapter_dropout`; subclasses keep
+        ``lora_dropout``, PEFT's name, per adapter)."""
+        return adapter_dropout(x, self.lora_dropout[adapter_name], self.training)
 
     def _forget_adapter(self, adapter_name: str) -> None:
         """Drop per-adapter settings that are not tensors (ranks, scales...)."""

@@ -1,18 +1,11 @@
-"""Base kinds: what an adapter layer needs to know about the layer it wraps.
+"""Base kinds: how an adapter layer runs and merges into the layer it wraps.
 
-An adapter layer is a *base kind* (the frozen layer: a dense weight, or an
-NF4 4-bit one) times an *adapter family* (LoRA, AdaLoRA's P diag(lambda) Q,
-each possibly with a per-adapter variant such as DoRA). The base kind says
-how to run the base and the fused op for one adapter, and how to merge; the
-family says what the adapters' factors are. So the linear forward
-(:func:`linear_forward`: the first adapter on the fused op, the others added
-in Python, mixed-adapter rows) and the 4-bit merge (:class:`NF4Base`: add
-every requested adapter in fp32, quantize once, report that error, or keep a
-dense merged weight) are written once, for every family on every base.
-
-A layer holds its kind as ``base_kind`` (one stateless instance per kind,
-like the DoRA variant); per-layer merge state lives on the layer. See
-docs/architecture.md, "Layers: base x variant".
+A layer holds its kind as ``base_kind`` (one stateless object per kind, as
+DoRA's variant is; per-layer state stays on the layer): :data:`DENSE`,
+:data:`DENSE_LINEAR` (also runs the fused op) or :data:`NF4`. The linear
+forward (:func:`linear_forward`) and the 4-bit merge (:class:`NF4Base`) are
+written here once for every adapter family. See docs/architecture.md,
+"Layers: base x variant".
 """
 
 from __future__ import annotations
@@ -39,14 +32,31 @@ def autocast_enabled(x: torch.Tensor) -> bool:
     return torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type)
 
 
+def is_transformers_conv1d(module: nn.Module) -> bool:
+    """True for Hugging Face's GPT-2 style ``Conv1D`` (a linear layer with weight ``[in, out]``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def _adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    # Adapter factors are trained, so they are kept in fp32 whatever the base
+    # dtype (Adam on bf16 parameters loses small updates); forward casts them
+    # to the compute dtype, which is cheap at rank r. A float64 base keeps
+    # float64 factors (as PEFT does), so gradcheck can perturb them too.
+    if weight_dtype == torch.float64:
+        return weight_dtype
+    return torch.float32 if weight_dtype.is_floating_point else weight_dtype
+
+
 class DenseBase:
     """A base whose weight is a dense tensor (Linear, Conv1D, ConvNd, Embedding),
     merged into in place, one adapter at a time (``layer._merge_adapter``)."""
 
     quantized = False
 
-    def attach(self, layer) -> None:
-        """Set up the per-layer state this kind needs (none)."""
+    def factor_options(self, layer) -> dict:
+        """Device and dtype of new adapter factors: the base weight's (fp32 below 32 bits)."""
+        weight = layer.base_layer.weight
+        return dict(device=weight.device, dtype=_adapter_dtype(weight.dtype))
 
     def merge(self, layer, names: list[str], safe_merge: bool, keep_merged_weight,
               merged_dtype) -> dict[str, float]:
@@ -71,6 +81,20 @@ class DenseBase:
 class DenseLinearBase(DenseBase):
     """``nn.Linear``, or Hugging Face's ``Conv1D`` (``layer.fan_in_fan_out``:
     the weight stored ``[in, out]``), run by ``F.linear`` / :func:`ops.lora_linear`."""
+
+    def attach(self, layer, fan_in_fan_out: Optional[bool] = None) -> None:
+        """Set ``layer.fan_in_fan_out`` (default: True for ``Conv1D``) and its
+        ``in_features`` / ``out_features``; ``ValueError`` for ``fan_in_fan_out=True``
+        on an ``nn.Linear``."""
+        base = layer.base_layer
+        conv1d = is_transformers_conv1d(base)
+        # Conv1D stores its weight as [in, out], the transpose of nn.Linear's.
+        layer.fan_in_fan_out = conv1d if fan_in_fan_out is None else bool(fan_in_fan_out)
+        if layer.fan_in_fan_out and not conv1d:
+            raise ValueError("fan_in_fan_out=True needs a weight stored as [in, out] (Conv1D); "
+                             f"this {type(base).__name__} stores [out, in]")
+        in_out = tuple(base.weight.shape)
+        layer.out_features, layer.in_features = in_out[::-1] if layer.fan_in_fan_out else in_out
 
     def setup(self, layer, x: torch.Tensor, autocast: bool, rows: bool = False) -> tuple:
         """``(inputs, dtype, bias, plain, fused)`` for one call: ``inputs`` cast to the
@@ -113,10 +137,21 @@ class NF4Base:
 
     quantized = True
 
-    def attach(self, layer) -> None:
+    def attach(self, layer, fan_in_fan_out: Optional[bool] = None) -> None:
+        # NF4Linear stores [out, in] whatever it was quantized from (Conv1D included).
+        if fan_in_fan_out:
+            raise ValueError("fan_in_fan_out=True needs a weight stored as [in, out] (Conv1D); "
+                             "NF4Linear stores [out, in]")
+        base = layer.base_layer
+        layer.fan_in_fan_out = False
+        layer.in_features, layer.out_features = base.in_features, base.out_features
         layer.register_buffer("merged_weight", None, persistent=False)
         layer._unmerged_base = None
         layer._keep_merged_weight = False
+
+    def factor_options(self, layer) -> dict:
+        base = layer.base_layer
+        return dict(device=base.weight.device, dtype=_adapter_dtype(base.weight_dtype))
 
     @staticmethod
     def uses_merged_weight(layer) -> bool:

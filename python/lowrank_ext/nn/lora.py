@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter_layer import AdapterLayer, adapter_dropout
-from .bases import DENSE_LINEAR, linear_forward
+from .adapter_layer import AdapterLayer
+from .bases import DENSE_LINEAR, is_transformers_conv1d, linear_forward
 from .dora import DORA, _tensor_key, dense_row_sq_norms
 from .mixed_batch import RowAdapterLayer
 
@@ -26,11 +26,6 @@ _INIT_CHOICES = (True, False, "default", "gaussian", "pissa")
 # Up to this many rows a bfloat16/float16 call computes the low-rank term in
 # float32 (see LoRALayer._op_factors); it matches the NF4 GEMV's row limit.
 FEW_ROWS = 16
-
-
-def is_transformers_conv1d(module: nn.Module) -> bool:
-    """True for Hugging Face's GPT-2 style ``Conv1D`` (a linear layer with weight ``[in, out]``)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
 def validate_adapter_arguments(r, alpha, dropout) -> None:
@@ -60,16 +55,6 @@ def check_conv_mergeable(base: nn.Module, what: str) -> None:
                          "would be padded the base's way")
 
 
-def _adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    # Adapter factors are trained, so they are kept in fp32 whatever the base
-    # dtype (Adam on bf16 parameters loses small updates); forward casts them
-    # to the compute dtype, which is cheap at rank r. A float64 base keeps
-    # float64 factors (as PEFT does), so gradcheck can perturb them too.
-    if weight_dtype == torch.float64:
-        return weight_dtype
-    return torch.float32 if weight_dtype.is_floating_point else weight_dtype
-
-
 class LoRALayer(RowAdapterLayer, AdapterLayer):
     """LoRA bookkeeping shared by every LoRA layer kind.
 
@@ -93,8 +78,6 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
-        for parameter in base_layer.parameters():
-            parameter.requires_grad_(False)
         self._init_row_adapters()
 
     def update_layer(self, adapter_name: str, r: int, alpha: float, dropout: float = 0.0,
@@ -145,7 +128,10 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
             self.set_adapter(self.active_adapters)
 
     def _create_factors(self, adapter_name: str, r: int) -> None:
-        raise NotImplementedError
+        # Linear kinds (any base): lora_A maps in -> r, lora_B r -> out.
+        options = self.base_kind.factor_options(self)
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **options)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **options)
 
     def _factor_tensors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) as the parameters that hold them (layout depends on the layer kind)."""
@@ -212,9 +198,6 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
     def _dora_magnitude_shape(self, units: int) -> tuple[int, ...]:
         return (units,)
 
-    def _lora_input(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
-        return adapter_dropout(x, self.lora_dropout[adapter_name], self.training)
-
     def _op_factors(self, adapter_name: str, inputs: torch.Tensor,
                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(lora_A, lora_B) for the fused ops: cast to ``dtype``, except that
@@ -227,6 +210,13 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
                 and inputs.numel() <= FEW_ROWS * inputs.shape[-1]):
             return factor_A, factor_B
         return factor_A.to(dtype), factor_B.to(dtype)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``scaling * B @ A`` in fp32, laid out like the base weight (linear kinds:
+        ``[out, in]``, or ``[in, out]`` with ``fan_in_fan_out``)."""
+        factor_A, factor_B = self._factor_tensors(adapter_name)
+        delta = (factor_B.detach().float() @ factor_A.detach().float()) * self.scaling[adapter_name]
+        return delta.T if self.fan_in_fan_out else delta
 
     def _tail_factors(self, adapter_name: str,
                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,26 +241,13 @@ class LoRALinear(LoRALayer):
     def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                  use_rslora: bool = False, init: Init = True, adapter_name: str = "default",
                  fan_in_fan_out: Optional[bool] = None, use_dora: bool = False):
-        conv1d = is_transformers_conv1d(base_layer)
-        if not isinstance(base_layer, nn.Linear) and not conv1d:
+        if not isinstance(base_layer, nn.Linear) and not is_transformers_conv1d(base_layer):
             raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got "
                             f"{type(base_layer).__name__}")
         super().__init__(base_layer)
         self.base_kind = DENSE_LINEAR
-        # Conv1D stores its weight as [in, out], the transpose of nn.Linear's.
-        self.fan_in_fan_out = conv1d if fan_in_fan_out is None else bool(fan_in_fan_out)
-        if self.fan_in_fan_out and not conv1d:
-            raise ValueError("fan_in_fan_out=True needs a weight stored as [in, out] (Conv1D); "
-                             "this nn.Linear stores [out, in]")
-        in_out = tuple(base_layer.weight.shape)
-        self.out_features, self.in_features = in_out[::-1] if self.fan_in_fan_out else in_out
+        self.base_kind.attach(self, fan_in_fan_out)
         self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init, use_dora)
-
-    def _create_factors(self, adapter_name, r):
-        weight = self.base_layer.weight
-        options = dict(device=weight.device, dtype=_adapter_dtype(weight.dtype))
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **options)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **options)
 
     def _initialize_pissa(self, adapter_name):
         factor_A, factor_B = self._factor_tensors(adapter_name)
@@ -287,11 +264,6 @@ class LoRALinear(LoRALayer):
         """The base weight as ``[out, in]`` (a view for Conv1D)."""
         weight = self.base_layer.weight
         return weight.t() if self.fan_in_fan_out else weight
-
-    def delta_weight(self, adapter_name):
-        factor_A, factor_B = self._factor_tensors(adapter_name)
-        delta = (factor_B.detach().float() @ factor_A.detach().float()) * self.scaling[adapter_name]
-        return delta.T if self.fan_in_fan_out else delta
 
     # DoRA sees the weight as [out, in] (Conv1D's [in, out] transposed).
     def _dora_units(self, tensor):
@@ -367,7 +339,7 @@ class LoRAConv(LoRALayer):
     def _create_factors(self, adapter_name, r):
         base = self.base_layer
         conv = type(base)
-        options = dict(device=base.weight.device, dtype=_adapter_dtype(base.weight.dtype))
+        options = self.base_kind.factor_options(self)
         self.lora_A[adapter_name] = conv(
             base.in_channels, r, base.kernel_size, stride=base.stride, padding=base.padding,
             bias=False, **options)
@@ -437,9 +409,8 @@ class LoRAEmbedding(LoRALayer):
         self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init, use_dora)
 
     def _create_factors(self, adapter_name, r):
-        weight = self.base_layer.weight
-        options = dict(device=weight.device, dtype=_adapter_dtype(weight.dtype))
-        count, dim = weight.shape
+        options = self.base_kind.factor_options(self)
+        count, dim = self.base_layer.weight.shape
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, count, **options))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(dim, r, **options))
 

@@ -12,7 +12,7 @@ from torch import nn
 from .. import ops
 from .bases import NF4, linear_forward
 from .dora import _tensor_key, nf4_row_sq_norms
-from .lora import Init, LoRALayer, _adapter_dtype, validate_adapter_arguments
+from .lora import Init, LoRALayer, validate_adapter_arguments
 from .nf4_linear import NF4Linear
 
 
@@ -39,7 +39,6 @@ class QLoRALinear(LoRALayer):
         if not isinstance(base_layer, NF4Linear):
             raise TypeError(f"QLoRALinear wraps NF4Linear, got {type(base_layer).__name__}")
         super().__init__(base_layer)
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         NF4.attach(self)
         self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init, use_dora)
 
@@ -117,21 +116,9 @@ class QLoRALinear(LoRALayer):
             variant.forget(self, adapter_name)
             variant.init(self, adapter_name)
 
-    def _create_factors(self, adapter_name, r):
-        device = self.base_layer.weight.device
-        dtype = _adapter_dtype(self.base_layer.weight_dtype)
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device,
-                                              dtype=dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device,
-                                              dtype=dtype)
-
     def _initialize_pissa(self, adapter_name):
         raise ValueError("init 'pissa' on an existing 4-bit base would quantize twice; use "
                          "QLoRALinear.from_linear(linear, init='pissa') on the dense layer")
-
-    def delta_weight(self, adapter_name):
-        factor_A, factor_B = self._factor_tensors(adapter_name)
-        return (factor_B.detach().float() @ factor_A.detach().float()) * self.scaling[adapter_name]
 
     # QDoRA: the DoRA norm from the 4-bit weight without ever forming it densely.
     def _dora_row_sq_norms(self):
