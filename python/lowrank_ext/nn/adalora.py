@@ -18,11 +18,10 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .. import ops
-from ..quant import NF4Weight
-from .adapter_layer import AdapterLayer, adapter_dropout, autocast_enabled
-from .lora import (RowAdapterLayer, _adapter_dtype, check_conv_mergeable,
-                   is_transformers_conv1d, validate_adapter_arguments)
+from .adapter_layer import AdapterLayer
+from .bases import DENSE_LINEAR, NF4, linear_forward
+from .lora import check_conv_mergeable, is_transformers_conv1d, validate_adapter_arguments
+from .mixed_batch import RowAdapterLayer
 from .nf4_linear import NF4Linear
 
 # (parameter container, dimension that indexes triplets) for each factor.
@@ -103,8 +102,6 @@ class AdaLoRALayer(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
-        for parameter in base_layer.parameters():
-            parameter.requires_grad_(False)
 
     # ----------------------------------------------------------------- adapters
 
@@ -143,7 +140,7 @@ class AdaLoRALayer(AdapterLayer):
                                  f"was created with init_r={init_r}")
             slots = [slot for slot, kept in enumerate(rank_pattern) if kept]
         rank = len(slots)
-        options = self._factor_options()
+        options = self.base_kind.factor_options(self)
         device = options["device"]
         self.init_r[adapter_name] = init_r
         self.lora_alpha[adapter_name] = float(alpha)
@@ -269,11 +266,6 @@ class AdaLoRALayer(AdapterLayer):
             factor_A, factor_B = factor_A.to(dtype), factor_B.to(dtype)
         return factor_A, factor_B
 
-    def _factor_options(self) -> dict:
-        """Device and dtype of new factors: the base weight's (fp32 below 16 bits)."""
-        weight = self.base_layer.weight
-        return dict(device=weight.device, dtype=_adapter_dtype(weight.dtype))
-
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scaling * P @ (Q * masked lambda)`` in fp32, laid out like the base weight."""
         with torch.no_grad():
@@ -296,28 +288,15 @@ class AdaLoRALayer(AdapterLayer):
         identity = torch.eye(factor_A.shape[0], device=factor_A.device)
         return factor_A @ factor_A.T - identity, factor_B.T @ factor_B - identity
 
-    def _lora_input(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
-        return adapter_dropout(x, self.lora_dropout[adapter_name], self.training)
+    # The family's factors for the linear forward (lowrank_ext.nn.bases): the
+    # fused op takes Q scaled row-wise by the masked lambda as its lora_A.
+    def _op_factors(self, adapter_name: str, inputs: torch.Tensor,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.effective_factors(adapter_name, dtype)
 
-    # -------------------------------------------------------------------- merge
-
-    def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> float:
-        weight = self.base_layer.weight
-        exact = weight.detach().float() + self.delta_weight(adapter_name)
-        self._check_finite(exact, adapter_name, safe_merge)
-        with torch.no_grad():
-            weight.copy_(exact)
-        return (weight.detach().float() - exact).abs().max().item()
-
-    def _unmerge_adapter(self, adapter_name: str) -> None:
-        weight = self.base_layer.weight
-        with torch.no_grad():
-            weight.copy_(weight.float() - self.delta_weight(adapter_name))
-
-    def _check_finite(self, exact: torch.Tensor, adapter_name: str, safe_merge: bool) -> None:
-        if safe_merge and not torch.isfinite(exact).all():
-            raise ValueError(f"merging adapter {adapter_name!r} into {type(self).__name__} "
-                             "gives non-finite weights; the layer was left unchanged")
+    def _tail_factors(self, adapter_name: str,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.effective_factors(adapter_name, dtype)
 
     # ------------------------------------------------------------ serialization
 
@@ -361,7 +340,9 @@ class AdaLoRALinear(RowAdapterLayer, AdaLoRALayer):
     adapter: Q scaled row-wise by the masked lambda is passed as the fused
     op's ``lora_A``. It runs in the base weight's dtype (NF4: its compute
     dtype) and returns ``x``'s dtype. Triplets, scale and allocation: see
-    :class:`AdaLoRALayer`.
+    :class:`AdaLoRALayer`. On an NF4 base, merging works as QLoRA's
+    (:class:`~lowrank_ext.nn.bases.NF4Base`: one requantization for all the
+    adapters merged, or ``keep_merged_weight=True``).
 
     Mixed-adapter batches (``set_row_adapters``) give each row its adapter's
     update, whatever the adapters' ranks, in one multi-adapter op over the
@@ -372,30 +353,16 @@ class AdaLoRALinear(RowAdapterLayer, AdaLoRALayer):
                  dropout: float = 0.0, init: Union[bool, str] = True,
                  adapter_name: str = "default", rank_pattern: Optional[Sequence[bool]] = None,
                  fan_in_fan_out: Optional[bool] = None):
-        conv1d = is_transformers_conv1d(base_layer)
-        self.quantized = isinstance(base_layer, NF4Linear)
-        if not (isinstance(base_layer, nn.Linear) or conv1d or self.quantized):
+        quantized = isinstance(base_layer, NF4Linear)
+        if not (isinstance(base_layer, nn.Linear) or is_transformers_conv1d(base_layer)
+                or quantized):
             raise TypeError(f"AdaLoRALinear wraps nn.Linear, transformers Conv1D or NF4Linear, "
                             f"got {type(base_layer).__name__}")
         super().__init__(base_layer)
-        # Conv1D stores its weight as [in, out], the transpose of nn.Linear's.
-        self.fan_in_fan_out = conv1d if fan_in_fan_out is None else bool(fan_in_fan_out)
-        if self.fan_in_fan_out and not conv1d:
-            raise ValueError("fan_in_fan_out=True needs a weight stored as [in, out] (Conv1D)")
-        if self.quantized:
-            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
-        else:
-            shape = tuple(base_layer.weight.shape)
-            self.out_features, self.in_features = shape[::-1] if self.fan_in_fan_out else shape
-        self._unmerged_base: Optional[NF4Weight] = None
+        self.base_kind = NF4 if quantized else DENSE_LINEAR
+        self.base_kind.attach(self, fan_in_fan_out)
         self._init_row_adapters()
         self.update_layer(adapter_name, init_r, alpha, dropout, init, rank_pattern)
-
-    def _factor_options(self) -> dict:
-        if not self.quantized:
-            return super()._factor_options()
-        base = self.base_layer
-        return dict(device=base.weight.device, dtype=_adapter_dtype(base.weight_dtype))
 
     def _as_weight(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.T if self.fan_in_fan_out else delta
@@ -408,81 +375,7 @@ class AdaLoRALinear(RowAdapterLayer, AdaLoRALayer):
         return {name: self.effective_factors(name) for name in self.lora_A.keys()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.row_adapter_names is not None and not self.adapters_disabled:
-            return self._row_forward(x)
-        active = self._unmerged_active()
-        if not active:
-            return self.base_layer(x)
-        base = self.base_layer
-        if self.quantized:
-            dtype = base.compute_dtype_for(x)
-        else:
-            weight = base.weight.t() if self.fan_in_fan_out else base.weight
-            dtype = weight.dtype
-        # Under autocast the ops cast to the autocast dtype and the result keeps it.
-        autocast = autocast_enabled(x)
-        inputs = x if autocast else x.to(dtype)
-        bias = None if base.bias is None else base.bias.to(dtype)
-        first = active[0]
-        factor_A, factor_B = self.effective_factors(first, dtype)
-        if self.quantized:
-            result = ops.qlora_linear(inputs, *base.linear_args(), bias, factor_A, factor_B,
-                                      self.scaling[first], self._lora_input(inputs, first))
-        else:
-            result = ops.lora_linear(inputs, weight, bias, factor_A, factor_B,
-                                     self.scaling[first], self._lora_input(inputs, first))
-        for name in active[1:]:
-            branch = self._lora_input(inputs, name)
-            branch = inputs if branch is None else branch
-            factor_A, factor_B = self.effective_factors(name, dtype)
-            result = result + ((branch @ factor_A.T) @ factor_B.T) * self.scaling[name]
-        return result if autocast else result.to(x.dtype)
-
-    def _row_forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        bias = base.bias
-        # Under autocast the ops cast to the autocast dtype and the result keeps it.
-        autocast = autocast_enabled(x)
-        if self.quantized:
-            dtype = base.compute_dtype_for(x)
-            inputs = x.to(dtype)
-            base_output = ops.nf4_linear(inputs, *base.linear_args(),
-                                         None if bias is None else bias.to(dtype))
-        else:
-            weight = base.weight.t() if self.fan_in_fan_out else base.weight
-            inputs = x if autocast else x.to(weight.dtype)
-            base_output = torch.nn.functional.linear(
-                inputs, weight, None if bias is None else bias.to(weight.dtype))
-        result = self._row_adapter_forward(inputs, base_output)
-        return result if autocast else result.to(x.dtype)
-
-    # -------------------------------------------------------------------- merge
-
-    def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> float:
-        if self.quantized:
-            return self._merge_quantized(adapter_name, safe_merge)
-        return super()._merge_adapter(adapter_name, safe_merge)
-
-    def _merge_quantized(self, adapter_name: str, safe_merge: bool) -> float:
-        # Dequantize, add in fp32, quantize once; the original 4-bit data is
-        # kept so that unmerging restores it exactly.
-        base = self.base_layer
-        exact = base.dequantize(torch.float32) + self.delta_weight(adapter_name)
-        self._check_finite(exact, adapter_name, safe_merge)
-        previous, error = base.requantize(exact)
-        if self._unmerged_base is None:
-            self._unmerged_base = previous
-        return error
-
-    def _unmerge_adapter(self, adapter_name: str) -> None:
-        if not self.quantized:
-            super()._unmerge_adapter(adapter_name)
-            return
-        # Merges on a 4-bit base stack up in the saved original, so the
-        # first unmerge restores it and the rest have nothing left to do.
-        if self._unmerged_base is not None:
-            self.base_layer.set_quantized_weight(self._unmerged_base)
-            self._unmerged_base = None
+        return linear_forward(self, x)
 
 
 class AdaLoRAConv2d(AdaLoRALayer):

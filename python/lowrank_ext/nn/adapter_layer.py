@@ -4,18 +4,21 @@ An adapter layer wraps a base layer (``base_layer``, never edited except by
 merging) and holds any number of named adapters. Everything that does not
 depend on the kind of adapter lives here: which adapters are active, which are
 merged into the base weight, disabling, deleting, and the per-adapter state
-dict used by save/load. LoRA, QLoRA and AdaLoRA layers subclass it.
+dict used by save/load, and merging through the base kind (``base_kind``,
+see :mod:`lowrank_ext.nn.bases`). LoRA, QLoRA and AdaLoRA layers subclass it.
 """
 
 from __future__ import annotations
 
 import contextlib
+from types import MappingProxyType
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .. import ops
+from .bases import DENSE, autocast_enabled  # noqa: F401 (autocast_enabled: for the layers)
 
 
 _FAST_DROPOUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -37,26 +40,14 @@ def adapter_dropout(x: torch.Tensor, probability: float, training: bool) -> Opti
     return nn.functional.dropout(x, p=probability, training=True)
 
 
-def autocast_enabled(x: torch.Tensor) -> bool:
-    """True inside ``torch.autocast`` for ``x``'s device.
-
-    The layers then leave dtypes to autocast: the fused ops' Autocast kernels
-    cast activations, base weight and factors to the autocast dtype (the
-    factors differentiably, so they and their gradients stay fp32) and the
-    output keeps that dtype, as ``nn.Linear``'s does; the layers skip their
-    own casts of the input to the weight's dtype and of the result back.
-    Outside autocast this costs one flag read.
-    """
-    return torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type)
-
-
 class AdapterLayer(nn.Module):
-    """Base class: a frozen ``base_layer`` plus named adapters.
+    """Base class: a frozen ``base_layer`` (its parameters stop training) plus named adapters.
 
     Subclasses store each adapter's tensors in per-adapter ``nn.ModuleDict`` /
     ``nn.ParameterDict`` attributes listed in ``adapter_dict_names`` (keyed by
-    adapter name), and implement :meth:`_merge_adapter`, :meth:`_unmerge_adapter`
-    and :meth:`_forget_adapter`.
+    adapter name), and implement :meth:`delta_weight` and :meth:`_forget_adapter`;
+    a base other than a dense weight sets ``base_kind`` (and calls its
+    ``attach(self)``), adapters with a variant (DoRA) list it in ``lora_variant``.
 
     Attributes:
         base_layer: the wrapped layer.
@@ -66,6 +57,10 @@ class AdapterLayer(nn.Module):
     """
 
     adapter_dict_names: tuple[str, ...] = ()
+    # How the base is run and merged into (see lowrank_ext.nn.bases).
+    base_kind = DENSE
+    # {adapter name: variant object} for adapters that are not plain (DoRA); none here.
+    lora_variant = MappingProxyType({})
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -73,6 +68,8 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
+        for parameter in base_layer.parameters():
+            parameter.requires_grad_(False)
 
     # ---------------------------------------------------------------- queries
 
@@ -98,6 +95,11 @@ class AdapterLayer(nn.Module):
     def bias(self):
         """The base layer's ``bias``."""
         return self.base_layer.bias
+
+    @property
+    def quantized(self) -> bool:
+        """True when the base is 4-bit (merges requantize, or keep a dense weight)."""
+        return self.base_kind.quantized
 
     @property
     def merged(self) -> bool:
@@ -173,39 +175,118 @@ class AdapterLayer(nn.Module):
 
     # ----------------------------------------------------------------- merge
 
-    def merge(self, adapter_names: Optional[Sequence[str]] = None,
-              safe_merge: bool = False) -> dict[str, float]:
+    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False,
+              keep_merged_weight: Optional[bool] = None,
+              merged_dtype: Optional[torch.dtype] = None) -> dict[str, float]:
         """Fold adapters (default: the active ones) into the base weight.
 
         Args:
             adapter_names: which adapters; already merged ones are skipped.
-            safe_merge: compute each merged weight in a copy first and raise
+            safe_merge: compute the merged weight in a copy first and raise
                 ``ValueError`` (leaving the layer unchanged) if it is not finite.
+            keep_merged_weight: 4-bit bases only (else ``TypeError``): keep a
+                dense merged weight in ``merged_dtype`` (default float32)
+                instead of requantizing (no 4-bit rounding, more memory).
+                Default: as the last merge did (initially False). Switching
+                modes while merged raises ``ValueError``.
+
+        A dense base takes the adapters one by one; a 4-bit base adds them
+        all in fp32 and quantizes once (see :class:`~lowrank_ext.nn.bases.NF4Base`).
 
         Returns:
             ``{adapter name: max |merged weight - exact fp32 merge|}``, the
             rounding error the merge introduced (storing in a low-precision or
-            quantized weight).
+            quantized weight; 0 for a dense fp32 merge).
         """
-        names = self._check_known(self.active_adapters if adapter_names is None else adapter_names)
-        errors = {}
-        for name in names:
-            if name in self.merged_adapters:
-                continue
-            errors[name] = self._merge_adapter(name, safe_merge)
-            self.merged_adapters.append(name)
-        return errors
+        requested = self.active_adapters if adapter_names is None else adapter_names
+        names = [name for name in self._check_known(requested)
+                 if name not in self.merged_adapters]
+        return self.base_kind.merge(self, list(dict.fromkeys(names)), safe_merge,
+                                    keep_merged_weight, merged_dtype)
 
     def unmerge(self) -> None:
-        """Undo every merge, last merged first, restoring the base weight."""
-        while self.merged_adapters:
-            self._unmerge_adapter(self.merged_adapters.pop())
+        """Undo every merge, restoring the base weight (a 4-bit base exactly)."""
+        self.base_kind.unmerge(self)
+
+    def dense_merged_layer(self, adapter_names: Optional[Sequence[str]] = None,
+                           safe_merge: bool = False) -> nn.Module:
+        """4-bit bases: the dense layer that takes this one's place when a model is unloaded.
+
+        Its weight is the original 4-bit base (as before any merge)
+        dequantized, plus the adapters merged now and ``adapter_names``
+        (default the active ones), added in fp32 and rounded once to the
+        base's original dtype; its kind is the one the base was quantized from
+        (``nn.Linear`` or ``Conv1D``). This layer is left unchanged. With
+        ``safe_merge`` a non-finite result raises ``ValueError``.
+        """
+        requested = self.active_adapters if adapter_names is None else adapter_names
+        names = list(self.merged_adapters) + [
+            n for n in self._check_known(requested) if n not in self.merged_adapters]
+        return self.base_kind.dense_merged_layer(self, names, safe_merge)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's update in fp32, laid out like the base layer's weight."""
+        raise NotImplementedError
+
+    # Merging into a dense weight (Linear, Conv, Embedding), one adapter at a time.
+    def _dense_base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
 
     def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> float:
-        raise NotImplementedError
+        weight = self._dense_base_weight()
+        current = weight.detach().float()
+        exact = self._merged_dense(current, [adapter_name],
+                                   lambda: self._unmerged_weight(current))
+        if safe_merge and not torch.isfinite(exact).all():
+            raise ValueError(f"merging adapter {adapter_name!r} into {type(self).__name__} "
+                             "gives non-finite weights; the layer was left unchanged")
+        with torch.no_grad():
+            weight.copy_(exact)
+        return (weight.detach().float() - exact).abs().max().item()
 
     def _unmerge_adapter(self, adapter_name: str) -> None:
-        raise NotImplementedError
+        weight = self._dense_base_weight()
+        with torch.no_grad():
+            weight.copy_(self._unmerge_one(weight.float(), adapter_name))
+
+    def _merged_dense(self, current: torch.Tensor, names: Sequence[str],
+                      unmerged) -> torch.Tensor:
+        """``current`` (fp32, base layout) with adapters ``names`` added in turn.
+
+        A variant's adapter (DoRA) is merged by its variant, which may need the
+        weight without any merged adapter (DoRA's norm is taken there, as in
+        forward and PEFT): ``unmerged()`` gives it, asked for at most once.
+        """
+        base_weight = None
+        for name in names:
+            delta = self.delta_weight(name)
+            variant = self.lora_variant.get(name)
+            if variant is None:
+                current = current + delta
+                continue
+            if base_weight is None:
+                base_weight = unmerged()
+            current = variant.merged_weight(self, name, current, base_weight, delta)
+        return current
+
+    def _unmerge_one(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``weight`` (fp32, base layout) with merged adapter ``adapter_name`` taken out."""
+        variant = self.lora_variant.get(adapter_name)
+        delta = self.delta_weight(adapter_name)
+        if variant is None:
+            return weight - delta
+        return variant.unmerged_weight(self, adapter_name, weight, delta)
+
+    def _unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (fp32) with every merged adapter taken out, last merged first."""
+        for name in reversed(self.merged_adapters):
+            weight = self._unmerge_one(weight, name)
+        return weight
+
+    def _lora_input(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
+        """The adapter branch's input (see :func:`adapter_dropout`; subclasses keep
+        ``lora_dropout``, PEFT's name, per adapter)."""
+        return adapter_dropout(x, self.lora_dropout[adapter_name], self.training)
 
     def _forget_adapter(self, adapter_name: str) -> None:
         """Drop per-adapter settings that are not tensors (ranks, scales...)."""

@@ -10,103 +10,22 @@ and ``lora_embedding_B[name]`` ``[embedding_dim, r]``.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _C, ops
-from .adapter_layer import AdapterLayer, adapter_dropout, autocast_enabled
+from .adapter_layer import AdapterLayer
+from .bases import DENSE_LINEAR, is_transformers_conv1d, linear_forward
 from .dora import DORA, _tensor_key, dense_row_sq_norms
+from .mixed_batch import RowAdapterLayer
 
 Init = Union[bool, str]
 _INIT_CHOICES = (True, False, "default", "gaussian", "pissa")
 # Up to this many rows a bfloat16/float16 call computes the low-rank term in
 # float32 (see LoRALayer._op_factors); it matches the NF4 GEMV's row limit.
 FEW_ROWS = 16
-# Per-row adapter name meaning "no adapter" in mixed-adapter batches (PEFT's name).
-BASE_ROW = "__base__"
-# Key of the per-row adapter names a mixed-adapter call records in the metadata
-# of the autograd nodes it created (see record_row_adapters).
-ROW_NAMES_KEY = "lowrank_ext.adapter_names"
-# A leaf whose views number the autograd nodes created from here on.
-_NODE_PROBE = torch.zeros((), requires_grad=True)
-
-
-def row_adapters_in_use(names: Optional[tuple[str, ...]]) -> Optional[tuple[str, ...]]:
-    """The per-row adapter names a layer call uses: ``names`` (those set on the
-    layer) in a forward. Inside backward, where activation checkpointing runs a
-    block's forward again after the call that set the names has returned (and
-    reset them), the names recorded on the node being run by the forward that
-    created it (None: that forward had none)."""
-    node = torch._C._current_autograd_node()
-    if node is None:
-        return names
-    return node.metadata.get(ROW_NAMES_KEY)
-
-
-@torch.compiler.disable
-def next_node_number() -> int:
-    """Sequence number of the next autograd node created in this thread."""
-    return _NODE_PROBE.view(()).grad_fn._sequence_nr() + 1
-
-
-@torch.compiler.disable
-def record_row_adapters(outputs, names: tuple[str, ...], first: int) -> None:
-    """Record ``names`` on every autograd node behind ``outputs`` numbered ``first``
-    or later (those the call created), for :func:`row_adapters_in_use`.
-
-    Any of them may be the one running when a checkpointed block is
-    recomputed: the checkpoint's own node (reentrant checkpointing) or whichever
-    node of the block first needs a dropped tensor (non-reentrant). Nodes of
-    earlier calls keep their own names.
-    """
-    pending = [tensor.grad_fn for tensor in _output_tensors(outputs)
-               if tensor.grad_fn is not None]
-    seen = set()
-    while pending:
-        node = pending.pop()
-        if node is None or node in seen or node._sequence_nr() < first:
-            continue
-        seen.add(node)
-        node.metadata[ROW_NAMES_KEY] = names
-        pending.extend(child for child, _ in node.next_functions)
-
-
-def _output_tensors(value) -> list[torch.Tensor]:
-    """The tensors in a model output: a tensor, or nested mappings (Hugging Face's
-    ModelOutput), lists and tuples of them."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [tensor for item in value for tensor in _output_tensors(item)]
-    return []
-
-
-# Parameters registered (or replaced) on any module since the first
-# mixed-adapter batch, counted by one global hook installed then; the LoRA
-# layers' stacked-factor caches compare it instead of visiting every factor.
-_registrations = [0]
-_registration_hook = None
-
-
-def _parameter_registrations() -> int:
-    global _registration_hook
-    if _registration_hook is None:
-        def count(module, name, parameter):
-            _registrations[0] += 1
-
-        _registration_hook = torch.nn.modules.module.register_module_parameter_registration_hook(
-            count)
-    return _registrations[0]
-
-
-def is_transformers_conv1d(module: nn.Module) -> bool:
-    """True for Hugging Face's GPT-2 style ``Conv1D`` (a linear layer with weight ``[in, out]``)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
 def validate_adapter_arguments(r, alpha, dropout) -> None:
@@ -136,188 +55,6 @@ def check_conv_mergeable(base: nn.Module, what: str) -> None:
                          "would be padded the base's way")
 
 
-def _adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    # Adapter factors are trained, so they are kept in fp32 whatever the base
-    # dtype (Adam on bf16 parameters loses small updates); forward casts them
-    # to the compute dtype, which is cheap at rank r. A float64 base keeps
-    # float64 factors (as PEFT does), so gradcheck can perturb them too.
-    if weight_dtype == torch.float64:
-        return weight_dtype
-    return torch.float32 if weight_dtype.is_floating_point else weight_dtype
-
-
-class RowAdapterLayer:
-    """Mixed-adapter batches for an adapter layer (mixed into an :class:`AdapterLayer`).
-
-    Row ``i`` of the input gets ``scaling[name] * x_i @ A.T @ B.T`` for adapter
-    ``name = names[i]``, where ``(A, B)`` (``[r, in]``, ``[out, r]``, any ``r``
-    per adapter) come from :meth:`_held_factors`. Hosts call
-    :meth:`_init_row_adapters` in ``__init__``, set ``supports_row_adapters``
-    and call :meth:`_row_adapter_forward` from ``forward`` when
-    :attr:`row_adapter_names` is set. With ``reuse_row_stack`` the stacked
-    factors are kept between calls without autograd (the factors must then
-    be the parameters themselves, held in ``lora_A`` / ``lora_B`` module dicts).
-    """
-
-    supports_row_adapters = False
-    reuse_row_stack = True
-
-    def _init_row_adapters(self) -> None:
-        # Plain attributes (not parameters or modules): skip nn.Module.__setattr__'s checks.
-        self.__dict__["_row_names"] = None
-        self.__dict__["_row_indices"] = None
-        self.__dict__["_row_stack"] = None
-
-    def set_row_adapters(self, names: Optional[Sequence[str]]) -> None:
-        """Use adapter ``names[i]`` for row ``i`` of the next inputs (None: back to normal).
-
-        A row named :data:`BASE_ROW` (``"__base__"``) or an adapter this layer
-        does not hold gets the base output. Only layers with
-        ``supports_row_adapters`` accept this.
-        """
-        if names is not None and not self.supports_row_adapters:
-            raise NotImplementedError(
-                f"per-row adapter names are supported on linear LoRA and AdaLoRA layers, not on "
-                f"{type(self).__name__}")
-        self.__dict__["_row_names"] = (
-            None if names is None else names if isinstance(names, tuple) else tuple(names))
-
-    @property
-    def row_adapter_names(self) -> Optional[tuple[str, ...]]:
-        """The per-row adapter names this call uses (see :func:`row_adapters_in_use`)."""
-        return row_adapters_in_use(self.__dict__.get("_row_names"))
-
-    def _row_adapter_forward(self, inputs: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
-        """``base_output`` plus each row's own adapter, in one multi-adapter op.
-
-        Every held adapter's factors are stacked in one buffer kept between
-        calls (refreshed in one copy, see :meth:`_stacked`), and the row ->
-        adapter indices computed once per batch of names, so the per-call work
-        does not grow with a per-adapter loop. Dropout does not
-        apply here. Raises ``ValueError`` when the number of names differs from
-        the batch size or an adapter is merged.
-        """
-        names = self.row_adapter_names
-        if len(names) != inputs.shape[0]:
-            raise ValueError(f"adapter_names has {len(names)} entries but the batch has "
-                             f"{inputs.shape[0]} rows")
-        if self.merged_adapters:
-            raise ValueError(f"unmerge adapters {self.merged_adapters} before running "
-                             f"mixed-adapter batches")
-        # The stack and indices are host-side cache bookkeeping (Python objects,
-        # a C++ fingerprint): under torch.compile they run outside the graph.
-        prepare = (_prepare_rows_outside_graph if torch.compiler.is_compiling()
-                   else RowAdapterLayer._prepare_rows)
-        operands = prepare(self, names, inputs.dtype, inputs.device)
-        if operands is None:
-            return base_output
-        return ops.multi_lora_linear(inputs, base_output, *operands)
-
-    def _prepare_rows(self, names: tuple[str, ...], dtype: torch.dtype,
-                      device: torch.device) -> Optional[tuple]:
-        """(lora_A, lora_B, ranks, scalings, indices) for multi_lora_linear; None if no row
-        has an adapter."""
-        if torch.is_grad_enabled() or not self.reuse_row_stack:
-            # Part of this call's graph (training, or gradients for the inputs), or
-            # factors computed per call: built anew.
-            held, lora_A, lora_B, ranks, scalings = self._stack_factors(
-                self._held_factors(), dtype, device)
-            indices, _ = self._indices(names, held, device)
-        else:
-            (held, lora_A, lora_B, ranks, scalings), fresh = self._stacked(dtype, device)
-            indices, used = self._indices(names, held, device)
-            if indices is not None and not fresh:
-                self._refresh_stack(used)
-        return None if indices is None else (lora_A, lora_B, ranks, scalings, indices)
-
-    def _indices(self, names: tuple[str, ...], held: tuple[str, ...],
-                 device: torch.device) -> tuple[Optional[torch.Tensor], tuple[int, ...]]:
-        """(int64 index of each row's adapter in ``held`` (-1: none), or None when no row
-        has one; the positions in ``held`` that some row uses).
-
-        Remembered for the last (names, held, device): a model's layers share
-        one names tuple per call, and a server often repeats a batch's names.
-        """
-        cached = self._row_indices
-        if (cached is not None and (cached[0] is names or cached[0] == names)
-                and cached[1] == held and cached[2] == device):
-            return cached[3]
-        position = {name: index for index, name in enumerate(held)}
-        values = [position.get(name, -1) for name in names]
-        used = tuple(sorted({value for value in values if value >= 0}))
-        indices = torch.tensor(values, dtype=torch.int64, device=device) if used else None
-        self.__dict__["_row_indices"] = (names, held, device, (indices, used))
-        return indices, used
-
-    def _stacked(self, dtype: torch.dtype, device: torch.device) -> tuple[tuple, bool]:
-        """((held names, lora_A, lora_B, ranks, scalings) of every held adapter, stacked;
-        whether the stack was built by this call), for calls without autograd.
-
-        The stack's buffers are reused while the factors they were built from
-        are the same tensors of the same shapes, checked in two cheap steps (a
-        walk over the factors' Python objects right after a large GEMM, with
-        them out of the caches, cost a third of the multi-adapter op): the
-        structure, by identity (the factor modules, names and scale objects,
-        and the count of parameter registrations anywhere, which moves when a
-        factor parameter is replaced); then the factors' version counters and
-        data addresses in one C++ pass (``p.data = ...`` moves the address).
-        Replacements that bypass both (``_apply``) drop the cache explicitly.
-        Writes through ``p.data`` (EMA, hot-swapped weights) move neither, so
-        a reused stack is refreshed from the factors the batch uses on every
-        call (:meth:`_refresh_stack`).
-        """
-        # A stack made in inference mode cannot be written outside it.
-        structure = (_parameter_registrations(), tuple(self.lora_A._modules.items()),
-                     tuple(self.lora_B._modules.values()), tuple(self.scaling.values()),
-                     dtype, device, torch.is_inference_mode_enabled())
-        cached = self._row_stack
-        if cached is not None and cached[0] == structure and \
-                _C.tensor_fingerprint(cached[1]) == cached[2]:
-            return cached[3], False
-        held_factors = self._held_factors()
-        stacked = self._stack_factors(held_factors, dtype, device)
-        factors = [factor for pair in held_factors.values() for factor in pair]
-        _, lora_A, lora_B, ranks, _ = stacked
-        # (stack slice, factor) pairs per held adapter, for the refresh.
-        copies = [((lora_A[index, :a.shape[0]], a), (lora_B[index, :, :b.shape[1]], b))
-                  for index, (a, b) in enumerate(held_factors.values())]
-        self.__dict__["_row_stack"] = (structure, factors, _C.tensor_fingerprint(factors),
-                                       stacked, copies)
-        return stacked, True
-
-    def _refresh_stack(self, used: tuple[int, ...]) -> None:
-        """Copy the used adapters' factors into the reused stack, in one foreach op.
-
-        In-place writes through ``p.data`` bump no version counter (``p.data``
-        is a new tensor with its own) and keep the address, so no cheap check
-        sees them; rereading the factors the op is about to read anyway costs
-        about as much as the op reads and never serves stale values.
-        """
-        copies = self._row_stack[4]
-        pairs = [pair for index in used for pair in copies[index]]
-        torch._foreach_copy_([target for target, _ in pairs], [factor for _, factor in pairs])
-
-    def _held_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{name: (A, B)} of every held adapter, in lora_A's order (what the rows use)."""
-        return {name: self._factor_tensors(name) for name in self.lora_A.keys()}
-
-    def _stack_factors(self, held_factors: dict, dtype: torch.dtype,
-                       device: torch.device) -> tuple:
-        held = tuple(held_factors)
-        factors = list(held_factors.values())
-        lora_A, lora_B, ranks = ops.stack_lora_factors([a.to(dtype) for a, _ in factors],
-                                                       [b.to(dtype) for _, b in factors])
-        scalings = torch.tensor([self.scaling[name] for name in held], dtype=torch.float32,
-                                device=device)
-        return held, lora_A, lora_B, ranks, scalings
-
-    def _apply(self, *args, **kwargs):
-        # .to() / .half() / to_empty() may swap parameters in place of the
-        # module's (bypassing the registration count): forget the stack.
-        self.__dict__["_row_stack"] = None
-        return super()._apply(*args, **kwargs)
-
-
 class LoRALayer(RowAdapterLayer, AdapterLayer):
     """LoRA bookkeeping shared by every LoRA layer kind.
 
@@ -341,8 +78,6 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
-        for parameter in base_layer.parameters():
-            parameter.requires_grad_(False)
         self._init_row_adapters()
 
     def update_layer(self, adapter_name: str, r: int, alpha: float, dropout: float = 0.0,
@@ -393,7 +128,10 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
             self.set_adapter(self.active_adapters)
 
     def _create_factors(self, adapter_name: str, r: int) -> None:
-        raise NotImplementedError
+        # Linear kinds (any base): lora_A maps in -> r, lora_B r -> out.
+        options = self.base_kind.factor_options(self)
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **options)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **options)
 
     def _factor_tensors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) as the parameters that hold them (layout depends on the layer kind)."""
@@ -460,34 +198,6 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
     def _dora_magnitude_shape(self, units: int) -> tuple[int, ...]:
         return (units,)
 
-    def _dora_rows(self, result: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """A mixed-adapter batch with DoRA adapters: ``result`` holds each row's
-        ``W x + s B A x`` (no bias); scale every row by its adapter's
-        ``m / ||W + s B A||`` (1 for plain LoRA and base rows) and add the bias."""
-        names = self.row_adapter_names
-        position: dict[str, int] = {}
-        scales: list[Optional[torch.Tensor]] = []
-        index = []
-        for name in names:
-            if name not in position:
-                position[name] = len(scales)
-                variant = self.lora_variant.get(name)
-                scales.append(None if variant is None else variant.scale(self, name, result.dtype))
-            index.append(position[name])
-        units = result.shape[-1]
-        ones = result.new_ones(units)
-        table = torch.stack([ones if scale is None else scale for scale in scales])
-        rows = table[torch.tensor(index, device=result.device)]
-        result = result * rows.view(rows.shape[0], *([1] * (result.dim() - 2)), units)
-        return result if bias is None else result + bias.to(result.dtype)
-
-    def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``scaling * B @ A`` in fp32, laid out like the base layer's weight."""
-        raise NotImplementedError
-
-    def _lora_input(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
-        return adapter_dropout(x, self.lora_dropout[adapter_name], self.training)
-
     def _op_factors(self, adapter_name: str, inputs: torch.Tensor,
                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(lora_A, lora_B) for the fused ops: cast to ``dtype``, except that
@@ -501,82 +211,22 @@ class LoRALayer(RowAdapterLayer, AdapterLayer):
             return factor_A, factor_B
         return factor_A.to(dtype), factor_B.to(dtype)
 
-    # Merging into a dense weight (Linear, Conv, Embedding); QLoRA overrides it.
-    def _dense_base_weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``scaling * B @ A`` in fp32, laid out like the base weight (linear kinds:
+        ``[out, in]``, or ``[in, out]`` with ``fan_in_fan_out``)."""
+        factor_A, factor_B = self._factor_tensors(adapter_name)
+        delta = (factor_B.detach().float() @ factor_A.detach().float()) * self.scaling[adapter_name]
+        return delta.T if self.fan_in_fan_out else delta
 
-    def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> float:
-        weight = self._dense_base_weight()
-        current = weight.detach().float()
-        delta = self.delta_weight(adapter_name)
-        variant = self.lora_variant.get(adapter_name)
-        if variant is None:
-            exact = current + delta
-        else:
-            exact = variant.merged_weight(self, adapter_name, current,
-                                          self._unmerged_weight(current), delta)
-        if safe_merge and not torch.isfinite(exact).all():
-            raise ValueError(f"merging adapter {adapter_name!r} into {type(self).__name__} "
-                             "gives non-finite weights; the layer was left unchanged")
-        with torch.no_grad():
-            weight.copy_(exact)
-        return (weight.detach().float() - exact).abs().max().item()
-
-    def _unmerge_adapter(self, adapter_name: str) -> None:
-        weight = self._dense_base_weight()
-        with torch.no_grad():
-            weight.copy_(self._unmerge_one(weight.float(), adapter_name))
-
-    def _unmerge_one(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``weight`` (fp32, base layout) with merged adapter ``adapter_name`` taken out."""
-        variant = self.lora_variant.get(adapter_name)
-        delta = self.delta_weight(adapter_name)
-        if variant is None:
-            return weight - delta
-        return variant.unmerged_weight(self, adapter_name, weight, delta)
-
-    def _unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` (fp32) with every merged adapter taken out, last merged first."""
-        for name in reversed(self.merged_adapters):
-            weight = self._unmerge_one(weight, name)
-        return weight
+    def _tail_factors(self, adapter_name: str,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) in ``dtype``, for an adapter added on top of the fused op's output."""
+        factor_A, factor_B = self._factor_tensors(adapter_name)
+        return factor_A.to(dtype), factor_B.to(dtype)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}: r={self.r[name]}, alpha={self.lora_alpha[name]:g}"
                          for name in self.adapter_names)
-
-
-_prepare_rows_outside_graph = torch.compiler.disable(RowAdapterLayer._prepare_rows)
-
-
-def _linear_adapters(layer: LoRALayer, active: list[str], inputs: torch.Tensor,
-                     bias: Optional[torch.Tensor], dtype: torch.dtype, fused, base) -> torch.Tensor:
-    """The output of a linear-kind LoRA layer (dense or 4-bit base) with ``active`` adapters.
-
-    ``fused(name)`` gives the base's fused op for adapter ``name``,
-    ``(rows, bias, lora_input) -> W rows + bias + s B A lora_input``, and
-    ``base(rows, bias)`` the plain product: the first adapter rides on the
-    fused op (a variant such as DoRA builds its output from it), the others
-    are added on top.
-    """
-    first = active[0]
-    variant = layer.lora_variant.get(first)
-    if variant is None:
-        result = fused(first)(inputs, bias, layer._lora_input(inputs, first))
-    else:
-        result = variant.linear_forward(layer, first, inputs, bias,
-                                        layer._lora_input(inputs, first), fused(first), base,
-                                        dtype)
-    for name in active[1:]:
-        branch = layer._lora_input(inputs, name)
-        branch = inputs if branch is None else branch
-        variant = layer.lora_variant.get(name)
-        if variant is not None:
-            result = variant.extra_linear_term(layer, name, result, branch, fused(name), base)
-            continue
-        down = branch @ layer.lora_A[name].weight.to(dtype).T
-        result = result + (down @ layer.lora_B[name].weight.to(dtype).T) * layer.scaling[name]
-    return result
 
 
 class LoRALinear(LoRALayer):
@@ -591,25 +241,13 @@ class LoRALinear(LoRALayer):
     def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                  use_rslora: bool = False, init: Init = True, adapter_name: str = "default",
                  fan_in_fan_out: Optional[bool] = None, use_dora: bool = False):
-        conv1d = is_transformers_conv1d(base_layer)
-        if not isinstance(base_layer, nn.Linear) and not conv1d:
+        if not isinstance(base_layer, nn.Linear) and not is_transformers_conv1d(base_layer):
             raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got "
                             f"{type(base_layer).__name__}")
         super().__init__(base_layer)
-        # Conv1D stores its weight as [in, out], the transpose of nn.Linear's.
-        self.fan_in_fan_out = conv1d if fan_in_fan_out is None else bool(fan_in_fan_out)
-        if self.fan_in_fan_out and not conv1d:
-            raise ValueError("fan_in_fan_out=True needs a weight stored as [in, out] (Conv1D); "
-                             "this nn.Linear stores [out, in]")
-        in_out = tuple(base_layer.weight.shape)
-        self.out_features, self.in_features = in_out[::-1] if self.fan_in_fan_out else in_out
+        self.base_kind = DENSE_LINEAR
+        self.base_kind.attach(self, fan_in_fan_out)
         self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init, use_dora)
-
-    def _create_factors(self, adapter_name, r):
-        weight = self.base_layer.weight
-        options = dict(device=weight.device, dtype=_adapter_dtype(weight.dtype))
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **options)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **options)
 
     def _initialize_pissa(self, adapter_name):
         factor_A, factor_B = self._factor_tensors(adapter_name)
@@ -627,11 +265,6 @@ class LoRALinear(LoRALayer):
         weight = self.base_layer.weight
         return weight.t() if self.fan_in_fan_out else weight
 
-    def delta_weight(self, adapter_name):
-        factor_A, factor_B = self._factor_tensors(adapter_name)
-        delta = (factor_B.detach().float() @ factor_A.detach().float()) * self.scaling[adapter_name]
-        return delta.T if self.fan_in_fan_out else delta
-
     # DoRA sees the weight as [out, in] (Conv1D's [in, out] transposed).
     def _dora_units(self, tensor):
         return tensor.t() if self.fan_in_fan_out else tensor
@@ -641,37 +274,7 @@ class LoRALinear(LoRALayer):
     supports_row_adapters = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        autocast = autocast_enabled(x)
-        if self.row_adapter_names is not None and not self.adapters_disabled:
-            weight = self._oriented_weight()
-            inputs = x if autocast else x.to(weight.dtype)
-            bias = self.base_layer.bias
-            bias = None if bias is None else bias.to(weight.dtype)
-            if self.lora_variant:  # DoRA rows scale W x + s B A x, then the bias is added
-                result = self._dora_rows(
-                    self._row_adapter_forward(inputs, F.linear(inputs, weight)), bias)
-            else:
-                result = self._row_adapter_forward(inputs, F.linear(inputs, weight, bias))
-            return result if autocast else result.to(x.dtype)
-        active = self._unmerged_active()
-        if not active:
-            return self.base_layer(x)
-        weight = self._oriented_weight()
-        dtype = weight.dtype
-        inputs = x if autocast else x.to(dtype)
-        bias = self.base_layer.bias
-        bias = None if bias is None else bias.to(dtype)
-
-        def base(rows, bias):
-            return F.linear(rows, weight, bias)
-
-        def fused(name):
-            return lambda rows, bias, lora_input: ops.lora_linear(
-                rows, weight, bias, *self._op_factors(name, rows, dtype), self.scaling[name],
-                lora_input)
-
-        result = _linear_adapters(self, active, inputs, bias, dtype, fused, base)
-        return result if autocast else result.to(x.dtype)
+        return linear_forward(self, x)
 
 
 class LoRAConv(LoRALayer):
@@ -736,7 +339,7 @@ class LoRAConv(LoRALayer):
     def _create_factors(self, adapter_name, r):
         base = self.base_layer
         conv = type(base)
-        options = dict(device=base.weight.device, dtype=_adapter_dtype(base.weight.dtype))
+        options = self.base_kind.factor_options(self)
         self.lora_A[adapter_name] = conv(
             base.in_channels, r, base.kernel_size, stride=base.stride, padding=base.padding,
             bias=False, **options)
@@ -806,9 +409,8 @@ class LoRAEmbedding(LoRALayer):
         self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init, use_dora)
 
     def _create_factors(self, adapter_name, r):
-        weight = self.base_layer.weight
-        options = dict(device=weight.device, dtype=_adapter_dtype(weight.dtype))
-        count, dim = weight.shape
+        options = self.base_kind.factor_options(self)
+        count, dim = self.base_layer.weight.shape
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, count, **options))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(dim, r, **options))
 

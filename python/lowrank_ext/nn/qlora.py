@@ -7,14 +7,12 @@ import math
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..quant import NF4Weight
-from .adapter_layer import autocast_enabled
+from .bases import NF4, linear_forward
 from .dora import _tensor_key, nf4_row_sq_norms
-from .lora import Init, LoRALayer, _adapter_dtype, _linear_adapters, validate_adapter_arguments
+from .lora import Init, LoRALayer, validate_adapter_arguments
 from .nf4_linear import NF4Linear
 
 
@@ -28,9 +26,12 @@ class QLoRALinear(LoRALayer):
     fp32 and quantizes once; it returns the rounding error that introduced.
     The original 4-bit data is kept while merged, so :meth:`unmerge` restores
     it exactly. With ``keep_merged_weight=True`` a dense merged weight (in
-    ``merged_dtype``) is used instead and the 4-bit base is left untouched.
+    ``merged_dtype``) is used instead and the 4-bit base is left untouched
+    (:class:`~lowrank_ext.nn.bases.NF4Base`, shared with AdaLoRA on NF4).
     Unlike bitsandbytes on CPU, train/eval switches never repack the base.
     """
+
+    base_kind = NF4
 
     def __init__(self, base_layer: NF4Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                  use_rslora: bool = False, init: Init = True, adapter_name: str = "default",
@@ -38,10 +39,7 @@ class QLoRALinear(LoRALayer):
         if not isinstance(base_layer, NF4Linear):
             raise TypeError(f"QLoRALinear wraps NF4Linear, got {type(base_layer).__name__}")
         super().__init__(base_layer)
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.register_buffer("merged_weight", None, persistent=False)
-        self._unmerged_base: Optional[NF4Weight] = None
-        self._keep_merged_weight = False
+        NF4.attach(self)
         self.update_layer(adapter_name, r, alpha, dropout, use_rslora, init, use_dora)
 
     @classmethod
@@ -118,21 +116,9 @@ class QLoRALinear(LoRALayer):
             variant.forget(self, adapter_name)
             variant.init(self, adapter_name)
 
-    def _create_factors(self, adapter_name, r):
-        device = self.base_layer.weight.device
-        dtype = _adapter_dtype(self.base_layer.weight_dtype)
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device,
-                                              dtype=dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device,
-                                              dtype=dtype)
-
     def _initialize_pissa(self, adapter_name):
         raise ValueError("init 'pissa' on an existing 4-bit base would quantize twice; use "
                          "QLoRALinear.from_linear(linear, init='pissa') on the dense layer")
-
-    def delta_weight(self, adapter_name):
-        factor_A, factor_B = self._factor_tensors(adapter_name)
-        return (factor_B.detach().float() @ factor_A.detach().float()) * self.scaling[adapter_name]
 
     # QDoRA: the DoRA norm from the 4-bit weight without ever forming it densely.
     def _dora_row_sq_norms(self):
@@ -152,144 +138,7 @@ class QLoRALinear(LoRALayer):
     supports_row_adapters = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        active = self._unmerged_active()
-        base = self.base_layer
-        # Under autocast the ops cast to the autocast dtype and the result keeps it.
-        autocast = autocast_enabled(x)
-        dtype = base.compute_dtype_for(x)
-        inputs = x.to(dtype)
-        bias = None if base.bias is None else base.bias.to(dtype)
-        if self.row_adapter_names is not None and not self.adapters_disabled:
-            if self.lora_variant:  # DoRA rows scale W x + s B A x, then the bias is added
-                base_output = ops.nf4_linear(inputs, *base.linear_args(), None)
-                result = self._dora_rows(self._row_adapter_forward(inputs, base_output), bias)
-            else:
-                base_output = ops.nf4_linear(inputs, *base.linear_args(), bias)
-                result = self._row_adapter_forward(inputs, base_output)
-            return result if autocast else result.to(x.dtype)
-        if self.merged_weight is not None and not self.adapters_disabled:
-            if any(name in self.lora_variant for name in active):
-                raise ValueError(f"DoRA adapters {[n for n in active if n in self.lora_variant]} "
-                                 "cannot run on top of a dense merged weight "
-                                 "(keep_merged_weight=True); merge them too or unmerge first")
-            result = F.linear(inputs, self.merged_weight.to(dtype), bias)
-            if not active:
-                return result if autocast else result.to(x.dtype)
-            for name in active:
-                branch = self._lora_input(inputs, name)
-                branch = inputs if branch is None else branch
-                down = branch @ self.lora_A[name].weight.to(dtype).T
-                result = result + (down @ self.lora_B[name].weight.to(dtype).T) * self.scaling[name]
-            return result if autocast else result.to(x.dtype)
-        if not active:
-            return base(x)
-        args = base.linear_args()
-
-        def plain(rows, bias):
-            return ops.nf4_linear(rows, *args, bias)
-
-        def fused(name):
-            return lambda rows, bias, lora_input: ops.qlora_linear(
-                rows, *args, bias, *self._op_factors(name, rows, dtype), self.scaling[name],
-                lora_input)
-
-        result = _linear_adapters(self, active, inputs, bias, dtype, fused, plain)
-        return result if autocast else result.to(x.dtype)
-
-    # ------------------------------------------------------------------ merge
-
-    def merge(self, adapter_names=None, safe_merge: bool = False,
-              keep_merged_weight: Optional[bool] = None,
-              merged_dtype: torch.dtype = torch.float32) -> dict[str, float]:
-        """Fold adapters into the base; see the class docstring.
-
-        All requested adapters are added in fp32 and the result is quantized
-        once (not once per adapter).
-
-        Args:
-            adapter_names: default the active adapters; merged ones are skipped.
-            safe_merge: raise ``ValueError`` (layer unchanged) on non-finite results.
-            keep_merged_weight: keep a dense merged weight in ``merged_dtype``
-                instead of requantizing (no 4-bit rounding, more memory).
-                Default: as the last merge did (initially False). Switching
-                modes while merged raises ``ValueError``.
-
-        Returns ``{adapter name: max abs error introduced}`` (0 for a dense fp32 merge).
-        """
-        requested = self.active_adapters if adapter_names is None else adapter_names
-        names = [n for n in self._check_known(requested) if n not in self.merged_adapters]
-        keep = self._keep_merged_weight if keep_merged_weight is None else keep_merged_weight
-        if self.merged and keep != (self.merged_weight is not None):
-            raise ValueError("this layer is already merged the other way "
-                             "(keep_merged_weight differs); unmerge it first")
-        if not names:
-            return {}
-        base = self.base_layer
-        current = (self.merged_weight.float() if self.merged_weight is not None
-                   else base.dequantize(torch.float32))
-        exact = self._merged_dense(current, names)
-        if safe_merge and not torch.isfinite(exact).all():
-            raise ValueError(f"merging adapters {names} into a 4-bit base gives non-finite "
-                             "weights; the layer was left unchanged")
-        self._keep_merged_weight = keep
-        if keep:
-            self.merged_weight = exact.to(merged_dtype)
-            error = (self.merged_weight.float() - exact).abs().max().item()
-        else:
-            previous, error = base.requantize(exact)
-            if self._unmerged_base is None:
-                self._unmerged_base = previous
-        self.merged_adapters.extend(names)
-        return {name: error for name in names}
-
-    def dense_merged_layer(self, adapter_names=None, safe_merge: bool = False) -> nn.Module:
-        """The dense layer that takes this one's place when a model is unloaded.
-
-        Its weight is the original 4-bit base (as before any merge)
-        dequantized, plus the adapters merged now and ``adapter_names``
-        (default the active ones), added in fp32 and rounded once to the
-        base's original dtype; its kind is the one the base was quantized from
-        (``nn.Linear`` or ``Conv1D``). This layer is left unchanged. With
-        ``safe_merge`` a non-finite result raises ``ValueError``.
-        """
-        requested = self.active_adapters if adapter_names is None else adapter_names
-        names = list(self.merged_adapters) + [
-            n for n in self._check_known(requested) if n not in self.merged_adapters]
-        original = (self.base_layer.quantized_weight() if self._unmerged_base is None
-                    else self._unmerged_base)
-        weight = self._merged_dense(original.dequantize(torch.float32), names, original)
-        if safe_merge and not torch.isfinite(weight).all():
-            raise ValueError(f"merging adapters {names} into a 4-bit base gives non-finite "
-                             "weights")
-        return self.base_layer.to_dense(weight)
-
-    def _merged_dense(self, current: torch.Tensor, names: list[str],
-                      original: Optional[NF4Weight] = None) -> torch.Tensor:
-        """``current`` (fp32 ``[out, in]``) with adapters ``names`` added in turn
-        (DoRA adapters scale by ``m / ||W0 + s B A||``, W0 the weight before any
-        merge, as PEFT), in fp32."""
-        unmerged = None
-        for name in names:
-            delta = self.delta_weight(name)
-            variant = self.lora_variant.get(name)
-            if variant is None:
-                current = current + delta
-                continue
-            if unmerged is None:
-                if original is None:
-                    original = (self.base_layer.quantized_weight() if self._unmerged_base is None
-                                else self._unmerged_base)
-                unmerged = original.dequantize(torch.float32)
-            current = variant.merged_weight(self, name, current, unmerged, delta)
-        return current
-
-    def unmerge(self) -> None:
-        """Restore the base exactly as before the first merge (the saved 4-bit data)."""
-        self.merged_adapters.clear()
-        self.merged_weight = None
-        if self._unmerged_base is not None:
-            self.base_layer.set_quantized_weight(self._unmerged_base)
-            self._unmerged_base = None
+        return linear_forward(self, x)
 
 
 def loftq_quantize(linear: nn.Module, r: int, scaling: float, loftq_config: Any = None,

@@ -10,7 +10,6 @@ add only how their layers are built; an AdaLoRA wrapper subclasses it the same w
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import math
 import os
@@ -19,9 +18,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ..nn.lora import BASE_ROW, next_node_number, record_row_adapters
 from ..nn import (AdapterLayer, LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, NF4Linear,
                   QLoRALinear, is_bnb_linear4bit, is_transformers_conv1d)
+from ..nn.mixed_batch import MixedBatchModel
 from ..nn.qlora import loftq_quantize
 from .config import LoRAConfig, QLoRAConfig, _is_loftq as _is_loftq_init, layer_init, task_heads
 from .modules_to_save import ModulesToSave
@@ -84,7 +83,7 @@ class _ForwardWithModelSignature:
         return _BoundForward(self.function, wrapper)
 
 
-class AdapterModel(nn.Module):
+class AdapterModel(MixedBatchModel, nn.Module):
     """Base wrapper: ``self.model`` is the user's model, edited in place.
 
     Calls and unknown attributes pass through to the wrapped model, so a
@@ -164,142 +163,7 @@ class AdapterModel(nn.Module):
         finally:
             self._leave_row_adapters(layers)
 
-    @staticmethod
-    def _recorded_call(model: nn.Module, names: tuple[str, ...], args: tuple, kwargs: dict):
-        """``model(*args, **kwargs)`` with ``names`` recorded on the autograd graph it builds,
-        so that blocks recomputed in backward (activation checkpointing) use the same rows."""
-        first = next_node_number()
-        output = model(*args, **kwargs)
-        record_row_adapters(output, names, first)
-        return output
-
     forward = _ForwardWithModelSignature(forward)
-
-    @contextlib.contextmanager
-    def row_adapters(self, adapter_names: Sequence[str]) -> Iterator[None]:
-        """Within the block, row ``i`` of every batch uses adapter ``adapter_names[i]``.
-
-        Raises ``KeyError`` for a name no layer holds, ``NotImplementedError``
-        when the model has adapter layers that cannot mix adapters per row
-        (convolution, embedding), and ``ValueError`` (at call time)
-        when the batch size differs from ``len(adapter_names)``. The adapter
-        layers are looked up once and remembered (a model walk per call would
-        cost more than the adapters themselves); this wrapper's own methods
-        that add, remove or replace layers or adapters refresh that. With
-        activation checkpointing, call the wrapper itself in the block (it
-        records the rows for the recomputation in backward), not ``.model``.
-        """
-        layers, names = self._enter_row_adapters(adapter_names)
-        outer = self.__dict__.get("_row_context")
-        self.__dict__["_row_context"] = names
-        try:
-            yield
-        finally:
-            self.__dict__["_row_context"] = outer
-            self._leave_row_adapters(layers)
-
-    def _enter_row_adapters(self, adapter_names: Sequence[str]
-                            ) -> tuple[list[nn.Module], tuple[str, ...]]:
-        """Checks the names and hands them to every adapter layer; returns the layers
-        and the names as the layers got them."""
-        names = tuple(adapter_names)
-        cached = self._row_layers()
-        checked = self.__dict__.get("_row_names_checked")
-        if checked is not None and checked[0] is cached and checked[1] == names:
-            names = checked[1]  # checked before: the same tuple lets layers reuse their indices
-        else:
-            cached = self._check_row_names(names, cached)
-            self.__dict__["_row_names_checked"] = (cached, names)
-        layers = cached[0]
-        for layer in layers:
-            layer.set_row_adapters(names)
-        return layers, names
-
-    def _check_row_names(self, names: tuple[str, ...], cached: tuple) -> tuple:
-        """Raises for names no layer holds or layers that cannot mix rows; returns the
-        (possibly refreshed) _row_layers() entry."""
-        layers, known, unsupported = cached
-        unknown = {name for name in set(names) if name != BASE_ROW and name not in known}
-        if unknown:  # maybe added to a layer directly: look again before refusing
-            self._forget_row_layers()
-            cached = self._row_layers()
-            layers, known, unsupported = cached
-            unknown = sorted(name for name in unknown if name not in known)
-            if unknown:
-                raise KeyError(f"adapter_names: no adapter named {unknown}; known: {sorted(known)}")
-        if unsupported:
-            raise NotImplementedError(f"per-row adapter_names need linear LoRA/QLoRA/AdaLoRA "
-                                      f"layers; this model also has {unsupported}")
-        return cached
-
-    @staticmethod
-    def _leave_row_adapters(layers: list[nn.Module]) -> None:
-        for layer in layers:
-            layer.set_row_adapters(None)
-
-    def _row_layers(self) -> tuple[list[nn.Module], frozenset, list[str]]:
-        """(adapter layers and modules_to_save wrappers, every adapter name they hold,
-        kinds that cannot mix rows), remembered."""
-        cached = self.__dict__.get("_row_layers_cache")
-        if cached is None:
-            layers = [layer for _, layer in self.adapter_layers()]
-            known = frozenset(name for layer in layers for name in layer.adapter_names)
-            # modules_to_save copies take their rows too (their own names).
-            wrappers = [wrapper for _, wrapper in self._modules_to_save()]
-            known |= frozenset(name for wrapper in wrappers for name in wrapper.modules_to_save)
-            layers += wrappers
-            unsupported = sorted({type(layer).__name__ for layer in layers
-                                  if not getattr(layer, "supports_row_adapters", False)})
-            cached = (layers, known, unsupported)
-            self.__dict__["_row_layers_cache"] = cached
-        return cached
-
-    def _forget_row_layers(self) -> None:
-        self.__dict__.pop("_row_layers_cache", None)
-
-    @property
-    def generate(self) -> Callable:
-        """The wrapped model's ``generate``, which also takes ``adapter_names``.
-
-        ``generate(..., adapter_names=[...])`` (one name per prompt,
-        ``"__base__"`` for none) keeps every prompt's adapter for every step,
-        including the rows generate repeats per prompt (``num_beams``,
-        ``num_return_sequences``). Raises as :meth:`row_adapters` does, and
-        ``ValueError`` when the names do not fit the prompts. A model without
-        ``generate`` has none here either.
-        """
-        return functools.partial(self._generate, self._modules["model"].generate)
-
-    def _generate(self, generate: Callable, *args: Any,
-                  adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
-        if adapter_names is None:
-            return generate(*args, **kwargs)
-        layers, names = self._enter_row_adapters(adapter_names)
-        prompts = _batch_rows(args, kwargs, ("inputs", "input_ids", "inputs_embeds"))
-        if prompts is not None and prompts != len(names):
-            self._leave_row_adapters(layers)
-            raise ValueError(f"adapter_names has {len(names)} entries but generate got "
-                             f"{prompts} prompts")
-
-        def each_step(module, step_args, step_kwargs):
-            # generate repeats each prompt's row in place (repeat_interleave) for
-            # beams and returned sequences; the encoder of an encoder-decoder model
-            # runs before that, with the names as given.
-            rows = _batch_rows(step_args, step_kwargs, (
-                "decoder_input_ids", "decoder_inputs_embeds", "input_ids", "inputs_embeds"))
-            if rows is None or rows == len(names):
-                return
-            if rows % len(names):
-                raise ValueError(f"adapter_names has {len(names)} entries but generate runs "
-                                 f"{rows} rows")
-            self._enter_row_adapters([name for name in names for _ in range(rows // len(names))])
-
-        handle = self._modules["model"].register_forward_pre_hook(each_step, with_kwargs=True)
-        try:
-            return generate(*args, **kwargs)
-        finally:
-            handle.remove()
-            self._leave_row_adapters(layers)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (adapter layers included)."""
@@ -503,6 +367,9 @@ class AdapterModel(nn.Module):
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
             raise KeyError(f"no adapter named {unknown}; have {list(self.peft_config)}")
+        if layer_options and not any(layer.quantized for _, layer in self.adapter_layers()):
+            raise TypeError(f"unknown merge options {sorted(layer_options)} (they are for "
+                            "adapters on 4-bit bases; this model has none)")
         if safe_merge:
             # Check every delta first, so a bad adapter is refused before any
             # layer changes (unmerging restores weights only up to rounding).
@@ -532,8 +399,10 @@ class AdapterModel(nn.Module):
 
     def _merge_layer(self, layer: AdapterLayer, names: list[str], safe_merge: bool,
                      layer_options: dict) -> dict[str, float]:
-        if layer_options:
-            raise TypeError(f"unknown merge options {sorted(layer_options)}")
+        # Options (keep_merged_weight, merged_dtype) are for 4-bit bases; the
+        # dense layers of the same model merge as usual.
+        if layer.quantized:
+            return layer.merge(names, safe_merge, **layer_options)
         return layer.merge(names, safe_merge)
 
     def unmerge(self) -> None:
@@ -746,18 +615,6 @@ def _use_encoder_submodules(model: nn.Module) -> None:
             module.register_forward_pre_hook(_call_submodules)
 
 
-def _batch_rows(args: tuple, kwargs: dict, names: tuple[str, ...]) -> Optional[int]:
-    """Rows of the batch a model call gets: the first of the keyword tensors
-    ``names`` present, else the first positional argument if a tensor."""
-    for name in names:
-        value = kwargs.get(name)
-        if isinstance(value, torch.Tensor):
-            return value.shape[0]
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0].shape[0]
-    return None
-
-
 def _is_loftq(config) -> bool:
     return _is_loftq_init(getattr(config, "init_lora_weights", None))
 
@@ -956,11 +813,6 @@ class QLoRAModule(LoRAModule):
                              "base is quantized first); use QLoRALinear.from_linear(init='pissa')")
         return options
 
-    def _merge_layer(self, layer, names, safe_merge, layer_options):
-        if isinstance(layer, QLoRALinear):
-            return layer.merge(names, safe_merge, **layer_options)
-        return layer.merge(names, safe_merge)
-
     def merge_and_unload(self, safe_merge: bool = False,
                          keep_merged_weight: bool = True) -> nn.Module:
         """Merge the active adapter, remove every adapter layer and return the bare model.
@@ -982,7 +834,7 @@ class QLoRAModule(LoRAModule):
         names = [self.active_adapter]
         dense = []
         for path, layer in self.adapter_layers():
-            if isinstance(layer, QLoRALinear):
+            if layer.quantized:
                 present = [name for name in names if name in layer.adapter_names]
                 try:
                     dense.append((path, layer.dense_merged_layer(present, safe_merge)))

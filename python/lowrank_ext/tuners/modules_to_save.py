@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..nn.lora import row_adapters_in_use
+from ..nn.mixed_batch import row_adapters_in_use
 
 
 class ModulesToSave(nn.Module):
