@@ -1,14 +1,23 @@
 // Fused LoRA / QLoRA ops for every backend. They are compositions of ATen
 // GEMMs (the low-rank term is added in place into the base GEMM's output)
 // and of this library's own nf4_linear / nf4_linear_grad_input, called
-// through the dispatcher so each backend's 4-bit kernels serve; so one
-// definition is registered for CPU and, when built, CUDA.
+// directly on the input's backend (op_calls.h) so each backend's 4-bit
+// kernels serve; so one definition is registered for CPU and, when built,
+// CUDA.
 #include "glue_helpers.h"
 #include "op_calls.h"
 #include "op_checks.h"
 
 namespace lowrank {
 namespace {
+
+// nf4_linear / nf4_linear_grad_input of the tensor's backend.
+#ifdef LOWRANK_WITH_CUDA
+#define LOWRANK_BACKEND_CALL(tensor, name, ...) \
+  ((tensor).is_cuda() ? cuda::name(__VA_ARGS__) : cpu::name(__VA_ARGS__))
+#else
+#define LOWRANK_BACKEND_CALL(tensor, name, ...) cpu::name(__VA_ARGS__)
+#endif
 
 // Adds scaling * (lora_rows @ A.T) @ B.T to `out_rows` in place. With
 // float32 factors and a bfloat16/float16 input the term is computed in
@@ -17,13 +26,13 @@ namespace {
 void add_lora_term(Tensor& out_rows, const Tensor& lora_rows, const Tensor& lora_A,
                    const Tensor& lora_B, double scaling) {
   if (lora_A.scalar_type() != lora_rows.scalar_type()) {
-    Tensor down = mm(to_dtype(lora_rows, lora_A.scalar_type()), t(lora_A));
-    Tensor sum = add(out_rows, mm(down, t(lora_B)), scaling);
+    Tensor down = aten_mm(to_dtype(lora_rows, lora_A.scalar_type()), transposed(lora_A));
+    Tensor sum = aten_add(out_rows, aten_mm(down, transposed(lora_B)), scaling);
     copy_into(out_rows, sum);
     return;
   }
-  Tensor down = mm(lora_rows, t(lora_A));
-  addmm_out(out_rows, out_rows, down, t(lora_B), 1.0, scaling);
+  Tensor down = aten_mm(lora_rows, transposed(lora_A));
+  aten_addmm_out(out_rows, out_rows, down, transposed(lora_B), 1.0, scaling);
 }
 
 Tensor lora_linear(const Tensor& input, const OptionalTensor& lora_input, const Tensor& weight,
@@ -40,7 +49,7 @@ Tensor lora_linear(const Tensor& input, const OptionalTensor& lora_input, const 
   check_lora_input(op, lora_input, input);
   check_lora_factors(op, input, lora_A, lora_B, out_features, weight.size(1));
   Tensor rows = flatten_rows(input);
-  Tensor out = linear(rows, weight, bias);
+  Tensor out = aten_linear(rows, weight, bias);
   add_lora_term(out, lora_input.has_value() ? flatten_rows(*lora_input) : rows, lora_A, lora_B,
                 scaling);
   return input.dim() == 2 ? out : view_shape(out, output_shape(input, out_features));
@@ -55,19 +64,19 @@ Tensors4 lora_backward_common(const Tensor& grad_output, Tensor grad_input_rows,
   const ScalarType factors = lora_A.scalar_type();
   Tensor grad_rows = to_dtype(flatten_rows(grad_output), factors);
   Tensor lora_rows = to_dtype(flatten_rows(lora_input.has_value() ? *lora_input : input), factors);
-  Tensor down = mm(lora_rows, t(lora_A));                    // [rows, r]
-  Tensor grad_B = mul(mm(t(grad_rows), down), scaling);      // [out, r]
-  Tensor grad_down = mul(mm(grad_rows, lora_B), scaling);    // [rows, r]
-  Tensor grad_A = mm(t(grad_down), lora_rows);               // [r, in]
+  Tensor down = aten_mm(lora_rows, transposed(lora_A));                    // [rows, r]
+  Tensor grad_B = aten_mul(aten_mm(transposed(grad_rows), down), scaling);      // [out, r]
+  Tensor grad_down = aten_mul(aten_mm(grad_rows, lora_B), scaling);    // [rows, r]
+  Tensor grad_A = aten_mm(transposed(grad_down), lora_rows);               // [r, in]
   Tensor grad_lora_input;
   const std::vector<int64_t> input_shape = sizes_vector(input);
   if (lora_input.has_value()) {
-    grad_lora_input = view_shape(to_dtype(mm(grad_down, lora_A), input.scalar_type()), input_shape);
+    grad_lora_input = view_shape(to_dtype(aten_mm(grad_down, lora_A), input.scalar_type()), input_shape);
   } else if (factors == input.scalar_type()) {
-    addmm_out(grad_input_rows, grad_input_rows, grad_down, lora_A);
+    aten_addmm_out(grad_input_rows, grad_input_rows, grad_down, lora_A);
     grad_lora_input = empty_tensor({0}, input.scalar_type(), input.device());
   } else {
-    Tensor sum = add(grad_input_rows, mm(grad_down, lora_A));
+    Tensor sum = aten_add(grad_input_rows, aten_mm(grad_down, lora_A));
     copy_into(grad_input_rows, sum);
     grad_lora_input = empty_tensor({0}, input.scalar_type(), input.device());
   }
@@ -94,7 +103,7 @@ Tensors4 lora_linear_backward(const Tensor& grad_output, const Tensor& input,
   check_grad_output_shape(op, grad_output, input, weight.size(0));
   check_lora_input(op, lora_input, input);
   check_lora_factors(op, input, lora_A, lora_B, weight.size(0), weight.size(1));
-  Tensor grad_input_rows = mm(flatten_rows(grad_output), weight);
+  Tensor grad_input_rows = aten_mm(flatten_rows(grad_output), weight);
   return lora_backward_common(grad_output, grad_input_rows, input, lora_input, lora_A, lora_B,
                               scaling);
 }
@@ -110,9 +119,10 @@ Tensor qlora_linear(const Tensor& input, const OptionalTensor& lora_input, const
                                                blocksize, bias);
   check_lora_input(op, lora_input, input);
   check_lora_factors(op, input, lora_A, lora_B, weight.out_features, weight.in_features);
-  Tensor out = LOWRANK_CALL(nf4_linear, input, weight.packed, weight.absmax, weight.nested_absmax,
-                            weight.nested_code, weight.offset, weight.out_features,
-                            weight.in_features, weight.blocksize, bias);
+  Tensor out = LOWRANK_BACKEND_CALL(input, nf4_linear, input, weight.packed, weight.absmax,
+                                    weight.nested_absmax, weight.nested_code, weight.offset,
+                                    weight.out_features, weight.in_features, weight.blocksize,
+                                    bias);
   Tensor out_rows = out.dim() == 2 ? out : view_shape(out, {-1, weight.out_features});
   add_lora_term(out_rows, flatten_rows(lora_input.has_value() ? *lora_input : input), lora_A,
                 lora_B, scaling);
@@ -131,9 +141,10 @@ Tensors4 qlora_linear_backward(const Tensor& grad_output, const Tensor& input,
   check_grad_output_shape(op, grad_output, input, out_features);
   check_lora_input(op, lora_input, input);
   check_lora_factors(op, input, lora_A, lora_B, out_features, in_features);
-  Tensor grad_input = LOWRANK_CALL(nf4_linear_grad_input, grad_output, packed, absmax,
-                                   nested_absmax, nested_code, offset, out_features, in_features,
-                                   blocksize);
+  Tensor grad_input =
+      LOWRANK_BACKEND_CALL(grad_output, nf4_linear_grad_input, grad_output, packed, absmax,
+                           nested_absmax, nested_code, offset, out_features, in_features,
+                           blocksize);
   return lora_backward_common(grad_output, flatten_rows(grad_input), input, lora_input, lora_A,
                               lora_B, scaling);
 }

@@ -69,6 +69,20 @@ using multi_lora_linear_backward = Tensors3(const Tensor& grad_output, const Ten
 
 }  // namespace signature
 
+// Backend kernels that other glue calls directly, without a dispatcher hop
+// (a lookup by name and a boxed call, several microseconds): the fused QLoRA
+// ops run each backend's 4-bit GEMM this way.
+namespace cpu {
+signature::nf4_linear nf4_linear;
+signature::nf4_linear_grad_input nf4_linear_grad_input;
+}  // namespace cpu
+#ifdef LOWRANK_WITH_CUDA
+namespace cuda {
+signature::nf4_linear nf4_linear;
+signature::nf4_linear_grad_input nf4_linear_grad_input;
+}  // namespace cuda
+#endif
+
 // m.impl("name", kernel) for a kernel of exactly op `name`'s signature.
 #define LOWRANK_IMPL(m, name, kernel)                                                    \
   do {                                                                                   \
@@ -136,7 +150,7 @@ inline Tensor nf4_dense_weight(const Tensor& packed, const Tensor& absmax,
   if (nested_absmax.has_value()) {
     Tensor decoded = LOWRANK_CALL(dequantize_blockwise_8bit, absmax, *nested_absmax,
                                   *nested_code, nf4::kNestedBlocksize);
-    scales = add(decoded, offset);
+    scales = aten_add(decoded, offset);
   }
   const std::vector<int64_t> shape = {out_features, in_features};
   return to_dtype(

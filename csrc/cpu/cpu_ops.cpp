@@ -368,12 +368,12 @@ Tensor nf4_gemm_rows(const KernelWeight& weight, const Tensor& rows, const Optio
                                       weight.data(), weight.scales, weight.blocksize,
                                       flat + begin, flat + end, panel_data + begin * item, dtype);
                                 });
-    Tensor weight_panel = t(narrow_view(panel, 0, 0, count));
+    Tensor weight_panel = transposed(narrow_view(panel, 0, 0, count));
     Tensor out_slice = narrow_view(out, 1, first, count);
     if (bias.has_value()) {
-      addmm_out(out_slice, narrow_view(*bias, 0, first, count), rows, weight_panel);
+      aten_addmm_out(out_slice, narrow_view(*bias, 0, first, count), rows, weight_panel);
     } else {
-      mm_out(out_slice, rows, weight_panel);
+      aten_mm_out(out_slice, rows, weight_panel);
     }
   }
   return out;
@@ -409,7 +409,7 @@ Tensor nf4_gemm_grad_rows(const KernelWeight& weight, const Tensor& grad_rows) {
         });
     Tensor slab = view_shape(narrow_view(slab_storage, 0, 0, out_features * count), {out_features, count});
     Tensor grad_slice = narrow_view(grad_input, 1, first, count);
-    mm_out(grad_slice, grad_rows, slab);
+    aten_mm_out(grad_slice, grad_rows, slab);
   }
   return grad_input;
 }
@@ -438,7 +438,9 @@ Tensor nf4_linear_forward(const Nf4WeightArgs& args, const Tensor& input,
               shape);
 }
 
-Tensor nf4_linear_cpu(const Tensor& input, const Tensor& packed, const Tensor& absmax,
+}  // namespace
+
+Tensor nf4_linear(const Tensor& input, const Tensor& packed, const Tensor& absmax,
                       const OptionalTensor& nested_absmax, const OptionalTensor& nested_code,
                       double offset, int64_t out_features, int64_t in_features,
                       int64_t blocksize, const OptionalTensor& bias) {
@@ -448,7 +450,7 @@ Tensor nf4_linear_cpu(const Tensor& input, const Tensor& packed, const Tensor& a
                                                blocksize, bias);
   if (input.scalar_type() == kDouble) {
     // The float64 reference path (see check_linear_float).
-    return linear(input,
+    return aten_linear(input,
                   nf4_dense_weight(packed, absmax, nested_absmax, nested_code, offset,
                                    out_features, in_features, blocksize, kDouble),
                   bias);
@@ -456,7 +458,7 @@ Tensor nf4_linear_cpu(const Tensor& input, const Tensor& packed, const Tensor& a
   return nf4_linear_forward(weight, input, bias);
 }
 
-Tensor nf4_linear_grad_input_cpu(const Tensor& grad_output, const Tensor& packed,
+Tensor nf4_linear_grad_input(const Tensor& grad_output, const Tensor& packed,
                                  const Tensor& absmax, const OptionalTensor& nested_absmax,
                                  const OptionalTensor& nested_code, double offset,
                                  int64_t out_features, int64_t in_features, int64_t blocksize) {
@@ -483,15 +485,13 @@ Tensor nf4_linear_grad_input_cpu(const Tensor& grad_output, const Tensor& packed
               shape);
 }
 
-}  // namespace
-
 STABLE_TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
   LOWRANK_IMPL(m, nf4_quantize, nf4_quantize_cpu);
   LOWRANK_IMPL(m, nf4_dequantize, nf4_dequantize_cpu);
   LOWRANK_IMPL(m, quantize_blockwise_8bit, quantize_blockwise_8bit_cpu);
   LOWRANK_IMPL(m, dequantize_blockwise_8bit, dequantize_blockwise_8bit_cpu);
-  LOWRANK_IMPL(m, nf4_linear, nf4_linear_cpu);
-  LOWRANK_IMPL(m, nf4_linear_grad_input, nf4_linear_grad_input_cpu);
+  LOWRANK_IMPL(m, nf4_linear, nf4_linear);
+  LOWRANK_IMPL(m, nf4_linear_grad_input, nf4_linear_grad_input);
 }
 
 }  // namespace cpu

@@ -208,9 +208,9 @@ Tensors3 multi_lora_linear_backward_cpu(const Tensor& grad_output, const Tensor&
       op, input, grad_output, "grad_output", lora_A, lora_B, ranks, scalings, adapter_indices);
   check_multi_lora_values(op, shapes, ranks, adapter_indices);
   const torch::stable::Device device = input.device();
-  Tensor grad_input = zeros({shapes.rows, shapes.in_features}, kFloat, device);
-  Tensor grad_A = zeros(sizes_vector(lora_A), kFloat, device);
-  Tensor grad_B = zeros(sizes_vector(lora_B), kFloat, device);
+  Tensor grad_input = zeros_tensor({shapes.rows, shapes.in_features}, kFloat, device);
+  Tensor grad_A = zeros_tensor(sizes_vector(lora_A), kFloat, device);
+  Tensor grad_B = zeros_tensor(sizes_vector(lora_B), kFloat, device);
   const RowGroups groups = group_rows(adapter_indices, shapes);
   if (!groups.sorted_rows.empty()) {
     const int64_t count_rows = static_cast<int64_t>(groups.sorted_rows.size());
@@ -218,11 +218,11 @@ Tensors3 multi_lora_linear_backward_cpu(const Tensor& grad_output, const Tensor&
     std::memcpy(order.mutable_data_ptr<int64_t>(), groups.sorted_rows.data(),
                 groups.sorted_rows.size() * sizeof(int64_t));
     Tensor x = to_dtype(
-        index_select(reshape_to(input, {shapes.rows, shapes.in_features}), 0, order), kFloat);
+        aten_index_select(reshape_to(input, {shapes.rows, shapes.in_features}), 0, order), kFloat);
     Tensor dy = to_dtype(
-        index_select(reshape_to(grad_output, {shapes.rows, shapes.out_features}), 0, order),
+        aten_index_select(reshape_to(grad_output, {shapes.rows, shapes.out_features}), 0, order),
         kFloat);
-    Tensor grad_x = zeros(sizes_vector(x), kFloat, device);
+    Tensor grad_x = zeros_tensor(sizes_vector(x), kFloat, device);
     Tensor ranks_c = make_contiguous(ranks);
     Tensor scalings_c = make_contiguous(scalings);
     const int64_t* rank = ranks_c.const_data_ptr<int64_t>();
@@ -235,16 +235,16 @@ Tensors3 multi_lora_linear_backward_cpu(const Tensor& grad_output, const Tensor&
       Tensor dy_a = narrow_view(dy, 0, begin, count);
       Tensor A = to_dtype(narrow_view(torch::stable::select(lora_A, 0, a), 0, 0, rank[a]), kFloat);  // [r, in]
       Tensor B = to_dtype(narrow_view(torch::stable::select(lora_B, 0, a), 1, 0, rank[a]), kFloat);  // [out, r]
-      Tensor hidden = mm(x_a, t(A));                                             // [count, r]
-      Tensor grad_hidden = mul(mm(dy_a, B), scaling[a]);                         // [count, r]
+      Tensor hidden = aten_mm(x_a, transposed(A));                                             // [count, r]
+      Tensor grad_hidden = aten_mul(aten_mm(dy_a, B), scaling[a]);                         // [count, r]
       Tensor grad_x_a = narrow_view(grad_x, 0, begin, count);
-      mm_out(grad_x_a, grad_hidden, A);
+      aten_mm_out(grad_x_a, grad_hidden, A);
       Tensor grad_A_a = narrow_view(torch::stable::select(grad_A, 0, a), 0, 0, rank[a]);
-      copy_into(grad_A_a, mm(t(grad_hidden), x_a));
+      copy_into(grad_A_a, aten_mm(transposed(grad_hidden), x_a));
       Tensor grad_B_a = narrow_view(torch::stable::select(grad_B, 0, a), 1, 0, rank[a]);
-      copy_into(grad_B_a, mul(mm(t(dy_a), hidden), scaling[a]));
+      copy_into(grad_B_a, aten_mul(aten_mm(transposed(dy_a), hidden), scaling[a]));
     }
-    index_copy_(grad_input, 0, order, grad_x);
+    aten_index_copy_(grad_input, 0, order, grad_x);
   }
   const ScalarType dtype = input.scalar_type();
   return {view_shape(to_dtype(grad_input, dtype), sizes_vector(input)), to_dtype(grad_A, dtype),

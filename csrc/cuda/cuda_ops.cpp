@@ -52,7 +52,7 @@ Tensors2 nf4_quantize_cuda(const Tensor& input, int64_t blocksize) {
   const int64_t numel = input_c.numel();
   Tensor packed = empty_tensor({nf4::packed_bytes(numel)}, kByte, input.device());
   Tensor absmax = empty_tensor({nf4::num_blocks(numel, blocksize)}, kFloat, input.device());
-  Tensor nonfinite = zeros({1}, ScalarType::Int, input.device());
+  Tensor nonfinite = zeros_tensor({1}, ScalarType::Int, input.device());
   check_launch(op, nf4_quantize(input_c.const_data_ptr(), kernel_dtype<Dtype>(input.scalar_type()),
                                 numel, blocksize, packed.mutable_data_ptr<uint8_t>(),
                                 absmax.mutable_data_ptr<float>(),
@@ -198,7 +198,9 @@ bool use_fused_gemm(const Tensor& input, int64_t rows) {
   return rows <= fused_gemm_max_rows();
 }
 
-Tensor nf4_linear_cuda(const Tensor& input, const Tensor& packed, const Tensor& absmax,
+}  // namespace
+
+Tensor nf4_linear(const Tensor& input, const Tensor& packed, const Tensor& absmax,
                        const OptionalTensor& nested_absmax, const OptionalTensor& nested_code,
                        double offset, int64_t out_features, int64_t in_features,
                        int64_t blocksize, const OptionalTensor& bias) {
@@ -208,7 +210,7 @@ Tensor nf4_linear_cuda(const Tensor& input, const Tensor& packed, const Tensor& 
                                              blocksize, bias);
   if (input.scalar_type() == kDouble) {
     // The float64 reference path (see check_linear_float).
-    return linear(input,
+    return aten_linear(input,
                   nf4_dense_weight(packed, absmax, nested_absmax, nested_code, offset,
                                    out_features, in_features, blocksize, kDouble),
                   bias);
@@ -235,7 +237,7 @@ Tensor nf4_linear_cuda(const Tensor& input, const Tensor& packed, const Tensor& 
                                           kernel_dtype<Dtype>(dtype), current_stream(input)));
   } else {
     Tensor dense = weight.dequantize(op, dtype);
-    out = linear(rows, dense, bias.has_value() ? OptionalTensor(bias_c) : std::nullopt);
+    out = aten_linear(rows, dense, bias.has_value() ? OptionalTensor(bias_c) : std::nullopt);
   }
   return view_shape(out, output_shape(input, args.out_features));
 }
@@ -243,7 +245,7 @@ Tensor nf4_linear_cuda(const Tensor& input, const Tensor& packed, const Tensor& 
 // grad_output @ dequant(W): one dequantize kernel (nested scales decoded in
 // it) and cuBLAS. Backward runs at training batch sizes, where this is what
 // the dense-weight GEMM costs plus one weight write.
-Tensor nf4_linear_grad_input_cuda(const Tensor& grad_output, const Tensor& packed,
+Tensor nf4_linear_grad_input(const Tensor& grad_output, const Tensor& packed,
                                   const Tensor& absmax, const OptionalTensor& nested_absmax,
                                   const OptionalTensor& nested_code, double offset,
                                   int64_t out_features, int64_t in_features, int64_t blocksize) {
@@ -259,19 +261,17 @@ Tensor nf4_linear_grad_input_cuda(const Tensor& grad_output, const Tensor& packe
   DeviceGuard guard(grad_output);
   DeviceWeight weight(args);
   Tensor dense = weight.dequantize(op, grad_output.scalar_type());
-  Tensor grad_input = mm(flatten_rows(grad_output), dense);
+  Tensor grad_input = aten_mm(flatten_rows(grad_output), dense);
   return view_shape(grad_input, output_shape(grad_output, args.in_features));
 }
-
-}  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(lowrank_ext, CUDA, m) {
   LOWRANK_IMPL(m, nf4_quantize, nf4_quantize_cuda);
   LOWRANK_IMPL(m, nf4_dequantize, nf4_dequantize_cuda);
   LOWRANK_IMPL(m, quantize_blockwise_8bit, quantize_blockwise_8bit_cuda);
   LOWRANK_IMPL(m, dequantize_blockwise_8bit, dequantize_blockwise_8bit_cuda);
-  LOWRANK_IMPL(m, nf4_linear, nf4_linear_cuda);
-  LOWRANK_IMPL(m, nf4_linear_grad_input, nf4_linear_grad_input_cuda);
+  LOWRANK_IMPL(m, nf4_linear, nf4_linear);
+  LOWRANK_IMPL(m, nf4_linear_grad_input, nf4_linear_grad_input);
 }
 
 }  // namespace cuda

@@ -108,7 +108,7 @@ Tensor spread_by_adapter(const Tensor& hidden, const Tensor& row_adapters, int64
                                   std::optional<bool>())[0]);
   Tensor positions = as_tensor(call_op("aten::cumsum", "", ones, int64_t{0},
                                        std::optional<ScalarType>())[0]);  // 1..n
-  Tensor shifted = torch::stable::unsqueeze(add(row_adapters, 1.0), 1);   // [rows, 1]
+  Tensor shifted = torch::stable::unsqueeze(aten_add(row_adapters, 1.0), 1);   // [rows, 1]
   Tensor one_hot =
       to_dtype(as_tensor(call_op("aten::eq", "Tensor", shifted, positions)[0]), kFloat);
   Tensor product = as_tensor(call_op("aten::mul", "Tensor", torch::stable::unsqueeze(one_hot, 2),
@@ -129,9 +129,9 @@ Tensors3 multi_lora_linear_backward_cuda(const Tensor& grad_output, const Tensor
   check_values_on_request(op, shapes, ranks, adapter_indices);
   const ScalarType dtype = input.scalar_type();
   if (shapes.rows == 0) {
-    return {zeros(sizes_vector(input), dtype, input.device()),
-            zeros(sizes_vector(lora_A), lora_A.scalar_type(), lora_A.device()),
-            zeros(sizes_vector(lora_B), lora_B.scalar_type(), lora_B.device())};
+    return {zeros_tensor(sizes_vector(input), dtype, input.device()),
+            zeros_tensor(sizes_vector(lora_A), lora_A.scalar_type(), lora_A.device()),
+            zeros_tensor(sizes_vector(lora_B), lora_B.scalar_type(), lora_B.device())};
   }
   const cudaStream_t stream = current_stream(input);
   const Dtype kernel_type = kernel_dtype<Dtype>(dtype);
@@ -169,12 +169,12 @@ Tensors3 multi_lora_linear_backward_cuda(const Tensor& grad_output, const Tensor
   Tensor spread_grad_hidden = spread_by_adapter(grad_hidden, row_adapters, shapes.num_adapters);
   Tensor spread_hidden = spread_by_adapter(hidden, row_adapters, shapes.num_adapters);
   // grad_A[a] = sum_i grad_hidden_i^T x_i; grad_B[a] = sum_i dy_i^T hidden_i.
-  Tensor grad_A = view_shape(mm(t(spread_grad_hidden), to_dtype(x, kFloat)),
+  Tensor grad_A = view_shape(aten_mm(transposed(spread_grad_hidden), to_dtype(x, kFloat)),
                              {shapes.num_adapters, shapes.max_rank, shapes.in_features});
   const std::vector<int64_t> order = {1, 0, 2};
   Tensor grad_B = as_tensor(
       call_op("aten::permute", "",
-              view_shape(mm(t(to_dtype(dy, kFloat)), spread_hidden),
+              view_shape(aten_mm(transposed(to_dtype(dy, kFloat)), spread_hidden),
                          {shapes.out_features, shapes.num_adapters, shapes.max_rank}),
               IntArray(order))[0]);
   return {view_shape(grad_input, sizes_vector(input)), make_contiguous(to_dtype(grad_A, dtype)),
