@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Compile-only check of the CUDA backend, for machines without a GPU or a CUDA
 # torch: every csrc/cuda/*.cu is compiled by nvcc (sm_80 and sm_90, the
-# lowest and newest SASS targets), and the ATen glue csrc/cuda/*_ops.cpp is
-# compiled against the headers of the installed (CPU) torch. Nothing is linked.
+# lowest and newest SASS targets), and the glue csrc/cuda/*_ops.cpp (and
+# csrc/lora_ops.cpp, which registers for CUDA too) is compiled against the
+# stable-ABI headers of the installed (CPU) torch, as CMakeLists.txt compiles
+# it (USE_CUDA, TORCH_TARGET_VERSION of the oldest torch served, hidden
+# visibility as the stable types have). Nothing is
+# linked.
 #
 #   PYTHON   interpreter whose torch provides the headers (default: python3)
 #
@@ -37,10 +41,14 @@ for source in csrc/cuda/*.cu; do
     -c "$source" -o "$scratch/$(basename "$source").o"
   count=$((count + 1))
 done
-for source in csrc/cuda/*_ops.cpp; do
-  echo "+ nvcc -std=$standard -Icsrc <torch includes> -c $source (host compiler, CUDA headers)"
+# TORCH_TARGET_VERSION: MIN_TORCH_VERSION of build_support/torch_pin.py, as (major << 56) | (minor << 48).
+min_torch=$(sed -n 's/^MIN_TORCH_VERSION = "\([0-9.]*\)"$/\1/p' build_support/torch_pin.py)
+target_version=$(printf '0x%02x%02x000000000000ULL' "${min_torch%%.*}" "${min_torch#*.}")
+for source in csrc/cuda/*_ops.cpp csrc/lora_ops.cpp; do
+  echo "+ nvcc -std=$standard -Icsrc <torch includes> -DUSE_CUDA -DTORCH_TARGET_VERSION=$target_version -c $source"
   nvcc -std="$standard" -O1 -Icsrc "${torch_includes[@]}" -I"$scratch/include" \
-    -Xcompiler -fPIC -DLOWRANK_WITH_CUDA -c "$source" -o "$scratch/$(basename "$source").o"
+    -Xcompiler -fPIC,-fvisibility=hidden -DLOWRANK_WITH_CUDA -DUSE_CUDA -DTORCH_TARGET_VERSION="$target_version" \
+    -c "$source" -o "$scratch/$(basename "$source").o"
   count=$((count + 1))
 done
 # The tensor-core GEMM has no body below sm_80: compiling it for sm_75 must

@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# Builds a CPU wheel with `pip wheel --no-build-isolation --no-deps` against
-# the torch of $PYTHON, installs it into a fresh venv next to torch==2.13.0
-# (local wheel, no network needed) and runs .ci/wheel_smoke.py there with no
-# compiler on PATH, from outside the source tree.
+# Builds the CPU wheel once with `pip wheel --no-build-isolation --no-deps`
+# against the torch of $PYTHON, then installs that very wheel into one fresh
+# venv per torch version (local wheels, no network needed) and runs
+# .ci/wheel_smoke.py in each with no compiler on PATH, from outside the
+# source tree: quantize, nf4_linear, lora_linear forward + backward and a
+# torch.compile(fullgraph=True) trace. The library is built on torch's stable
+# ABI (the 2.10 one), so the one wheel must load into every torch listed, and
+# installing it must leave each venv's torch as it was.
 #
-#   PYTHON              build interpreter with torch, scikit-build-core,
-#                       pybind11, ninja and cmake>=3.26 (default: python3)
-#   LOWRANK_WHEEL_TORCH torch requirement for the test venv (default torch==2.13.0;
-#                       must match the build's torch: the C++ ABI is per version)
+#   PYTHON                build interpreter with torch, scikit-build-core,
+#                         ninja and cmake>=3.26 (default: python3)
+#   LOWRANK_WHEEL_TORCHES torch requirements, one test venv each, installed
+#                         in parallel (default: torch==2.13.0 torch==2.14.1;
+#                         2.14.1 is a CUDA 13 build, about 5 GB, the slowest)
 #
 # The CUDA wheel is built the same way from an environment with a CUDA torch
-# and nvcc:
+# and nvcc (one per CUDA major):
 #   pip wheel --no-build-isolation --no-deps -w dist . \
 #     -C cmake.define.LOWRANK_CUDA=ON -C cmake.define.LOWRANK_CUDA_ARCHS="80;86;89;90"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
 python=${PYTHON:-python3}
-torch_requirement=${LOWRANK_WHEEL_TORCH:-torch==2.13.0}
+read -r -a torch_requirements <<<"${LOWRANK_WHEEL_TORCHES:-torch==2.13.0 torch==2.14.1}"
 wheel_dir=build/ci-wheelhouse
-test_venv=build/ci-wheel-venv
+venv_root=build/ci-wheel-venvs
 
 echo "== wheel_check: building a CPU wheel with $("$python" -c 'import torch; print("torch", torch.__version__)')"
 rm -rf "$wheel_dir"
@@ -28,30 +33,57 @@ PATH="$(dirname "$(command -v "$python")"):$PATH" "$python" -m pip wheel --quiet
   -C cmake.define.LOWRANK_CUDA=OFF -C build-dir=build/ci-wheel
 wheel=$(ls "$wheel_dir"/lowrank_ext-*.whl)
 echo "   built $wheel ($((SECONDS - start)) s)"
-# The wheel must require the torch minor it was compiled against (a looser
-# pin lets pip put it next to a torch whose C++ ABI differs).
-pin=$("$python" -c 'import torch; print("torch==" + ".".join(torch.__version__.split(".")[:2]) + ".*")')
-"$python" - "$wheel" "$pin" <<'PY'
-import sys, zipfile
-wheel, pin = sys.argv[1:]
+# One wheel for every CPython and every torch from the stable ABI's minimum:
+# tagged py3-none, requiring torch>=<minimum> (not a minor version).
+minimum=$(sed -n 's/^MIN_TORCH_VERSION = "\([0-9.]*\)"$/\1/p' build_support/torch_pin.py)
+"$python" - "$wheel" "torch>=$minimum" <<'PY'
+import os, sys, zipfile
+wheel, requirement = sys.argv[1:]
+assert "-py3-none-" in os.path.basename(wheel), f"not a py3-none wheel: {wheel}"
 with zipfile.ZipFile(wheel) as archive:
-    metadata = next(name for name in archive.namelist() if name.endswith(".dist-info/METADATA"))
+    names = archive.namelist()
+    metadata = next(name for name in names if name.endswith(".dist-info/METADATA"))
     requires = [line.split(":", 1)[1].strip() for line in archive.read(metadata).decode().splitlines()
                 if line.startswith("Requires-Dist:") and "extra ==" not in line]
-    assert pin in requires, f"wheel requires {requires}, expected {pin}"
-    assert any(name.endswith("lowrank_ext/_build_config.py") for name in archive.namelist())
-print(f"   wheel requires {pin}")
+    assert requirement in requires, f"wheel requires {requires}, expected {requirement}"
+    assert any(name.endswith("lowrank_ext/_build_config.py") for name in names)
+    assert any(name.endswith("lowrank_ext/liblowrank_ext.so") for name in names)
+    assert not [name for name in names if ".cpython-" in name], "a CPython extension module in the wheel"
+print(f"   wheel requires {requirement}")
 PY
 
-echo "== wheel_check: fresh venv with $torch_requirement and the wheel"
-rm -rf "$test_venv"
-python3 -m venv "$test_venv"
-"$test_venv/bin/python" -m pip install --quiet "$torch_requirement" "$wheel"
+echo "== wheel_check: fresh venvs with ${torch_requirements[*]} (in parallel), then the wheel"
+rm -rf "$venv_root"
+mkdir -p "$venv_root"
+pids=()
+for requirement in "${torch_requirements[@]}"; do
+  venv="$venv_root/${requirement//[^A-Za-z0-9.]/_}"
+  (
+    venv_start=$SECONDS
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet "$requirement" >"$venv.log" 2>&1 \
+      || { cat "$venv.log" >&2; exit 1; }
+    echo "   $requirement installed in $((SECONDS - venv_start)) s"
+  ) &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
 
-echo "== wheel_check: smoke test without a compiler on PATH"
 no_tools=$(mktemp -d)
 trap 'rm -rf "$no_tools"' EXIT
 smoke=$PWD/.ci/wheel_smoke.py
-test_python=$PWD/$test_venv/bin/python
-(cd "$no_tools" && env PATH="$no_tools" CC=false CXX=false LOWRANK_SMOKE_NO_COMPILER=1 "$test_python" "$smoke")
+for requirement in "${torch_requirements[@]}"; do
+  venv="$PWD/$venv_root/${requirement//[^A-Za-z0-9.]/_}"
+  before=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')
+  # With its dependencies, as a user installs it: pip must keep this torch.
+  "$venv/bin/python" -m pip install --quiet "$wheel"
+  after=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')
+  [[ "$before" == "$after" ]] || {
+    echo "wheel_check: installing the wheel changed torch $before -> $after" >&2
+    exit 1
+  }
+  echo "== wheel_check: smoke test with torch $after, no compiler on PATH"
+  (cd "$no_tools" && env PATH="$no_tools" CC=false CXX=false LOWRANK_SMOKE_NO_COMPILER=1 \
+    "$venv/bin/python" "$smoke")
+done
 echo "== wheel_check: done in $((SECONDS - start)) s"

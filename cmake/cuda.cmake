@@ -74,20 +74,26 @@ if(CUDA_nvrtc_LIBRARY)
   message(STATUS "lowrank_ext: libnvrtc for torch's CUDA config: ${CUDA_nvrtc_LIBRARY}")
 endif()
 
-# Adds the CUDA kernels (csrc/cuda/*.cu) and their ATen glue
-# (csrc/cuda/*_ops.cpp) to `target`, and the definitions that
-# csrc/module.cpp's build_info() reports.
+# Adds the CUDA kernels (csrc/cuda/*.cu) and their glue (csrc/cuda/*_ops.cpp,
+# on torch's stable ABI) to `target`, and the definitions that
+# csrc/module.cpp's build info reports. The glue calls the CUDA part of
+# torch's C shim (USE_CUDA; libtorch_cuda) and the CUDA runtime.
 function(lowrank_add_cuda_sources target)
   file(GLOB LOWRANK_CUDA_KERNEL_SOURCES CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/csrc/cuda/*.cu)
   file(GLOB LOWRANK_CUDA_GLUE_SOURCES CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/csrc/cuda/*_ops.cpp)
   target_sources(${target} PRIVATE ${LOWRANK_CUDA_KERNEL_SOURCES} ${LOWRANK_CUDA_GLUE_SOURCES})
-  set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES OFF)
+  set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES OFF CUDA_RUNTIME_LIBRARY Shared)
   string(REPLACE ";" "," LOWRANK_ARCHS_TEXT "${LOWRANK_CUDA_ARCHS}")
   target_compile_definitions(${target} PRIVATE
     LOWRANK_WITH_CUDA
+    USE_CUDA
     LOWRANK_CUDA_ARCHS="${LOWRANK_ARCHS_TEXT}")
   # Kernels: full optimization, line info for profilers. Bit-exact paths use
   # __fmul_rn/__fadd_rn/__fdiv_rn, which nvcc never contracts into FMAs.
   target_compile_options(${target} PRIVATE
     $<$<COMPILE_LANGUAGE:CUDA>:-O3 -lineinfo>)
+  find_library(LOWRANK_TORCH_CUDA_LIBRARY torch_cuda PATHS "${TORCH_INSTALL_PREFIX}/lib"
+               NO_DEFAULT_PATH REQUIRED)
+  find_package(CUDAToolkit REQUIRED)
+  target_link_libraries(${target} PRIVATE ${LOWRANK_TORCH_CUDA_LIBRARY} CUDA::cudart)
 endfunction()

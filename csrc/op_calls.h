@@ -1,89 +1,160 @@
-// Calls of this library's own ops through the dispatcher, for glue that
-// builds on them: the fused LoRA ops call nf4_linear / nf4_linear_grad_input
-// (so each backend's 4-bit kernels serve), the autograd kernels call every
-// forward and backward op below the autograd key.
+// Each op's C++ signature, declared once (the schemas are in
+// registration.cpp): every backend kernel is a function of its op's type here
+// (LOWRANK_IMPL checks it where the kernel registers), and the typed calls of
+// this library's own ops through the dispatcher take the same arguments.
+// Glue that builds on the ops uses those calls: the fused LoRA ops call
+// nf4_linear / nf4_linear_grad_input, so each backend's 4-bit kernels serve.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-
-#include <optional>
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
 
 #include "core/nf4.h"
+#include "glue_helpers.h"
 
 namespace lowrank {
 
-using OptionalTensor = std::optional<at::Tensor>;
+using Tensors2 = std::tuple<Tensor, Tensor>;
+using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
+using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
-// The typed handle of op `name` ("lowrank_ext::..."), looked up once per
-// call site (callers keep it in a function-local static).
+namespace signature {
+
+using dropout = Tensor(const Tensor& input, double p, const Tensor& seed);
+using nf4_quantize = Tensors2(const Tensor& input, int64_t blocksize);
+using nf4_dequantize = Tensor(const Tensor& packed, const Tensor& absmax, IntArray shape,
+                              int64_t blocksize, ScalarType dtype);
+using quantize_blockwise_8bit = Tensors2(const Tensor& input, const Tensor& code,
+                                         int64_t blocksize);
+using dequantize_blockwise_8bit = Tensor(const Tensor& codes, const Tensor& absmax,
+                                         const Tensor& code, int64_t blocksize);
+using nf4_linear = Tensor(const Tensor& input, const Tensor& packed, const Tensor& absmax,
+                          const OptionalTensor& nested_absmax, const OptionalTensor& nested_code,
+                          double offset, int64_t out_features, int64_t in_features,
+                          int64_t blocksize, const OptionalTensor& bias);
+using nf4_linear_grad_input = Tensor(const Tensor& grad_output, const Tensor& packed,
+                                     const Tensor& absmax, const OptionalTensor& nested_absmax,
+                                     const OptionalTensor& nested_code, double offset,
+                                     int64_t out_features, int64_t in_features,
+                                     int64_t blocksize);
+using lora_linear = Tensor(const Tensor& input, const OptionalTensor& lora_input,
+                           const Tensor& weight, const OptionalTensor& bias, const Tensor& lora_A,
+                           const Tensor& lora_B, double scaling);
+using lora_linear_backward = Tensors4(const Tensor& grad_output, const Tensor& input,
+                                      const OptionalTensor& lora_input, const Tensor& weight,
+                                      const Tensor& lora_A, const Tensor& lora_B,
+                                      double scaling);
+using qlora_linear = Tensor(const Tensor& input, const OptionalTensor& lora_input,
+                            const Tensor& packed, const Tensor& absmax,
+                            const OptionalTensor& nested_absmax,
+                            const OptionalTensor& nested_code, double offset,
+                            int64_t out_features, int64_t in_features, int64_t blocksize,
+                            const OptionalTensor& bias, const Tensor& lora_A,
+                            const Tensor& lora_B, double scaling);
+using qlora_linear_backward = Tensors4(const Tensor& grad_output, const Tensor& input,
+                                       const OptionalTensor& lora_input, const Tensor& packed,
+                                       const Tensor& absmax, const OptionalTensor& nested_absmax,
+                                       const OptionalTensor& nested_code, double offset,
+                                       int64_t out_features, int64_t in_features,
+                                       int64_t blocksize, const Tensor& lora_A,
+                                       const Tensor& lora_B, double scaling);
+using multi_lora_linear = Tensor(const Tensor& input, const Tensor& base_output,
+                                 const Tensor& lora_A, const Tensor& lora_B, const Tensor& ranks,
+                                 const Tensor& scalings, const Tensor& adapter_indices);
+using multi_lora_linear_backward = Tensors3(const Tensor& grad_output, const Tensor& input,
+                                            const Tensor& lora_A, const Tensor& lora_B,
+                                            const Tensor& ranks, const Tensor& scalings,
+                                            const Tensor& adapter_indices);
+
+}  // namespace signature
+
+// Backend kernels that other glue calls directly, without a dispatcher hop
+// (a lookup by name and a boxed call, several microseconds): the fused QLoRA
+// ops run each backend's 4-bit GEMM this way.
+namespace cpu {
+signature::nf4_linear nf4_linear;
+signature::nf4_linear_grad_input nf4_linear_grad_input;
+}  // namespace cpu
+#ifdef LOWRANK_WITH_CUDA
+namespace cuda {
+signature::nf4_linear nf4_linear;
+signature::nf4_linear_grad_input nf4_linear_grad_input;
+}  // namespace cuda
+#endif
+
+// m.impl("name", kernel) for a kernel of exactly op `name`'s signature.
+#define LOWRANK_IMPL(m, name, kernel)                                                    \
+  do {                                                                                   \
+    static_assert(std::is_same_v<decltype(kernel), ::lowrank::signature::name>,          \
+                  #kernel " must have " #name "'s signature (op_calls.h)");              \
+    (m).impl(#name, TORCH_BOX(&kernel));                                                 \
+  } while (false)
+
+namespace detail {
+
+template <typename Result>
+struct Returns {
+  static constexpr size_t count = 1;
+  template <size_t N>
+  static Result unpack(const std::array<StableIValue, N>& stack) {
+    return torch::stable::detail::to<Result>(stack[0]);
+  }
+};
+
+template <typename... Results>
+struct Returns<std::tuple<Results...>> {
+  static constexpr size_t count = sizeof...(Results);
+  template <size_t N>
+  static std::tuple<Results...> unpack(const std::array<StableIValue, N>& stack) {
+    return unpack(stack, std::index_sequence_for<Results...>{});
+  }
+  template <size_t N, size_t... I>
+  static std::tuple<Results...> unpack(const std::array<StableIValue, N>& stack,
+                                       std::index_sequence<I...>) {
+    return {torch::stable::detail::to<Results>(stack[I])...};
+  }
+};
+
 template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
+struct OwnOp;
 
-inline at::Tensor call_nf4_linear(const at::Tensor& input, const at::Tensor& packed,
-                                  const at::Tensor& absmax, const OptionalTensor& nested_absmax,
-                                  const OptionalTensor& nested_code, double offset,
-                                  const c10::SymInt& out_features, const c10::SymInt& in_features,
-                                  int64_t blocksize, const OptionalTensor& bias) {
-  static const auto op =
-      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const OptionalTensor&, const OptionalTensor&, double, c10::SymInt,
-                         c10::SymInt, int64_t, const OptionalTensor&)>("lowrank_ext::nf4_linear");
-  return op.call(input, packed, absmax, nested_absmax, nested_code, offset, out_features,
-                 in_features, blocksize, bias);
-}
+template <typename Result, typename... Arguments>
+struct OwnOp<Result(Arguments...)> {
+  static Result call(const char* name, Arguments... arguments) {
+    constexpr size_t size = std::max(sizeof...(Arguments), Returns<Result>::count);
+    std::array<StableIValue, size> stack{to_stack(arguments)...};
+    STABLE_TORCH_ERROR_CODE_CHECK(
+        torch_call_dispatcher(name, "", stack.data(), TORCH_ABI_VERSION));
+    return Returns<Result>::unpack(stack);
+  }
+};
 
-inline at::Tensor call_nf4_linear_grad_input(const at::Tensor& grad_output,
-                                             const at::Tensor& packed, const at::Tensor& absmax,
-                                             const OptionalTensor& nested_absmax,
-                                             const OptionalTensor& nested_code, double offset,
-                                             const c10::SymInt& out_features,
-                                             const c10::SymInt& in_features, int64_t blocksize) {
-  static const auto op =
-      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const OptionalTensor&, const OptionalTensor&, double, c10::SymInt,
-                         c10::SymInt, int64_t)>("lowrank_ext::nf4_linear_grad_input");
-  return op.call(grad_output, packed, absmax, nested_absmax, nested_code, offset, out_features,
-                 in_features, blocksize);
-}
+}  // namespace detail
 
-inline at::Tensor call_nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax,
-                                      c10::SymIntArrayRef shape, int64_t blocksize,
-                                      at::ScalarType dtype) {
-  static const auto op =
-      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef, int64_t,
-                         at::ScalarType)>("lowrank_ext::nf4_dequantize");
-  return op.call(packed, absmax, shape, blocksize, dtype);
-}
-
-inline at::Tensor call_dequantize_blockwise_8bit(const at::Tensor& codes, const at::Tensor& absmax,
-                                                 const at::Tensor& code, int64_t blocksize) {
-  static const auto op =
-      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>(
-          "lowrank_ext::dequantize_blockwise_8bit");
-  return op.call(codes, absmax, code, blocksize);
-}
+// LOWRANK_CALL(nf4_linear, input, ...): op lowrank_ext::nf4_linear through
+// the dispatcher, its arguments checked against the op's signature.
+#define LOWRANK_CALL(name, ...) \
+  ::lowrank::detail::OwnOp<::lowrank::signature::name>::call("lowrank_ext::" #name, __VA_ARGS__)
 
 // The dense [out_features, in_features] NF4 weight, decoded exactly (codebook
 // value times fp32 block scale, in fp32) and then cast to `dtype`; float64
-// holds every decoded value exactly. For the paths that need the weight as a
-// tensor: float64 inputs and forward-mode AD (their products run in ATen).
-inline at::Tensor nf4_dense_weight(const at::Tensor& packed, const at::Tensor& absmax,
-                                   const OptionalTensor& nested_absmax,
-                                   const OptionalTensor& nested_code, double offset,
-                                   const c10::SymInt& out_features,
-                                   const c10::SymInt& in_features, int64_t blocksize,
-                                   at::ScalarType dtype) {
-  at::Tensor scales = absmax;
-  if (nested_absmax.has_value() && nested_absmax->defined()) {
-    scales = call_dequantize_blockwise_8bit(absmax, *nested_absmax, *nested_code,
-                                            nf4::kNestedBlocksize)
-                 .add(offset);
+// holds every decoded value exactly. For the float64 reference path (its
+// products run in ATen).
+inline Tensor nf4_dense_weight(const Tensor& packed, const Tensor& absmax,
+                               const OptionalTensor& nested_absmax,
+                               const OptionalTensor& nested_code, double offset,
+                               int64_t out_features, int64_t in_features, int64_t blocksize,
+                               ScalarType dtype) {
+  Tensor scales = absmax;
+  if (nested_absmax.has_value()) {
+    Tensor decoded = LOWRANK_CALL(dequantize_blockwise_8bit, absmax, *nested_absmax,
+                                  *nested_code, nf4::kNestedBlocksize);
+    scales = aten_add(decoded, offset);
   }
-  const c10::SymInt shape[] = {out_features, in_features};
-  return call_nf4_dequantize(packed, scales, shape, blocksize, at::kFloat).to(dtype);
+  const std::vector<int64_t> shape = {out_features, in_features};
+  return to_dtype(
+      LOWRANK_CALL(nf4_dequantize, packed, scales, IntArray(shape), blocksize, kFloat), dtype);
 }
 
 }  // namespace lowrank

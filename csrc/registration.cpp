@@ -1,16 +1,17 @@
-// The whole op surface of lowrank_ext, in one place. Backends register their
-// kernels with TORCH_LIBRARY_IMPL beside the kernels (cpu/cpu_ops.cpp,
-// cuda/cuda_ops.cpp), autograd in autograd.cpp, fake kernels in
-// python/lowrank_ext/ops.py.
+// The whole op surface of lowrank_ext, in one place (each op's C++ signature
+// is in op_calls.h). Backends register their kernels with
+// STABLE_TORCH_LIBRARY_IMPL beside the kernels (cpu/cpu_ops.cpp,
+// cuda/cuda_ops.cpp); autograd, autocast and the fake kernels are Python
+// (python/lowrank_ext/_autograd.py, _autocast.py, ops.py).
 //
 // NF4 weight arguments always come as the same group:
 //   packed (uint8 [ceil(numel/2)]), absmax (fp32 [nblocks], or uint8 codes
 //   when double-quantized), nested_absmax (fp32 [ceil(nblocks/256)] or None),
 //   nested_code (fp32 [256] or None), offset (added to decoded absmax),
 //   out_features, in_features, blocksize.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY(lowrank_ext, m) {
+STABLE_TORCH_LIBRARY(lowrank_ext, m) {
   // Inverted dropout with a counter-based mask: element i is kept iff
   // hash(seed, i) >= p * 2^32, so the same (p, seed) gives the same mask
   // (its own backward) and nothing is stored. seed: CPU int64, one element.

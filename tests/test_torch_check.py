@@ -1,9 +1,13 @@
-"""The package refuses to load its compiled module beside another torch, and
-wheels pin the torch minor version they were compiled against (issue 19)."""
+"""The compiled library is built on torch's stable ABI for the oldest torch it
+serves: the package refuses a torch older than that, and a CUDA build beside a
+CPU torch or another CUDA major; wheels require torch>=<that version>
+(issue 19)."""
 
 import importlib.util
 import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +15,7 @@ import pytest
 import torch
 
 import lowrank_ext
-from lowrank_ext import _torch_check
+from lowrank_ext import _library, _torch_check
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,79 +27,99 @@ def _load_torch_pin():
     return module
 
 
-@pytest.mark.parametrize("built, running", [
-    ("2.13.0+cpu", "2.13.0+cpu"),
-    ("2.13.0+cpu", "2.13.1+cu130"),  # patch releases and local labels keep the ABI
-    ("2.13.0", "2.13.0+cpu"),
+@pytest.mark.parametrize("running, running_cuda", [
+    ("2.10.0", None),
+    ("2.13.0+cpu", None),
+    ("2.14.1+cu130", "13.0"),  # a CPU build runs beside a CUDA torch
+    ("3.0.0", None),
 ])
-def test_same_minor_loads(built, running):
-    assert _torch_check.mismatch(built, False, running, None) is None
+def test_cpu_build_loads_into_every_torch_from_the_minimum_on(running, running_cuda):
+    assert _torch_check.mismatch("2.13.0+cpu", "2.10", None, running, running_cuda) is None
 
 
-@pytest.mark.parametrize("built, running", [
-    ("2.13.0+cpu", "2.14.1+cu130"),
-    ("2.13.0+cpu", "2.12.1+cpu"),
-    ("2.13.0+cpu", "3.13.0"),
-])
-def test_other_minor_is_refused_naming_both_versions(built, running):
-    reason = _torch_check.mismatch(built, False, running, "13.0")
+@pytest.mark.parametrize("running", ["2.9.1+cpu", "2.4.0", "1.13.1"])
+def test_older_torch_is_refused_naming_the_versions(running):
+    reason = _torch_check.mismatch("2.13.0+cpu", "2.10", None, running, None)
     assert reason is not None
-    assert built in reason and running in reason
-    assert "--no-build-isolation" in reason  # the rebuild command
+    assert running in reason and "torch>=2.10" in reason and "2.13.0+cpu" in reason
 
 
-def test_cuda_build_beside_cpu_torch_is_refused():
-    reason = _torch_check.mismatch("2.14.1+cu130", True, "2.14.1+cpu", None)
+def test_cuda_build_needs_a_cuda_torch_of_its_cuda_major():
+    reason = _torch_check.mismatch("2.14.1+cu130", "2.10", "13.0", "2.14.1+cpu", None)
     assert reason is not None and "CPU build" in reason
-    assert _torch_check.mismatch("2.14.1+cu130", True, "2.14.1+cu130", "13.0") is None
-    # A CPU build runs beside a CUDA torch of the same version.
-    assert _torch_check.mismatch("2.14.1+cpu", False, "2.14.1+cu130", "13.0") is None
+    reason = _torch_check.mismatch("2.14.1+cu130", "2.10", "13.0", "2.12.1+cu128", "12.8")
+    assert reason is not None and "CUDA 12.8" in reason and "CUDA 13" in reason
+    for running, cuda in [("2.14.1+cu130", "13.0"), ("2.15.0+cu131", "13.1")]:
+        assert _torch_check.mismatch("2.14.1+cu130", "2.10", "13.0", running, cuda) is None
 
 
-def test_build_records_the_torch_it_was_compiled_against():
+def test_build_records_its_torch_and_the_minimum_of_the_wheel_requirement():
     from lowrank_ext import _build_config
 
-    assert _build_config.TORCH_VERSION == torch.__version__
     assert _build_config.TORCH_VERSION == lowrank_ext.build_info()["torch_version"]
+    assert _build_config.MIN_TORCH_VERSION == _load_torch_pin().MIN_TORCH_VERSION
+    assert _build_config.WITH_CUDA == ("cuda" in lowrank_ext.build_info()["backends"])
+    assert bool(_build_config.CUDA_VERSION) == _build_config.WITH_CUDA
 
 
-_MISMATCHED_IMPORT = """
+_OLD_TORCH_IMPORT = """
 import sys, types
 fake = types.ModuleType("lowrank_ext._build_config")
-fake.TORCH_VERSION = "1.99.0+cpu"
+fake.TORCH_VERSION = "9.0.0+cpu"
+fake.MIN_TORCH_VERSION = "9.0"
 fake.WITH_CUDA = False
+fake.CUDA_VERSION = ""
 sys.modules["lowrank_ext._build_config"] = fake
 try:
     import lowrank_ext
 except ImportError as error:
     print("IMPORT-ERROR:", error)
-    print("C-LOADED:", "lowrank_ext._C" in sys.modules)
+    print("LIBRARY-LOADED:", "lowrank_ext._library" in sys.modules)
 """
 
 
-def test_import_refuses_before_loading_the_extension():
-    result = subprocess.run([sys.executable, "-c", _MISMATCHED_IMPORT], capture_output=True,
+def test_import_refuses_before_loading_the_library():
+    result = subprocess.run([sys.executable, "-c", _OLD_TORCH_IMPORT], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "IMPORT-ERROR: lowrank_ext was compiled against torch 1.99.0+cpu" in result.stdout
+    assert "IMPORT-ERROR: lowrank_ext needs torch>=9.0" in result.stdout
     assert torch.__version__ in result.stdout
-    assert "C-LOADED: False" in result.stdout
+    assert "LIBRARY-LOADED: False" in result.stdout
 
 
 def test_skip_variable_loads_anyway():
-    result = subprocess.run([sys.executable, "-c", _MISMATCHED_IMPORT], capture_output=True,
+    result = subprocess.run([sys.executable, "-c", _OLD_TORCH_IMPORT], capture_output=True,
                             text=True, timeout=120,
                             env={**os.environ, _torch_check.SKIP_VARIABLE: "1"})
     assert result.returncode == 0, result.stderr
     assert "IMPORT-ERROR" not in result.stdout
 
 
-def test_wheel_requirement_pins_the_build_minor():
+def test_wheel_requires_the_minimum_torch_not_a_minor_version():
     torch_pin = _load_torch_pin()
-    assert torch_pin.torch_requirement("2.13.0+cpu") == "torch==2.13.*"
-    assert torch_pin.torch_requirement("2.14.1+cu130") == "torch==2.14.*"
+    assert torch_pin.MIN_TORCH_VERSION == "2.10"
+    assert torch_pin.torch_requirement() == "torch>=2.10"
+    assert torch_pin.torch_requirement("2.11") == "torch>=2.11"
     requirements = torch_pin.dynamic_metadata("dependencies", {"base": ["numpy"]})
-    major, minor = torch.__version__.split(".")[:2]
-    assert requirements == ["numpy", f"torch=={major}.{minor}.*"]
+    assert requirements == ["numpy", "torch>=2.10"]
     with pytest.raises(ValueError, match="base"):
         torch_pin.dynamic_metadata("dependencies", {"extra": []})
+
+
+def _undefined_symbols(path):
+    listing = subprocess.run(["nm", "-D", "--undefined-only", path], capture_output=True,
+                             text=True, check=True).stdout
+    return [line.split()[-1].split("@")[0] for line in listing.splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_library_uses_only_the_c_interfaces_of_torch_and_python_not_at_all():
+    """The stable ABI promise: no C++ symbol of libtorch / c10 (those change
+    between minor versions; mangled names in namespaces c10, at, torch or
+    caffe2) and nothing of CPython (one build for every Python)."""
+    symbols = _undefined_symbols(_library.library_path())
+    torch_cxx = re.compile(r"^_Z(N|NK)?(3c10|2at|5torch|6caffe2)|^_Z.*N(3c10|2at|5torch|6caffe2)")
+    assert not [s for s in symbols if torch_cxx.match(s)], \
+        f"C++ symbols of torch: {[s for s in symbols if torch_cxx.match(s)][:10]}"
+    assert not [s for s in symbols if s.startswith("Py")], "the library uses the Python C-API"
+    assert any(s.startswith("aoti_torch_") or s.startswith("torch_") for s in symbols)

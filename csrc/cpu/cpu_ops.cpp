@@ -1,13 +1,11 @@
-// ATen glue for the CPU backend: validates arguments, splits work with
-// at::parallel_for and calls the torch-free kernels of the active ISA.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+// Glue of the CPU backend on torch's stable ABI: validates arguments, splits
+// work with torch's parallel_for and calls the torch-free kernels of the
+// active ISA.
 #include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 
 #include "core/nf4.h"
@@ -25,10 +23,11 @@ namespace {
 // costs more than the dequantization itself (a 64 MiB weight: ~16K faults).
 // Asking for transparent huge pages on the 2 MiB-aligned interior of a new
 // buffer cuts that by 512x where the kernel allows THP via madvise.
-at::Tensor empty_for_streaming_write(at::IntArrayRef shape, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(shape, options);
+Tensor empty_for_streaming_write(const std::vector<int64_t>& shape, ScalarType dtype,
+                                const torch::stable::Device& device) {
+  Tensor out = empty_tensor(shape, dtype, device);
   constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
-  const size_t bytes = out.nbytes();
+  const size_t bytes = static_cast<size_t>(out.numel()) * out.element_size();
   if (bytes >= 4 * kHugePage) {
     uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
     uintptr_t aligned_begin = (begin + kHugePage - 1) & ~(kHugePage - 1);
@@ -45,90 +44,70 @@ at::Tensor empty_for_streaming_write(at::IntArrayRef shape, const at::TensorOpti
 // Blocks per parallel task: about 64K elements, so small tensors stay on one thread.
 int64_t grain_in_blocks(int64_t blocksize) { return std::max<int64_t>(1, 65536 / blocksize); }
 
-std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& input, int64_t blocksize) {
+Tensors2 nf4_quantize_cpu(const Tensor& input, int64_t blocksize) {
   constexpr const char* op = "nf4_quantize";
   check_float_tensor(op, "input", input);
   check_blocksize(op, blocksize);
-  TORCH_CHECK(input.numel() > 0, op, ": input must not be empty, got shape ", input.sizes());
-  at::Tensor contiguous = input.contiguous();
-  const int64_t numel = contiguous.numel();
+  LOWRANK_CHECK(input.numel() > 0, op, ": input must not be empty, got shape ",
+                shape_of(input));
+  Tensor input_c = make_contiguous(input);
+  const int64_t numel = input_c.numel();
   const int64_t blocks = nf4::num_blocks(numel, blocksize);
-  at::Tensor packed = at::empty({nf4::packed_bytes(numel)}, input.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
+  Tensor packed = empty_tensor({nf4::packed_bytes(numel)}, kByte, input.device());
+  Tensor absmax = empty_tensor({blocks}, kFloat, input.device());
   const CpuKernels& kernels = active_kernels();
-  const Dtype dtype = kernel_dtype<Dtype>(contiguous.scalar_type());
+  const Dtype dtype = kernel_dtype<Dtype>(input_c.scalar_type());
   std::atomic<bool> finite{true};
-  at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
-    bool ok = kernels.nf4_quantize(contiguous.const_data_ptr(), dtype, numel, blocksize, begin,
+  torch::stable::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    bool ok = kernels.nf4_quantize(input_c.const_data_ptr(), dtype, numel, blocksize, begin,
                                    end, packed.mutable_data_ptr<uint8_t>(),
                                    absmax.mutable_data_ptr<float>());
     if (!ok) finite.store(false);
   });
-  TORCH_CHECK_VALUE(finite.load(), op,
-                    ": input contains NaN or Inf; NF4 cannot represent non-finite weights "
-                    "(clean or clamp them before quantizing)");
+  // A ValueError in Python: ops.nf4_quantize re-raises this message as one
+  // (the stable ABI raises every error as RuntimeError).
+  LOWRANK_CHECK(finite.load(), op,
+                ": input contains NaN or Inf; NF4 cannot represent non-finite weights "
+                "(clean or clamp them before quantizing)");
   return {packed, absmax};
 }
 
-int64_t checked_numel(const char* op, c10::SymIntArrayRef shape) {
-  int64_t numel = 1;
-  for (const c10::SymInt& size : shape) {
-    int64_t value = size.expect_int();
-    TORCH_CHECK(value >= 0, op, ": shape must not have negative sizes, got ", shape);
-    numel *= value;
-  }
-  TORCH_CHECK(numel > 0, op, ": shape must describe a non-empty tensor, got ", shape);
-  return numel;
-}
-
-at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax,
-                              c10::SymIntArrayRef shape, int64_t blocksize,
-                              at::ScalarType dtype) {
-  constexpr const char* op = "nf4_dequantize";
-  check_blocksize(op, blocksize);
-  TORCH_CHECK(is_supported_float(dtype), op,
-              ": dtype must be float32, bfloat16 or float16, got ", dtype);
-  check_dtype(op, "packed", packed, at::kByte);
-  check_dtype(op, "absmax", absmax, at::kFloat);
-  check_same_device(op, "absmax", absmax, packed, "packed");
-  const int64_t numel = checked_numel(op, shape);
+Tensor nf4_dequantize_cpu(const Tensor& packed, const Tensor& absmax, IntArray shape,
+                          int64_t blocksize, ScalarType dtype) {
+  const int64_t numel = check_nf4_dequantize_args(packed, absmax, shape, blocksize, dtype);
   const int64_t blocks = nf4::num_blocks(numel, blocksize);
-  check_numel(op, "packed", packed, nf4::packed_bytes(numel), "two 4-bit codes per byte of shape");
-  check_numel(op, "absmax", absmax, blocks, "one scale per block of shape");
-  at::Tensor packed_c = packed.contiguous();
-  at::Tensor absmax_c = absmax.contiguous();
-  at::Tensor out =
-      empty_for_streaming_write(C10_AS_INTARRAYREF_SLOW(shape), packed.options().dtype(dtype));
+  Tensor packed_c = make_contiguous(packed);
+  Tensor absmax_c = make_contiguous(absmax);
+  Tensor out = empty_for_streaming_write(std::vector<int64_t>(shape.begin(), shape.end()), dtype,
+                                         packed.device());
   const CpuKernels& kernels = active_kernels();
   const Dtype out_dtype = kernel_dtype<Dtype>(dtype);
-  at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
     kernels.nf4_dequantize(packed_c.const_data_ptr<uint8_t>(), absmax_c.const_data_ptr<float>(),
                            numel, blocksize, begin, end, out.mutable_data_ptr(), out_dtype);
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor& input,
-                                                               const at::Tensor& code,
-                                                               int64_t blocksize) {
+Tensors2 quantize_blockwise_8bit_cpu(const Tensor& input, const Tensor& code,
+                                     int64_t blocksize) {
   constexpr const char* op = "quantize_blockwise_8bit";
-  check_dtype(op, "input", input, at::kFloat);
-  check_dtype(op, "code", code, at::kFloat);
-  check_numel(op, "code", code, 256, "an 8-bit code map");
-  TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
-  TORCH_CHECK(input.numel() > 0, op, ": input must not be empty");
-  TORCH_CHECK(at::isfinite(input).all().item<bool>(), op, ": input contains NaN or Inf");
-  at::Tensor input_c = input.contiguous();
-  at::Tensor code_c = code.contiguous();
-  TORCH_CHECK((code_c.slice(0, 1) >= code_c.slice(0, 0, 255)).all().item<bool>(), op,
-              ": code must be sorted ascending");
+  check_quantize_8bit_args(op, input, code, blocksize);
+  Tensor input_c = make_contiguous(input);
+  Tensor code_c = make_contiguous(code);
   const int64_t numel = input_c.numel();
+  const float* values = input_c.const_data_ptr<float>();
+  LOWRANK_CHECK(std::all_of(values, values + numel, [](float v) { return std::isfinite(v); }), op,
+                ": input contains NaN or Inf");
+  const float* code_values = code_c.const_data_ptr<float>();
+  LOWRANK_CHECK(std::is_sorted(code_values, code_values + 256), op,
+                ": code must be sorted ascending");
   const int64_t blocks = nf4::num_blocks(numel, blocksize);
-  at::Tensor codes = at::empty(input.sizes(), input.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
+  Tensor codes = empty_tensor(sizes_vector(input), kByte, input.device());
+  Tensor absmax = empty_tensor({blocks}, kFloat, input.device());
   std::vector<uint8_t> lookup(k8bitLookupSize);
   build_8bit_lookup(code_c.const_data_ptr<float>(), lookup.data());
-  at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / blocksize), [&](int64_t b, int64_t e) {
+  torch::stable::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / blocksize), [&](int64_t b, int64_t e) {
     quantize_blockwise_8bit(input_c.const_data_ptr<float>(), lookup.data(), numel,
                             blocksize, b, e, codes.mutable_data_ptr<uint8_t>(),
                             absmax.mutable_data_ptr<float>());
@@ -136,21 +115,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor&
   return {codes, absmax};
 }
 
-at::Tensor dequantize_blockwise_8bit_cpu(const at::Tensor& codes, const at::Tensor& absmax,
-                                         const at::Tensor& code, int64_t blocksize) {
-  constexpr const char* op = "dequantize_blockwise_8bit";
-  check_dtype(op, "codes", codes, at::kByte);
-  check_dtype(op, "absmax", absmax, at::kFloat);
-  check_dtype(op, "code", code, at::kFloat);
-  check_numel(op, "code", code, 256, "an 8-bit code map");
-  TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
-  check_numel(op, "absmax", absmax, nf4::num_blocks(codes.numel(), blocksize),
-              "one scale per block of codes");
-  at::Tensor codes_c = codes.contiguous();
-  at::Tensor absmax_c = absmax.contiguous();
-  at::Tensor code_c = code.contiguous();
-  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
-  at::parallel_for(0, codes.numel(), 65536, [&](int64_t begin, int64_t end) {
+Tensor dequantize_blockwise_8bit_cpu(const Tensor& codes, const Tensor& absmax,
+                                     const Tensor& code, int64_t blocksize) {
+  check_dequantize_8bit_args("dequantize_blockwise_8bit", codes, absmax, code, blocksize);
+  Tensor codes_c = make_contiguous(codes);
+  Tensor absmax_c = make_contiguous(absmax);
+  Tensor code_c = make_contiguous(code);
+  Tensor out = empty_tensor(sizes_vector(codes), kFloat, codes.device());
+  torch::stable::parallel_for(0, codes.numel(), 65536, [&](int64_t begin, int64_t end) {
     dequantize_blockwise_8bit(codes_c.const_data_ptr<uint8_t>(), absmax_c.const_data_ptr<float>(),
                               code_c.const_data_ptr<float>(), codes.numel(), blocksize, begin, end,
                               out.mutable_data_ptr<float>());
@@ -161,24 +133,24 @@ at::Tensor dequantize_blockwise_8bit_cpu(const at::Tensor& codes, const at::Tens
 // An NF4 weight made contiguous, with the kernel's view of its block scales.
 // Holds the tensors the raw pointers in `scales` point into.
 struct KernelWeight {
-  at::Tensor packed;
-  at::Tensor absmax;
-  at::Tensor nested_absmax;
-  at::Tensor nested_code;
+  Tensor packed;
+  Tensor absmax;
+  Tensor nested_absmax;
+  Tensor nested_code;
   BlockScales scales;
   int64_t out_features;
   int64_t in_features;
   int64_t blocksize;
 
   explicit KernelWeight(const Nf4WeightArgs& weight)
-      : packed(weight.packed.contiguous()),
-        absmax(weight.absmax.contiguous()),
+      : packed(make_contiguous(weight.packed)),
+        absmax(make_contiguous(weight.absmax)),
         out_features(weight.out_features),
         in_features(weight.in_features),
         blocksize(weight.blocksize) {
     if (weight.nested()) {
-      nested_absmax = weight.nested_absmax->contiguous();
-      nested_code = weight.nested_code->contiguous();
+      nested_absmax = make_contiguous(*weight.nested_absmax);
+      nested_code = make_contiguous(*weight.nested_code);
       scales.nested_codes = absmax.const_data_ptr<uint8_t>();
       scales.nested_absmax = nested_absmax.const_data_ptr<float>();
       scales.nested_code = nested_code.const_data_ptr<float>();
@@ -199,8 +171,8 @@ struct KernelWeight {
 // limit: on an AVX2-only Zen 5 (1 thread, CPU time), 8 rows of 8192x8192
 // or 4096x4096 bf16 took 1.3x as long on the GEMM path as in the GEMV, 16
 // rows the same on both.
-int64_t gemv_max_rows(at::ScalarType dtype) {
-  return dtype == at::kBFloat16 && bf16_dot_product_supported() ? 6 : 16;
+int64_t gemv_max_rows(ScalarType dtype) {
+  return dtype == kBFloat16 && bf16_dot_product_supported() ? 6 : 16;
 }
 
 // dtype the GEMM path multiplies in: the activations' own, except float16,
@@ -210,9 +182,9 @@ int64_t gemv_max_rows(at::ScalarType dtype) {
 // 64x5632 @ 5632x256 took 654 ms in bf16 against 25 ms in fp32 (1 thread),
 // the transposed-weight forward 165 vs 32 ms. Those run in fp32 and round
 // once at the end (the weight is then not rounded to 16 bits at all).
-at::ScalarType gemm_dtype(at::ScalarType dtype) {
-  if (dtype == at::kHalf) return at::kFloat;
-  if (dtype == at::kBFloat16 && !bf16_dot_product_supported()) return at::kFloat;
+ScalarType gemm_dtype(ScalarType dtype) {
+  if (dtype == kHalf) return kFloat;
+  if (dtype == kBFloat16 && !bf16_dot_product_supported()) return kFloat;
   return dtype;
 }
 
@@ -238,14 +210,15 @@ constexpr int64_t kDequantizeGrain = int64_t{1} << 16;
 
 // Scratch for the GEMM paths' dequantized panels and slabs: one buffer per
 // calling thread, grown as needed and reused by every later call. A fresh
-// at::empty per call (8 MiB) went back into glibc's heap when freed (its mmap
+// empty tensor per call (8 MiB) went back into glibc's heap when freed (its mmap
 // threshold rises to the size of the first freed mapping), where the small
 // tensors autograd saves between calls pinned it: a 16-layer QLoRA model of
 // 2048x2048 projections kept ~150 MiB more resident after a training step,
 // a 22-layer TinyLlama-shaped one more than bitsandbytes over the whole
 // step (tests/test_memory_retention.py). The tensor returned is valid until
 // the next call on this thread.
-at::Tensor gemm_scratch(int64_t elements, const at::TensorOptions& options) {
+Tensor gemm_scratch(int64_t elements, ScalarType dtype, const torch::stable::Device& device,
+                    int64_t element_size) {
   struct Buffer {
     void* data = nullptr;
     size_t capacity = 0;
@@ -253,16 +226,18 @@ at::Tensor gemm_scratch(int64_t elements, const at::TensorOptions& options) {
   };
   thread_local Buffer buffer;
   constexpr size_t kAlignment = 64;
-  const size_t bytes = static_cast<size_t>(elements) * options.dtype().itemsize();
+  const size_t bytes = static_cast<size_t>(elements * element_size);
   if (bytes > buffer.capacity) {
     const size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
     std::free(buffer.data);
     buffer.data = std::aligned_alloc(kAlignment, rounded);
     buffer.capacity = buffer.data == nullptr ? 0 : rounded;
-    TORCH_CHECK(buffer.data != nullptr, "lowrank_ext: out of memory allocating ", rounded,
-                " bytes of GEMM scratch");
+    LOWRANK_CHECK(buffer.data != nullptr, "lowrank_ext: out of memory allocating ", rounded,
+                  " bytes of GEMM scratch");
   }
-  return at::from_blob(buffer.data, {elements}, options);
+  const std::vector<int64_t> sizes = {elements};
+  const std::vector<int64_t> strides = {1};
+  return torch::stable::from_blob(buffer.data, IntArray(sizes), IntArray(strides), device, dtype);
 }
 
 int64_t panel_rows_for(int64_t row_length, int64_t element_size, int64_t total_rows) {
@@ -282,24 +257,24 @@ void parallel_dynamic(int64_t count, Worker&& worker) {
     int64_t index = counter.fetch_add(1, std::memory_order_relaxed);
     return index < count ? index : -1;
   };
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t threads = std::min<int64_t>(torch::stable::get_num_threads(), count);
+  torch::stable::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t thread = begin; thread < end; ++thread) worker(next);
   });
 }
 
 // rows [M, in] (contiguous bf16) -> [M, out] by the AVX512-BF16 GEMV.
-at::Tensor nf4_gemv_bf16_rows(const CpuKernels& kernels, const KernelWeight& weight,
-                              const at::Tensor& rows, const float* bias_data) {
-  const int64_t count = rows.size(0);
-  at::Tensor buffer = at::empty({count, weight.in_features}, rows.options());
-  prepare_gemv_input_bf16(static_cast<const uint16_t*>(rows.const_data_ptr()), count,
+Tensor nf4_gemv_bf16_rows(const CpuKernels& kernels, const KernelWeight& weight,
+                          const void* rows_data, int64_t count, const float* bias_data,
+                          const std::vector<int64_t>& shape, const torch::stable::Device& device) {
+  Tensor buffer = empty_tensor({count, weight.in_features}, kBFloat16, device);
+  prepare_gemv_input_bf16(static_cast<const uint16_t*>(rows_data), count,
                           weight.in_features, static_cast<uint16_t*>(buffer.mutable_data_ptr()));
   GemvBf16Input layout;
   layout.data = static_cast<const uint16_t*>(buffer.const_data_ptr());
   layout.rows = count;
   layout.in_features = weight.in_features;
-  at::Tensor out = at::empty({count, weight.out_features}, rows.options());
+  Tensor out = empty_tensor(shape, kBFloat16, device);
   const int64_t tasks = (weight.out_features + kGemvGrain - 1) / kGemvGrain;
   parallel_dynamic(tasks, [&](auto next) {
     for (int64_t task = next(); task >= 0; task = next()) {
@@ -313,50 +288,51 @@ at::Tensor nf4_gemv_bf16_rows(const CpuKernels& kernels, const KernelWeight& wei
   return out;
 }
 
-// rows [M, in] (contiguous) -> [M, out] by the fused GEMV; bf16 rows take
-// the AVX512-BF16 kernel where the active table has one and the row length
-// suits it.
-at::Tensor nf4_gemv_rows(const KernelWeight& weight, const at::Tensor& rows,
-                         const std::optional<at::Tensor>& bias) {
+// rows [count, in] (contiguous, at rows_data, of rows_dtype) -> out of
+// `shape` ([..., out]) by the fused GEMV; bf16 rows take the AVX512-BF16
+// kernel where the active table has one and the row length suits it.
+Tensor nf4_gemv_rows(const KernelWeight& weight, const void* rows_data, ScalarType rows_dtype,
+                     int64_t count, const OptionalTensor& bias, const std::vector<int64_t>& shape,
+                     const torch::stable::Device& device) {
   const CpuKernels& kernels = active_kernels();
-  at::Tensor bias_fp32;
-  if (bias.has_value()) bias_fp32 = bias->to(at::kFloat).contiguous();
+  Tensor bias_fp32;
+  if (bias.has_value()) bias_fp32 = make_contiguous(to_dtype(*bias, kFloat));
   const float* bias_data = bias.has_value() ? bias_fp32.const_data_ptr<float>() : nullptr;
-  if (rows.scalar_type() == at::kBFloat16 && kernels.nf4_gemv_bf16 != nullptr &&
+  if (rows_dtype == kBFloat16 && kernels.nf4_gemv_bf16 != nullptr &&
       weight.in_features % kGemvBf16Group == 0) {
-    return nf4_gemv_bf16_rows(kernels, weight, rows, bias_data);
+    return nf4_gemv_bf16_rows(kernels, weight, rows_data, count, bias_data, shape, device);
   }
-  const int64_t count = rows.size(0);
   GemvInput layout;
   layout.rows = count;
   layout.in_features = weight.in_features;
-  at::Tensor buffer =
-      at::empty({count * gemv_row_stride(layout)}, rows.options().dtype(at::kFloat));
-  prepare_gemv_input(rows.const_data_ptr(), kernel_dtype<Dtype>(rows.scalar_type()), count,
-                     weight.in_features, buffer.mutable_data_ptr<float>());
+  Tensor buffer = empty_tensor({count * gemv_row_stride(layout)}, kFloat, device);
+  prepare_gemv_input(rows_data, kernel_dtype<Dtype>(rows_dtype), count, weight.in_features,
+                     buffer.mutable_data_ptr<float>());
   layout.data = buffer.const_data_ptr<float>();
-  at::Tensor out = at::empty({count, weight.out_features}, rows.options());
-  const Dtype out_dtype = kernel_dtype<Dtype>(out.scalar_type());
+  Tensor out = empty_tensor(shape, rows_dtype, device);
+  const Dtype out_dtype = kernel_dtype<Dtype>(rows_dtype);
+  void* out_data = out.mutable_data_ptr();
   const int64_t tasks = (weight.out_features + kGemvGrain - 1) / kGemvGrain;
   parallel_dynamic(tasks, [&](auto next) {
     for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t begin = task * kGemvGrain;
       kernels.nf4_gemv(layout, weight.data(), weight.scales, weight.out_features,
                        weight.in_features, weight.blocksize, bias_data, begin,
-                       std::min(begin + kGemvGrain, weight.out_features), out.mutable_data_ptr(),
-                       out_dtype);
+                       std::min(begin + kGemvGrain, weight.out_features), out_data, out_dtype);
     }
   });
   return out;
 }
 
-// grad_rows [M, out] (contiguous) -> grad_rows @ W [M, in] by the fused
-// transposed GEMV: threads take column ranges and sum in fp32 straight from
-// the 4-bit weight.
-at::Tensor nf4_gemv_transposed_rows(const KernelWeight& weight, const at::Tensor& grad_rows) {
-  const int64_t count = grad_rows.size(0);
-  at::Tensor grad_fp32 = grad_rows.to(at::kFloat).contiguous();
-  at::Tensor result = at::empty({count, weight.in_features}, grad_fp32.options());
+// grad_rows [count, out] (contiguous) -> grad_rows @ W of `shape` ([..., in])
+// by the fused transposed GEMV: threads take column ranges and sum in fp32
+// straight from the 4-bit weight.
+Tensor nf4_gemv_transposed_rows(const KernelWeight& weight, const Tensor& grad_rows, int64_t count,
+                                const std::vector<int64_t>& shape) {
+  Tensor grad_fp32 = make_contiguous(to_dtype(grad_rows, kFloat));
+  Tensor result = empty_tensor(shape, kFloat, grad_rows.device());
+  const float* grad_data = grad_fp32.const_data_ptr<float>();
+  float* result_data = result.mutable_data_ptr<float>();
   const CpuKernels& kernels = active_kernels();
   const int64_t tasks =
       (weight.in_features + kGemvTransposedMaxColumns - 1) / kGemvTransposedMaxColumns;
@@ -364,13 +340,12 @@ at::Tensor nf4_gemv_transposed_rows(const KernelWeight& weight, const at::Tensor
     for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t begin = task * kGemvTransposedMaxColumns;
       const int64_t end = std::min(begin + kGemvTransposedMaxColumns, weight.in_features);
-      kernels.nf4_gemv_transposed(grad_fp32.const_data_ptr<float>(), count, weight.data(),
-                                  weight.scales, weight.out_features, weight.in_features,
-                                  weight.blocksize, begin, end,
-                                  result.mutable_data_ptr<float>() + begin, weight.in_features);
+      kernels.nf4_gemv_transposed(grad_data, count, weight.data(), weight.scales,
+                                  weight.out_features, weight.in_features, weight.blocksize,
+                                  begin, end, result_data + begin, weight.in_features);
     }
   });
-  return result.to(grad_rows.scalar_type());
+  return to_dtype(result, grad_rows.scalar_type());
 }
 
 // rows [M, in] (contiguous) -> [M, out]: panel by panel, weight rows are
@@ -378,31 +353,33 @@ at::Tensor nf4_gemv_transposed_rows(const KernelWeight& weight, const at::Tensor
 // ATen's GEMM, which writes straight into the panel's column slice of the
 // output (BLAS takes the row stride) with the bias added there; the dense
 // weight never exists as a whole.
-at::Tensor nf4_gemm_rows(const KernelWeight& weight, const at::Tensor& rows,
-                         const std::optional<at::Tensor>& bias) {
+Tensor nf4_gemm_rows(const KernelWeight& weight, const Tensor& rows, const OptionalTensor& bias) {
   const int64_t in_features = weight.in_features;
   const int64_t out_features = weight.out_features;
-  const int64_t panel_rows = panel_rows_for(in_features, rows.element_size(), out_features);
-  at::Tensor panel = gemm_scratch(panel_rows * in_features, rows.options())
-                         .view({panel_rows, in_features});
-  at::Tensor out = at::empty({rows.size(0), out_features}, rows.options());
+  const int64_t item = static_cast<int64_t>(rows.element_size());
+  const int64_t panel_rows = panel_rows_for(in_features, item, out_features);
+  const torch::stable::Device device = rows.device();
+  Tensor panel = view_shape(gemm_scratch(panel_rows * in_features, rows.scalar_type(), device, item),
+                      {panel_rows, in_features});
+  Tensor out = empty_tensor({rows.size(0), out_features}, rows.scalar_type(), device);
   const CpuKernels& kernels = active_kernels();
   const Dtype dtype = kernel_dtype<Dtype>(rows.scalar_type());
   char* panel_data = static_cast<char*>(panel.mutable_data_ptr());
-  const int64_t item = rows.element_size();
   for (int64_t first = 0; first < out_features; first += panel_rows) {
     const int64_t count = std::min(panel_rows, out_features - first);
     const int64_t flat = first * in_features;
-    at::parallel_for(0, count * in_features, kDequantizeGrain, [&](int64_t begin, int64_t end) {
-      kernels.nf4_dequantize_range(weight.data(), weight.scales, weight.blocksize, flat + begin,
-                                   flat + end, panel_data + begin * item, dtype);
-    });
-    at::Tensor weight_panel = panel.narrow(0, 0, count).t();
-    at::Tensor out_slice = out.narrow(1, first, count);
+    torch::stable::parallel_for(0, count * in_features, kDequantizeGrain,
+                                [&](int64_t begin, int64_t end) {
+                                  kernels.nf4_dequantize_range(
+                                      weight.data(), weight.scales, weight.blocksize,
+                                      flat + begin, flat + end, panel_data + begin * item, dtype);
+                                });
+    Tensor weight_panel = transposed(narrow_view(panel, 0, 0, count));
+    Tensor out_slice = narrow_view(out, 1, first, count);
     if (bias.has_value()) {
-      at::addmm_out(out_slice, bias->narrow(0, first, count), rows, weight_panel);
+      aten_addmm_out(out_slice, narrow_view(*bias, 0, first, count), rows, weight_panel);
     } else {
-      at::mm_out(out_slice, rows, weight_panel);
+      aten_mm_out(out_slice, rows, weight_panel);
     }
   }
   return out;
@@ -413,113 +390,114 @@ at::Tensor nf4_gemm_rows(const KernelWeight& weight, const at::Tensor& rows,
 // written once into its column slice, so every output element is one
 // fp32-accumulated GEMM result (no rounding between partial sums in 16-bit
 // dtypes).
-at::Tensor nf4_gemm_grad_rows(const KernelWeight& weight, const at::Tensor& grad_rows) {
+Tensor nf4_gemm_grad_rows(const KernelWeight& weight, const Tensor& grad_rows) {
   const int64_t in_features = weight.in_features;
   const int64_t out_features = weight.out_features;
-  const int64_t slab_columns =
-      panel_rows_for(out_features, grad_rows.element_size(), in_features);
-  at::Tensor slab_storage = gemm_scratch(out_features * slab_columns, grad_rows.options());
-  at::Tensor grad_input = at::empty({grad_rows.size(0), in_features}, grad_rows.options());
+  const int64_t item = static_cast<int64_t>(grad_rows.element_size());
+  const int64_t slab_columns = panel_rows_for(out_features, item, in_features);
+  const torch::stable::Device device = grad_rows.device();
+  Tensor slab_storage =
+      gemm_scratch(out_features * slab_columns, grad_rows.scalar_type(), device, item);
+  Tensor grad_input = empty_tensor({grad_rows.size(0), in_features}, grad_rows.scalar_type(), device);
   const CpuKernels& kernels = active_kernels();
   const Dtype dtype = kernel_dtype<Dtype>(grad_rows.scalar_type());
   char* slab_data = static_cast<char*>(slab_storage.mutable_data_ptr());
-  const int64_t item = grad_rows.element_size();
   for (int64_t first = 0; first < in_features; first += slab_columns) {
     const int64_t count = std::min(slab_columns, in_features - first);
-    at::parallel_for(0, out_features, std::max<int64_t>(1, kDequantizeGrain / count),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t row = begin; row < end; ++row) {
-                         const int64_t flat = row * in_features + first;
-                         kernels.nf4_dequantize_range(weight.data(), weight.scales,
-                                                      weight.blocksize, flat, flat + count,
-                                                      slab_data + row * count * item, dtype);
-                       }
-                     });
-    at::Tensor slab = slab_storage.narrow(0, 0, out_features * count).view({out_features, count});
-    at::Tensor grad_slice = grad_input.narrow(1, first, count);
-    at::mm_out(grad_slice, grad_rows, slab);
+    torch::stable::parallel_for(
+        0, out_features, std::max<int64_t>(1, kDequantizeGrain / count),
+        [&](int64_t begin, int64_t end) {
+          for (int64_t row = begin; row < end; ++row) {
+            const int64_t flat = row * in_features + first;
+            kernels.nf4_dequantize_range(weight.data(), weight.scales, weight.blocksize, flat,
+                                         flat + count, slab_data + row * count * item, dtype);
+          }
+        });
+    Tensor slab = view_shape(narrow_view(slab_storage, 0, 0, out_features * count), {out_features, count});
+    Tensor grad_slice = narrow_view(grad_input, 1, first, count);
+    aten_mm_out(grad_slice, grad_rows, slab);
   }
   return grad_input;
 }
 
 // input [..., in] -> input @ dequant(W).T + bias [..., out] (validated args).
-at::Tensor nf4_linear_forward(const Nf4WeightArgs& args, const at::Tensor& input,
-                              const std::optional<at::Tensor>& bias) {
+// Few rows read the input where it lies (when contiguous) and write the
+// output in its final shape: at one row the tensor calls around the GEMV are
+// a visible share of the call.
+Tensor nf4_linear_forward(const Nf4WeightArgs& args, const Tensor& input,
+                          const OptionalTensor& bias) {
   KernelWeight weight(args);
-  at::Tensor rows = flatten_rows(input).contiguous();
-  std::vector<int64_t> shape = output_shape(input, args.out_features);
-  if (rows.size(0) == 0) {
-    return at::empty(shape, input.options());
+  const std::vector<int64_t> shape = output_shape(input, args.out_features);
+  const int64_t count = input.numel() / args.in_features;
+  if (count == 0) return empty_tensor(shape, input.scalar_type(), input.device());
+  if (count <= gemv_max_rows(input.scalar_type())) {
+    Tensor input_c = make_contiguous(input);
+    return nf4_gemv_rows(weight, input_c.const_data_ptr(), input_c.scalar_type(), count, bias,
+                         shape, input.device());
   }
-  if (rows.size(0) <= gemv_max_rows(rows.scalar_type())) {
-    return nf4_gemv_rows(weight, rows, bias).view(shape);
-  }
-  const at::ScalarType compute = gemm_dtype(rows.scalar_type());
-  std::optional<at::Tensor> compute_bias;
-  if (bias.has_value()) compute_bias = bias->to(compute);
-  return nf4_gemm_rows(weight, rows.to(compute), compute_bias)
-      .to(input.scalar_type())
-      .view(shape);
-}
-
-at::Tensor nf4_linear_cpu(const at::Tensor& input, const at::Tensor& packed,
-                          const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-                          const std::optional<at::Tensor>& nested_code, double offset,
-                          c10::SymInt out_features, c10::SymInt in_features, int64_t blocksize,
-                          const std::optional<at::Tensor>& bias) {
-  constexpr const char* op = "nf4_linear";
-  Nf4WeightArgs weight = checked_linear_weight(op, input, packed, absmax, nested_absmax,
-                                               nested_code, offset, out_features, in_features,
-                                               blocksize, bias);
-  if (input.scalar_type() == at::kDouble) {
-    // The float64 reference path (see check_linear_float).
-    return at::linear(input,
-                      nf4_dense_weight(packed, absmax, nested_absmax, nested_code, offset,
-                                       out_features, in_features, blocksize, at::kDouble),
-                      bias);
-  }
-  return nf4_linear_forward(weight, input, bias);
-}
-
-at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_output, const at::Tensor& packed,
-                                     const at::Tensor& absmax,
-                                     const std::optional<at::Tensor>& nested_absmax,
-                                     const std::optional<at::Tensor>& nested_code, double offset,
-                                     c10::SymInt out_features, c10::SymInt in_features,
-                                     int64_t blocksize) {
-  constexpr const char* op = "nf4_linear_grad_input";
-  Nf4WeightArgs args = checked_grad_input_weight(op, grad_output, packed, absmax, nested_absmax,
-                                                 nested_code, offset, out_features, in_features,
-                                                 blocksize);
-  if (grad_output.scalar_type() == at::kDouble) {
-    return at::matmul(grad_output,
-                      nf4_dense_weight(packed, absmax, nested_absmax, nested_code, offset,
-                                       out_features, in_features, blocksize, at::kDouble));
-  }
-  KernelWeight weight(args);
-  at::Tensor grad_rows = flatten_rows(grad_output).contiguous();
-  std::vector<int64_t> shape = output_shape(grad_output, args.in_features);
-  if (grad_rows.size(0) == 0) {
-    return at::empty(shape, grad_output.options());
-  }
-  if (grad_rows.size(0) <= gemv_max_rows(grad_rows.scalar_type())) {
-    return nf4_gemv_transposed_rows(weight, grad_rows).view(shape);
-  }
-  const at::ScalarType compute = gemm_dtype(grad_rows.scalar_type());
-  return nf4_gemm_grad_rows(weight, grad_rows.to(compute))
-      .to(grad_output.scalar_type())
-      .view(shape);
+  Tensor rows = make_contiguous(flatten_rows(input));
+  const ScalarType compute = gemm_dtype(rows.scalar_type());
+  OptionalTensor compute_bias;
+  if (bias.has_value()) compute_bias = to_dtype(*bias, compute);
+  return view_shape(to_dtype(nf4_gemm_rows(weight, to_dtype(rows, compute), compute_bias),
+                       input.scalar_type()),
+              shape);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
-  m.impl("nf4_quantize", &nf4_quantize_cpu);
-  m.impl("nf4_dequantize", &nf4_dequantize_cpu);
-  m.impl("quantize_blockwise_8bit", &quantize_blockwise_8bit_cpu);
-  m.impl("dequantize_blockwise_8bit", &dequantize_blockwise_8bit_cpu);
-  m.impl("nf4_linear", &nf4_linear_cpu);
-  m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_cpu);
+Tensor nf4_linear(const Tensor& input, const Tensor& packed, const Tensor& absmax,
+                      const OptionalTensor& nested_absmax, const OptionalTensor& nested_code,
+                      double offset, int64_t out_features, int64_t in_features,
+                      int64_t blocksize, const OptionalTensor& bias) {
+  constexpr const char* op = "nf4_linear";
+  Nf4WeightArgs weight = checked_linear_weight(op, input, packed, absmax, nested_absmax,
+                                               nested_code, offset, out_features, in_features,
+                                               blocksize, bias);
+  if (input.scalar_type() == kDouble) {
+    // The float64 reference path (see check_linear_float).
+    return aten_linear(input,
+                  nf4_dense_weight(packed, absmax, nested_absmax, nested_code, offset,
+                                   out_features, in_features, blocksize, kDouble),
+                  bias);
+  }
+  return nf4_linear_forward(weight, input, bias);
+}
+
+Tensor nf4_linear_grad_input(const Tensor& grad_output, const Tensor& packed,
+                                 const Tensor& absmax, const OptionalTensor& nested_absmax,
+                                 const OptionalTensor& nested_code, double offset,
+                                 int64_t out_features, int64_t in_features, int64_t blocksize) {
+  constexpr const char* op = "nf4_linear_grad_input";
+  Nf4WeightArgs args = checked_grad_input_weight(op, grad_output, packed, absmax, nested_absmax,
+                                                 nested_code, offset, out_features, in_features,
+                                                 blocksize);
+  if (grad_output.scalar_type() == kDouble) {
+    return torch::stable::matmul(grad_output,
+                  nf4_dense_weight(packed, absmax, nested_absmax, nested_code, offset,
+                                   out_features, in_features, blocksize, kDouble));
+  }
+  KernelWeight weight(args);
+  const std::vector<int64_t> shape = output_shape(grad_output, args.in_features);
+  const int64_t count = grad_output.numel() / args.out_features;
+  if (count == 0) return empty_tensor(shape, grad_output.scalar_type(), grad_output.device());
+  if (count <= gemv_max_rows(grad_output.scalar_type())) {
+    return nf4_gemv_transposed_rows(weight, grad_output, count, shape);
+  }
+  Tensor grad_rows = make_contiguous(flatten_rows(grad_output));
+  const ScalarType compute = gemm_dtype(grad_rows.scalar_type());
+  return view_shape(to_dtype(nf4_gemm_grad_rows(weight, to_dtype(grad_rows, compute)),
+                       grad_output.scalar_type()),
+              shape);
+}
+
+STABLE_TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
+  LOWRANK_IMPL(m, nf4_quantize, nf4_quantize_cpu);
+  LOWRANK_IMPL(m, nf4_dequantize, nf4_dequantize_cpu);
+  LOWRANK_IMPL(m, quantize_blockwise_8bit, quantize_blockwise_8bit_cpu);
+  LOWRANK_IMPL(m, dequantize_blockwise_8bit, dequantize_blockwise_8bit_cpu);
+  LOWRANK_IMPL(m, nf4_linear, nf4_linear);
+  LOWRANK_IMPL(m, nf4_linear_grad_input, nf4_linear_grad_input);
 }
 
 }  // namespace cpu

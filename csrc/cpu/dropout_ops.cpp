@@ -1,36 +1,34 @@
-// ATen glue of the counter-based dropout op (see cpu/dropout_kernels.h).
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+// Glue of the counter-based dropout op (see cpu/dropout_kernels.h).
+#include <algorithm>
 #include <cmath>
 
 #include "cpu/dispatch.h"
 #include "cpu/dropout_kernels.h"
 #include "glue_helpers.h"
+#include "op_calls.h"
 #include "op_checks.h"
 
 namespace lowrank {
 namespace cpu {
 namespace {
 
-at::Tensor dropout_cpu(const at::Tensor& input, double p, const at::Tensor& seed) {
+Tensor dropout_cpu(const Tensor& input, double p, const Tensor& seed) {
   constexpr const char* op = "dropout";
   check_float_tensor(op, "input", input);
-  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
-  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1 && seed.device().is_cpu(), op,
-              ": seed must be a CPU int64 tensor with one element, got ", seed.scalar_type(),
-              " with ", seed.numel(), " elements on ", seed.device());
-  at::Tensor input_c = input.contiguous();
-  at::Tensor out = at::empty_like(input_c);
-  const auto seed_bits = static_cast<std::uint64_t>(seed.item<int64_t>());
+  LOWRANK_CHECK(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
+  LOWRANK_CHECK(seed.scalar_type() == kLong && seed.numel() == 1 && seed.is_cpu(), op,
+                ": seed must be a CPU int64 tensor with one element, got ", seed.scalar_type(),
+                " with ", seed.numel(), " elements on ", DeviceName{seed.device()});
+  Tensor input_c = make_contiguous(input);
+  Tensor out = empty_tensor(sizes_vector(input_c), input_c.scalar_type(), input_c.device());
+  const auto seed_bits = static_cast<std::uint64_t>(*seed.const_data_ptr<int64_t>());
   const auto threshold =
       static_cast<std::uint32_t>(std::min(std::ldexp(p, 32), 4294967295.0));
   const auto scale = static_cast<float>(1.0 / (1.0 - p));
   const DropoutKernels& kernels = dropout_kernels_for(active_isa());
   const Dtype dtype = kernel_dtype<Dtype>(input_c.scalar_type());
   constexpr int64_t kIndexWindow = int64_t{1} << 32;  // kernels keep index >> 32 fixed
-  at::parallel_for(0, input_c.numel(), 32768, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, input_c.numel(), 32768, [&](int64_t begin, int64_t end) {
     while (begin < end) {
       const int64_t window_end = std::min(end, (begin / kIndexWindow + 1) * kIndexWindow);
       kernels.apply(input_c.const_data_ptr(), out.mutable_data_ptr(), dtype, begin, window_end,
@@ -43,7 +41,7 @@ at::Tensor dropout_cpu(const at::Tensor& input, double p, const at::Tensor& seed
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) { m.impl("dropout", &dropout_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) { LOWRANK_IMPL(m, dropout, dropout_cpu); }
 
 }  // namespace cpu
 }  // namespace lowrank

@@ -1,11 +1,8 @@
-// ATen glue of multi_lora_linear / multi_lora_linear_backward on CPU:
-// validates the arguments, groups the rows by adapter (a counting sort, so
-// the kernels see each adapter's rows together and read its factors once)
-// and splits the shrink and expand over threads with at::parallel_for.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+// Glue of multi_lora_linear / multi_lora_linear_backward on CPU: validates
+// the arguments, groups the rows by adapter (a counting sort, so the kernels
+// see each adapter's rows together and read its factors once) and splits the
+// shrink and expand over threads with torch's parallel_for.
+#include <algorithm>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -14,6 +11,7 @@
 #include "cpu/multi_lora_kernels.h"
 #include "glue_helpers.h"
 #include "multi_lora_checks.h"
+#include "op_calls.h"
 
 namespace lowrank {
 namespace cpu {
@@ -33,8 +31,8 @@ struct RowGroups {
   std::vector<int64_t> sorted_rows;
 };
 
-RowGroups group_rows(const at::Tensor& adapter_indices, const MultiLoraShapes& shapes) {
-  at::Tensor indices = adapter_indices.contiguous();
+RowGroups group_rows(const Tensor& adapter_indices, const MultiLoraShapes& shapes) {
+  Tensor indices = make_contiguous(adapter_indices);
   const int64_t* index = indices.const_data_ptr<int64_t>();
   const int64_t count = indices.numel();
   RowGroups groups;
@@ -63,7 +61,7 @@ RowGroups group_rows(const at::Tensor& adapter_indices, const MultiLoraShapes& s
 std::vector<int64_t> adapter_parts(const RowGroups& groups, const int64_t* rank,
                                    int64_t num_adapters) {
   constexpr int64_t kFactorRows = 4;
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = torch::stable::get_num_threads();
   std::vector<int64_t> work(static_cast<size_t>(num_adapters));
   int64_t total = 0;
   for (int64_t a = 0; a < num_adapters; ++a) {
@@ -91,16 +89,15 @@ std::vector<int64_t> adapter_parts(const RowGroups& groups, const int64_t* rank,
   return parts;
 }
 
-at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base_output,
-                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                 const at::Tensor& ranks, const at::Tensor& scalings,
-                                 const at::Tensor& adapter_indices) {
+Tensor multi_lora_linear_cpu(const Tensor& input, const Tensor& base_output, const Tensor& lora_A,
+                             const Tensor& lora_B, const Tensor& ranks, const Tensor& scalings,
+                             const Tensor& adapter_indices) {
   constexpr const char* op = "multi_lora_linear";
   const MultiLoraShapes shapes = check_multi_lora_args(
       op, input, base_output, "base_output", lora_A, lora_B, ranks, scalings, adapter_indices);
   check_multi_lora_values(op, shapes, ranks, adapter_indices);
   const RowGroups groups = group_rows(adapter_indices, shapes);
-  at::Tensor ranks_c = ranks.contiguous();
+  Tensor ranks_c = make_contiguous(ranks);
   const int64_t* rank = ranks_c.const_data_ptr<int64_t>();
   // Rows the expand does not cover (no adapter, or rank 0) keep the base output.
   std::vector<int64_t> uncovered;
@@ -117,27 +114,28 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base
     }
   }
   if (static_cast<int64_t>(uncovered.size()) == shapes.rows || shapes.out_features == 0) {
-    return base_output.clone(at::MemoryFormat::Contiguous);
+    return make_contiguous(torch::stable::clone(base_output));
   }
 
   // The expand writes base + delta straight into `out` (no copy of the base
   // output first); the uncovered rows are copied.
-  at::Tensor base_c = base_output.contiguous();
-  at::Tensor out = at::empty(base_output.sizes(), base_output.options());
-  const int64_t row_bytes = shapes.out_features * base_output.element_size();
+  Tensor base_c = make_contiguous(base_output);
+  Tensor out = empty_tensor(sizes_vector(base_output), base_output.scalar_type(), base_output.device());
+  const int64_t row_bytes =
+      shapes.out_features * static_cast<int64_t>(base_output.element_size());
   const auto* base_bytes = static_cast<const char*>(base_c.const_data_ptr());
   auto* out_bytes = static_cast<char*>(out.mutable_data_ptr());
-  at::parallel_for(0, static_cast<int64_t>(uncovered.size()), 16, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, static_cast<int64_t>(uncovered.size()), 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       std::memcpy(out_bytes + uncovered[i] * row_bytes, base_bytes + uncovered[i] * row_bytes,
                   static_cast<size_t>(row_bytes));
     }
   });
 
-  at::Tensor input_c = input.contiguous();
-  at::Tensor lora_A_c = lora_A.contiguous();
-  at::Tensor lora_B_c = lora_B.contiguous();
-  at::Tensor scalings_c = scalings.contiguous();
+  Tensor input_c = make_contiguous(input);
+  Tensor lora_A_c = make_contiguous(lora_A);
+  Tensor lora_B_c = make_contiguous(lora_B);
+  Tensor scalings_c = make_contiguous(scalings);
   MultiLoraBatch batch;
   batch.dtype = kernel_dtype<Dtype>(input.scalar_type());
   batch.in_features = shapes.in_features;
@@ -162,7 +160,7 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base
     // One parallel region: each thread takes whole adapters, shrink then
     // expand over every output (their rows are its own), one adapter at a
     // time, so `hidden` stays in cache and the factors are one stream.
-    at::parallel_for(0, static_cast<int64_t>(parts.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, static_cast<int64_t>(parts.size()) - 1, 1, [&](int64_t begin, int64_t end) {
       for (int64_t part = begin; part < end; ++part) {
         for (int64_t a = parts[part]; a < parts[part + 1]; ++a) {
           if (rank[a] == 0 || groups.group_offsets[a] == groups.group_offsets[a + 1]) continue;
@@ -185,13 +183,13 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base
       tasks.push_back({a, k, std::min(rank[a], k + kShrinkRankChunk)});
     }
   }
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       kernels.shrink(batch, tasks[t].adapter, tasks[t].rank_begin, tasks[t].rank_end,
                      hidden.data());
     }
   });
-  at::parallel_for(0, shapes.out_features, kExpandGrain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, shapes.out_features, kExpandGrain, [&](int64_t begin, int64_t end) {
     kernels.expand(batch, hidden.data(), 0, shapes.num_adapters, begin, end, out_bytes);
   });
   return out;
@@ -201,57 +199,63 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& input, const at::Tensor& base
 // (each adapter's factors are read once):
 //   hidden = X A^T, grad_hidden = s * dY B, grad_X = grad_hidden A,
 //   grad_A = grad_hidden^T X, grad_B = s * dY^T hidden.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& ranks, const at::Tensor& scalings,
-    const at::Tensor& adapter_indices) {
+Tensors3 multi_lora_linear_backward_cpu(const Tensor& grad_output, const Tensor& input,
+                                        const Tensor& lora_A, const Tensor& lora_B,
+                                        const Tensor& ranks, const Tensor& scalings,
+                                        const Tensor& adapter_indices) {
   constexpr const char* op = "multi_lora_linear_backward";
   const MultiLoraShapes shapes = check_multi_lora_args(
       op, input, grad_output, "grad_output", lora_A, lora_B, ranks, scalings, adapter_indices);
   check_multi_lora_values(op, shapes, ranks, adapter_indices);
-  const at::TensorOptions fp32 = input.options().dtype(at::kFloat);
-  at::Tensor grad_input = at::zeros({shapes.rows, shapes.in_features}, fp32);
-  at::Tensor grad_A = at::zeros(lora_A.sizes(), fp32);
-  at::Tensor grad_B = at::zeros(lora_B.sizes(), fp32);
+  const torch::stable::Device device = input.device();
+  Tensor grad_input = zeros_tensor({shapes.rows, shapes.in_features}, kFloat, device);
+  Tensor grad_A = zeros_tensor(sizes_vector(lora_A), kFloat, device);
+  Tensor grad_B = zeros_tensor(sizes_vector(lora_B), kFloat, device);
   const RowGroups groups = group_rows(adapter_indices, shapes);
   if (!groups.sorted_rows.empty()) {
-    at::Tensor order = at::tensor(groups.sorted_rows, input.options().dtype(at::kLong));
-    at::Tensor x =
-        input.reshape({shapes.rows, shapes.in_features}).index_select(0, order).to(at::kFloat);
-    at::Tensor dy = grad_output.reshape({shapes.rows, shapes.out_features})
-                        .index_select(0, order)
-                        .to(at::kFloat);
-    at::Tensor grad_x = at::zeros_like(x);
-    at::Tensor ranks_c = ranks.contiguous();
-    at::Tensor scalings_c = scalings.contiguous();
+    const int64_t count_rows = static_cast<int64_t>(groups.sorted_rows.size());
+    Tensor order = empty_tensor({count_rows}, kLong, device);
+    std::memcpy(order.mutable_data_ptr<int64_t>(), groups.sorted_rows.data(),
+                groups.sorted_rows.size() * sizeof(int64_t));
+    Tensor x = to_dtype(
+        aten_index_select(reshape_to(input, {shapes.rows, shapes.in_features}), 0, order), kFloat);
+    Tensor dy = to_dtype(
+        aten_index_select(reshape_to(grad_output, {shapes.rows, shapes.out_features}), 0, order),
+        kFloat);
+    Tensor grad_x = zeros_tensor(sizes_vector(x), kFloat, device);
+    Tensor ranks_c = make_contiguous(ranks);
+    Tensor scalings_c = make_contiguous(scalings);
     const int64_t* rank = ranks_c.const_data_ptr<int64_t>();
     const float* scaling = scalings_c.const_data_ptr<float>();
     for (int64_t a = 0; a < shapes.num_adapters; ++a) {
       const int64_t begin = groups.group_offsets[a];
       const int64_t count = groups.group_offsets[a + 1] - begin;
       if (count == 0 || rank[a] == 0) continue;
-      at::Tensor x_a = x.narrow(0, begin, count);
-      at::Tensor dy_a = dy.narrow(0, begin, count);
-      at::Tensor A = lora_A[a].narrow(0, 0, rank[a]).to(at::kFloat);  // [r, in]
-      at::Tensor B = lora_B[a].narrow(1, 0, rank[a]).to(at::kFloat);  // [out, r]
-      at::Tensor hidden = at::mm(x_a, A.t());                         // [count, r]
-      at::Tensor grad_hidden = at::mm(dy_a, B).mul_(scaling[a]);      // [count, r]
-      at::Tensor grad_x_a = grad_x.narrow(0, begin, count);
-      at::mm_out(grad_x_a, grad_hidden, A);
-      grad_A[a].narrow(0, 0, rank[a]).copy_(at::mm(grad_hidden.t(), x_a));
-      grad_B[a].narrow(1, 0, rank[a]).copy_(at::mm(dy_a.t(), hidden).mul_(scaling[a]));
+      Tensor x_a = narrow_view(x, 0, begin, count);
+      Tensor dy_a = narrow_view(dy, 0, begin, count);
+      Tensor A = to_dtype(narrow_view(torch::stable::select(lora_A, 0, a), 0, 0, rank[a]), kFloat);  // [r, in]
+      Tensor B = to_dtype(narrow_view(torch::stable::select(lora_B, 0, a), 1, 0, rank[a]), kFloat);  // [out, r]
+      Tensor hidden = aten_mm(x_a, transposed(A));                                             // [count, r]
+      Tensor grad_hidden = aten_mul(aten_mm(dy_a, B), scaling[a]);                         // [count, r]
+      Tensor grad_x_a = narrow_view(grad_x, 0, begin, count);
+      aten_mm_out(grad_x_a, grad_hidden, A);
+      Tensor grad_A_a = narrow_view(torch::stable::select(grad_A, 0, a), 0, 0, rank[a]);
+      copy_into(grad_A_a, aten_mm(transposed(grad_hidden), x_a));
+      Tensor grad_B_a = narrow_view(torch::stable::select(grad_B, 0, a), 1, 0, rank[a]);
+      copy_into(grad_B_a, aten_mul(aten_mm(transposed(dy_a), hidden), scaling[a]));
     }
-    grad_input.index_copy_(0, order, grad_x);
+    aten_index_copy_(grad_input, 0, order, grad_x);
   }
-  const at::ScalarType dtype = input.scalar_type();
-  return {grad_input.to(dtype).view(input.sizes()), grad_A.to(dtype), grad_B.to(dtype)};
+  const ScalarType dtype = input.scalar_type();
+  return {view_shape(to_dtype(grad_input, dtype), sizes_vector(input)), to_dtype(grad_A, dtype),
+          to_dtype(grad_B, dtype)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
-  m.impl("multi_lora_linear", &multi_lora_linear_cpu);
-  m.impl("multi_lora_linear_backward", &multi_lora_linear_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
+  LOWRANK_IMPL(m, multi_lora_linear, multi_lora_linear_cpu);
+  LOWRANK_IMPL(m, multi_lora_linear_backward, multi_lora_linear_backward_cpu);
 }
 
 }  // namespace cpu

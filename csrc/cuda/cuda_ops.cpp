@@ -1,6 +1,6 @@
-// ATen glue for the CUDA backend: validates arguments (op_checks.h, the same
-// messages as the CPU backend), sets the device guard, and launches the
-// torch-free kernels of csrc/cuda on the current stream.
+// Glue of the CUDA backend on torch's stable ABI: validates arguments
+// (op_checks.h, the same messages as the CPU backend), sets the device guard,
+// and launches the torch-free kernels of csrc/cuda on the current stream.
 //
 // Which kernel serves nf4_linear (rows = input rows after flattening):
 //   rows <= 16                        NF4 GEMV (nf4_gemv.cu), any dtype;
@@ -13,20 +13,16 @@
 // paths at 32..256 rows). LOWRANK_CUDA_GEMM=fused|dequantize overrides the
 // choice for rows > 16, so tests and benchmarks can hold each path to the
 // same reference.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "core/nf4.h"
+#include "cuda/cuda_glue.h"
 #include "cuda/kernels.h"
 #include "glue_helpers.h"
 #include "op_calls.h"
@@ -45,142 +41,105 @@ namespace {
 // LOWRANK_CUDA_FUSED_MAX_ROWS overrides it.
 constexpr int64_t kFusedGemmMaxRows = 256;
 
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-void check_launch(const char* op, cudaError_t status) {
-  TORCH_CHECK(status == cudaSuccess, op, ": CUDA kernel launch failed: ",
-              cudaGetErrorString(status));
-}
-
-int64_t checked_numel(const char* op, c10::SymIntArrayRef shape) {
-  int64_t numel = 1;
-  for (const c10::SymInt& size : shape) {
-    int64_t value = size.expect_int();
-    TORCH_CHECK(value >= 0, op, ": shape must not have negative sizes, got ", shape);
-    numel *= value;
-  }
-  TORCH_CHECK(numel > 0, op, ": shape must describe a non-empty tensor, got ", shape);
-  return numel;
-}
-
-std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& input, int64_t blocksize) {
+Tensors2 nf4_quantize_cuda(const Tensor& input, int64_t blocksize) {
   constexpr const char* op = "nf4_quantize";
   check_float_tensor(op, "input", input);
   check_blocksize(op, blocksize);
-  TORCH_CHECK(input.numel() > 0, op, ": input must not be empty, got shape ", input.sizes());
-  c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor contiguous = input.contiguous();
-  const int64_t numel = contiguous.numel();
-  at::Tensor packed = at::empty({nf4::packed_bytes(numel)}, input.options().dtype(at::kByte));
-  at::Tensor absmax =
-      at::empty({nf4::num_blocks(numel, blocksize)}, input.options().dtype(at::kFloat));
-  at::Tensor nonfinite = at::zeros({1}, input.options().dtype(at::kInt));
-  check_launch(op, nf4_quantize(contiguous.const_data_ptr(),
-                                kernel_dtype<Dtype>(input.scalar_type()), numel, blocksize, packed.mutable_data_ptr<uint8_t>(),
+  LOWRANK_CHECK(input.numel() > 0, op, ": input must not be empty, got shape ",
+                shape_of(input));
+  DeviceGuard guard(input);
+  Tensor input_c = make_contiguous(input);
+  const int64_t numel = input_c.numel();
+  Tensor packed = empty_tensor({nf4::packed_bytes(numel)}, kByte, input.device());
+  Tensor absmax = empty_tensor({nf4::num_blocks(numel, blocksize)}, kFloat, input.device());
+  Tensor nonfinite = zeros_tensor({1}, ScalarType::Int, input.device());
+  check_launch(op, nf4_quantize(input_c.const_data_ptr(), kernel_dtype<Dtype>(input.scalar_type()),
+                                numel, blocksize, packed.mutable_data_ptr<uint8_t>(),
                                 absmax.mutable_data_ptr<float>(),
-                                nonfinite.mutable_data_ptr<int>(), current_stream()));
-  // The CPU op raises on non-finite input too; this costs one sync.
-  TORCH_CHECK_VALUE(nonfinite.item<int>() == 0, op,
-                    ": input contains NaN or Inf; NF4 cannot represent non-finite weights "
-                    "(clean or clamp them before quantizing)");
+                                nonfinite.mutable_data_ptr<int32_t>(), current_stream(input)));
+  // The CPU op raises on non-finite input too; this costs one sync. (A
+  // ValueError in Python: ops.nf4_quantize re-raises this message as one.)
+  LOWRANK_CHECK(*to_host(nonfinite).const_data_ptr<int32_t>() == 0, op,
+                ": input contains NaN or Inf; NF4 cannot represent non-finite weights "
+                "(clean or clamp them before quantizing)");
   return {packed, absmax};
 }
 
-at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absmax,
-                               c10::SymIntArrayRef shape, int64_t blocksize,
-                               at::ScalarType dtype) {
+Tensor nf4_dequantize_cuda(const Tensor& packed, const Tensor& absmax, IntArray shape,
+                           int64_t blocksize, ScalarType dtype) {
   constexpr const char* op = "nf4_dequantize";
-  check_blocksize(op, blocksize);
-  TORCH_CHECK(is_supported_float(dtype), op,
-              ": dtype must be float32, bfloat16 or float16, got ", dtype);
-  check_dtype(op, "packed", packed, at::kByte);
-  check_dtype(op, "absmax", absmax, at::kFloat);
-  check_same_device(op, "absmax", absmax, packed, "packed");
-  const int64_t numel = checked_numel(op, shape);
-  check_numel(op, "packed", packed, nf4::packed_bytes(numel), "two 4-bit codes per byte of shape");
-  check_numel(op, "absmax", absmax, nf4::num_blocks(numel, blocksize),
-              "one scale per block of shape");
-  c10::cuda::CUDAGuard guard(packed.device());
-  at::Tensor packed_c = packed.contiguous();
-  at::Tensor absmax_c = absmax.contiguous();
-  at::Tensor out = at::empty(C10_AS_INTARRAYREF_SLOW(shape), packed.options().dtype(dtype));
+  const int64_t numel = check_nf4_dequantize_args(packed, absmax, shape, blocksize, dtype);
+  DeviceGuard guard(packed);
+  Tensor packed_c = make_contiguous(packed);
+  Tensor absmax_c = make_contiguous(absmax);
+  Tensor out =
+      empty_tensor(std::vector<int64_t>(shape.begin(), shape.end()), dtype, packed.device());
   BlockScales scales;
   scales.absmax = absmax_c.const_data_ptr<float>();
   check_launch(op, nf4_dequantize(packed_c.const_data_ptr<uint8_t>(), scales, numel, blocksize,
                                   out.mutable_data_ptr(), kernel_dtype<Dtype>(dtype),
-                                  current_stream()));
+                                  current_stream(packed)));
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor& input,
-                                                                const at::Tensor& code,
-                                                                int64_t blocksize) {
+Tensors2 quantize_blockwise_8bit_cuda(const Tensor& input, const Tensor& code,
+                                      int64_t blocksize) {
   constexpr const char* op = "quantize_blockwise_8bit";
-  check_dtype(op, "input", input, at::kFloat);
-  check_dtype(op, "code", code, at::kFloat);
-  check_numel(op, "code", code, 256, "an 8-bit code map");
-  check_same_device(op, "code", code, input, "input");
-  TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
-  TORCH_CHECK(input.numel() > 0, op, ": input must not be empty");
-  c10::cuda::CUDAGuard guard(input.device());
-  TORCH_CHECK(at::isfinite(input).all().item<bool>(), op, ": input contains NaN or Inf");
-  at::Tensor input_c = input.contiguous();
-  at::Tensor code_c = code.contiguous();
-  TORCH_CHECK((code_c.slice(0, 1) >= code_c.slice(0, 0, 255)).all().item<bool>(), op,
-              ": code must be sorted ascending");
+  check_quantize_8bit_args(op, input, code, blocksize);
+  DeviceGuard guard(input);
+  Tensor all_finite = as_tensor(call_op("aten::all", "", as_tensor(call_op("aten::isfinite", "", input)[0]))[0]);
+  LOWRANK_CHECK(*to_host(all_finite).const_data_ptr<bool>(), op, ": input contains NaN or Inf");
+  Tensor input_c = make_contiguous(input);
+  Tensor code_c = make_contiguous(code);
+  const Tensor code_host = to_host(code_c);
+  const float* code_values = code_host.const_data_ptr<float>();
+  LOWRANK_CHECK(std::is_sorted(code_values, code_values + 256), op,
+                ": code must be sorted ascending");
   const int64_t numel = input_c.numel();
-  at::Tensor codes = at::empty(input.sizes(), input.options().dtype(at::kByte));
-  at::Tensor absmax =
-      at::empty({nf4::num_blocks(numel, blocksize)}, input.options().dtype(at::kFloat));
+  Tensor codes = empty_tensor(sizes_vector(input), kByte, input.device());
+  Tensor absmax = empty_tensor({nf4::num_blocks(numel, blocksize)}, kFloat, input.device());
   check_launch(op, quantize_blockwise_8bit(input_c.const_data_ptr<float>(),
                                            code_c.const_data_ptr<float>(), numel, blocksize,
                                            codes.mutable_data_ptr<uint8_t>(),
-                                           absmax.mutable_data_ptr<float>(), current_stream()));
+                                           absmax.mutable_data_ptr<float>(),
+                                           current_stream(input)));
   return {codes, absmax};
 }
 
-at::Tensor dequantize_blockwise_8bit_cuda(const at::Tensor& codes, const at::Tensor& absmax,
-                                          const at::Tensor& code, int64_t blocksize) {
+Tensor dequantize_blockwise_8bit_cuda(const Tensor& codes, const Tensor& absmax,
+                                      const Tensor& code, int64_t blocksize) {
   constexpr const char* op = "dequantize_blockwise_8bit";
-  check_dtype(op, "codes", codes, at::kByte);
-  check_dtype(op, "absmax", absmax, at::kFloat);
-  check_dtype(op, "code", code, at::kFloat);
-  check_numel(op, "code", code, 256, "an 8-bit code map");
-  check_same_device(op, "absmax", absmax, codes, "codes");
-  check_same_device(op, "code", code, codes, "codes");
-  TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
-  check_numel(op, "absmax", absmax, nf4::num_blocks(codes.numel(), blocksize),
-              "one scale per block of codes");
-  c10::cuda::CUDAGuard guard(codes.device());
-  at::Tensor codes_c = codes.contiguous();
-  at::Tensor absmax_c = absmax.contiguous();
-  at::Tensor code_c = code.contiguous();
-  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  check_dequantize_8bit_args(op, codes, absmax, code, blocksize);
+  DeviceGuard guard(codes);
+  Tensor codes_c = make_contiguous(codes);
+  Tensor absmax_c = make_contiguous(absmax);
+  Tensor code_c = make_contiguous(code);
+  Tensor out = empty_tensor(sizes_vector(codes), kFloat, codes.device());
   check_launch(op, dequantize_blockwise_8bit(
                        codes_c.const_data_ptr<uint8_t>(), absmax_c.const_data_ptr<float>(),
                        code_c.const_data_ptr<float>(), codes_c.numel(), blocksize,
-                       out.mutable_data_ptr<float>(), current_stream()));
+                       out.mutable_data_ptr<float>(), current_stream(codes)));
   return out;
 }
 
 // A validated NF4 weight with contiguous device buffers; `matrix` points into
 // them, so it stays valid while this object lives.
 struct DeviceWeight {
-  at::Tensor packed;
-  at::Tensor absmax;
-  at::Tensor nested_absmax;
-  at::Tensor nested_code;
+  Tensor packed;
+  Tensor absmax;
+  Tensor nested_absmax;
+  Tensor nested_code;
   Nf4Matrix matrix;
 
   explicit DeviceWeight(const Nf4WeightArgs& args)
-      : packed(args.packed.contiguous()), absmax(args.absmax.contiguous()) {
+      : packed(make_contiguous(args.packed)), absmax(make_contiguous(args.absmax)) {
     matrix.packed = packed.const_data_ptr<uint8_t>();
     matrix.out_features = args.out_features;
     matrix.in_features = args.in_features;
     matrix.blocksize = args.blocksize;
     if (args.nested()) {
-      nested_absmax = args.nested_absmax->contiguous();
-      nested_code = args.nested_code->contiguous();
+      nested_absmax = make_contiguous(*args.nested_absmax);
+      nested_code = make_contiguous(*args.nested_code);
       matrix.scales.nested_codes = absmax.const_data_ptr<uint8_t>();
       matrix.scales.nested_absmax = nested_absmax.const_data_ptr<float>();
       matrix.scales.nested_code = nested_code.const_data_ptr<float>();
@@ -191,12 +150,11 @@ struct DeviceWeight {
   }
 
   // The dense [out_features, in_features] weight in `dtype`, one kernel.
-  at::Tensor dequantize(const char* op, at::ScalarType dtype) const {
-    at::Tensor dense =
-        at::empty({matrix.out_features, matrix.in_features}, packed.options().dtype(dtype));
+  Tensor dequantize(const char* op, ScalarType dtype) const {
+    Tensor dense = empty_tensor({matrix.out_features, matrix.in_features}, dtype, packed.device());
     check_launch(op, nf4_dequantize(matrix.packed, matrix.scales, dense.numel(), matrix.blocksize,
                                     dense.mutable_data_ptr(), kernel_dtype<Dtype>(dtype),
-                                    current_stream()));
+                                    current_stream(packed)));
     return dense;
   }
 };
@@ -210,7 +168,8 @@ GemmPath requested_gemm_path() {
   }
   if (std::strcmp(value, "fused") == 0) return GemmPath::Fused;
   if (std::strcmp(value, "dequantize") == 0) return GemmPath::Dequantize;
-  TORCH_CHECK(false, "LOWRANK_CUDA_GEMM must be auto, fused or dequantize, got '", value, "'");
+  LOWRANK_CHECK(false, "LOWRANK_CUDA_GEMM must be auto, fused or dequantize, got '", value, "'");
+  return GemmPath::Auto;
 }
 
 // LOWRANK_CUDA_FUSED_MAX_ROWS as a row count >= 0, else kFusedGemmMaxRows.
@@ -220,14 +179,14 @@ int64_t fused_gemm_max_rows() {
   char* end = nullptr;
   errno = 0;
   const long long rows = std::strtoll(value, &end, 10);
-  TORCH_CHECK(errno == 0 && *end == '\0' && rows >= 0,
-              "LOWRANK_CUDA_FUSED_MAX_ROWS must be a row count >= 0, got '", value, "'");
+  LOWRANK_CHECK(errno == 0 && *end == '\0' && rows >= 0,
+                "LOWRANK_CUDA_FUSED_MAX_ROWS must be a row count >= 0, got '", value, "'");
   return static_cast<int64_t>(rows);
 }
 
-bool use_fused_gemm(const at::Tensor& input, int64_t rows) {
-  if (input.scalar_type() == at::kFloat) return false;
-  if (!tensor_core_gemm_supported(input.get_device())) return false;
+bool use_fused_gemm(const Tensor& input, int64_t rows) {
+  if (input.scalar_type() == kFloat) return false;
+  if (!tensor_core_gemm_supported(input.get_device_index())) return false;
   switch (requested_gemm_path()) {
     case GemmPath::Fused:
       return true;
@@ -239,84 +198,80 @@ bool use_fused_gemm(const at::Tensor& input, int64_t rows) {
   return rows <= fused_gemm_max_rows();
 }
 
-at::Tensor nf4_linear_cuda(const at::Tensor& input, const at::Tensor& packed,
-                           const at::Tensor& absmax,
-                           const std::optional<at::Tensor>& nested_absmax,
-                           const std::optional<at::Tensor>& nested_code, double offset,
-                           c10::SymInt out_features, c10::SymInt in_features, int64_t blocksize,
-                           const std::optional<at::Tensor>& bias) {
+}  // namespace
+
+Tensor nf4_linear(const Tensor& input, const Tensor& packed, const Tensor& absmax,
+                       const OptionalTensor& nested_absmax, const OptionalTensor& nested_code,
+                       double offset, int64_t out_features, int64_t in_features,
+                       int64_t blocksize, const OptionalTensor& bias) {
   constexpr const char* op = "nf4_linear";
   Nf4WeightArgs args = checked_linear_weight(op, input, packed, absmax, nested_absmax,
                                              nested_code, offset, out_features, in_features,
                                              blocksize, bias);
-  if (input.scalar_type() == at::kDouble) {
+  if (input.scalar_type() == kDouble) {
     // The float64 reference path (see check_linear_float).
-    return at::linear(input,
-                      nf4_dense_weight(packed, absmax, nested_absmax, nested_code, offset,
-                                       out_features, in_features, blocksize, at::kDouble),
-                      bias);
+    return aten_linear(input,
+                  nf4_dense_weight(packed, absmax, nested_absmax, nested_code, offset,
+                                   out_features, in_features, blocksize, kDouble),
+                  bias);
   }
-  c10::cuda::CUDAGuard guard(input.device());
+  DeviceGuard guard(input);
   DeviceWeight weight(args);
-  at::Tensor rows = flatten_rows(input).contiguous();
+  Tensor rows = make_contiguous(flatten_rows(input));
   const int64_t row_count = rows.size(0);
-  at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  Tensor bias_c = bias.has_value() ? make_contiguous(*bias) : Tensor();
   const void* bias_pointer = bias.has_value() ? bias_c.const_data_ptr() : nullptr;
-  at::Tensor out;
+  const ScalarType dtype = input.scalar_type();
+  Tensor out;
   if (row_count == 0) {
-    out = at::empty({0, args.out_features}, input.options());
+    out = empty_tensor({0, args.out_features}, dtype, input.device());
   } else if (row_count <= kGemvMaxRows) {
-    out = at::empty({row_count, args.out_features}, input.options());
+    out = empty_tensor({row_count, args.out_features}, dtype, input.device());
     check_launch(op, nf4_gemv(rows.const_data_ptr(), row_count, weight.matrix, bias_pointer,
-                              out.mutable_data_ptr(), kernel_dtype<Dtype>(input.scalar_type()),
-                              current_stream()));
+                              out.mutable_data_ptr(), kernel_dtype<Dtype>(dtype),
+                              current_stream(input)));
   } else if (use_fused_gemm(input, row_count)) {
-    out = at::empty({row_count, args.out_features}, input.options());
+    out = empty_tensor({row_count, args.out_features}, dtype, input.device());
     check_launch(op, nf4_gemm_tensor_core(rows.const_data_ptr(), row_count, weight.matrix,
                                           bias_pointer, out.mutable_data_ptr(),
-                                          kernel_dtype<Dtype>(input.scalar_type()),
-                                          current_stream()));
+                                          kernel_dtype<Dtype>(dtype), current_stream(input)));
   } else {
-    at::Tensor dense = weight.dequantize(op, input.scalar_type());
-    out = bias.has_value() ? at::addmm(bias_c, rows, dense.t()) : at::mm(rows, dense.t());
+    Tensor dense = weight.dequantize(op, dtype);
+    out = aten_linear(rows, dense, bias.has_value() ? OptionalTensor(bias_c) : std::nullopt);
   }
-  return out.view(output_shape(input, args.out_features));
+  return view_shape(out, output_shape(input, args.out_features));
 }
 
 // grad_output @ dequant(W): one dequantize kernel (nested scales decoded in
 // it) and cuBLAS. Backward runs at training batch sizes, where this is what
 // the dense-weight GEMM costs plus one weight write.
-at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_output, const at::Tensor& packed,
-                                      const at::Tensor& absmax,
-                                      const std::optional<at::Tensor>& nested_absmax,
-                                      const std::optional<at::Tensor>& nested_code, double offset,
-                                      c10::SymInt out_features, c10::SymInt in_features,
-                                      int64_t blocksize) {
+Tensor nf4_linear_grad_input(const Tensor& grad_output, const Tensor& packed,
+                                  const Tensor& absmax, const OptionalTensor& nested_absmax,
+                                  const OptionalTensor& nested_code, double offset,
+                                  int64_t out_features, int64_t in_features, int64_t blocksize) {
   constexpr const char* op = "nf4_linear_grad_input";
   Nf4WeightArgs args = checked_grad_input_weight(op, grad_output, packed, absmax, nested_absmax,
                                                  nested_code, offset, out_features, in_features,
                                                  blocksize);
-  if (grad_output.scalar_type() == at::kDouble) {
-    return at::matmul(grad_output,
-                      nf4_dense_weight(packed, absmax, nested_absmax, nested_code, offset,
-                                       out_features, in_features, blocksize, at::kDouble));
+  if (grad_output.scalar_type() == kDouble) {
+    return torch::stable::matmul(
+        grad_output, nf4_dense_weight(packed, absmax, nested_absmax, nested_code, offset,
+                                      out_features, in_features, blocksize, kDouble));
   }
-  c10::cuda::CUDAGuard guard(grad_output.device());
+  DeviceGuard guard(grad_output);
   DeviceWeight weight(args);
-  at::Tensor dense = weight.dequantize(op, grad_output.scalar_type());
-  at::Tensor grad_input = at::mm(flatten_rows(grad_output), dense);
-  return grad_input.view(output_shape(grad_output, args.in_features));
+  Tensor dense = weight.dequantize(op, grad_output.scalar_type());
+  Tensor grad_input = aten_mm(flatten_rows(grad_output), dense);
+  return view_shape(grad_input, output_shape(grad_output, args.in_features));
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(lowrank_ext, CUDA, m) {
-  m.impl("nf4_quantize", &nf4_quantize_cuda);
-  m.impl("nf4_dequantize", &nf4_dequantize_cuda);
-  m.impl("quantize_blockwise_8bit", &quantize_blockwise_8bit_cuda);
-  m.impl("dequantize_blockwise_8bit", &dequantize_blockwise_8bit_cuda);
-  m.impl("nf4_linear", &nf4_linear_cuda);
-  m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_cuda);
+STABLE_TORCH_LIBRARY_IMPL(lowrank_ext, CUDA, m) {
+  LOWRANK_IMPL(m, nf4_quantize, nf4_quantize_cuda);
+  LOWRANK_IMPL(m, nf4_dequantize, nf4_dequantize_cuda);
+  LOWRANK_IMPL(m, quantize_blockwise_8bit, quantize_blockwise_8bit_cuda);
+  LOWRANK_IMPL(m, dequantize_blockwise_8bit, dequantize_blockwise_8bit_cuda);
+  LOWRANK_IMPL(m, nf4_linear, nf4_linear);
+  LOWRANK_IMPL(m, nf4_linear_grad_input, nf4_linear_grad_input);
 }
 
 }  // namespace cuda

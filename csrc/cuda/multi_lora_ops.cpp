@@ -1,4 +1,4 @@
-// ATen glue of multi_lora_linear / multi_lora_linear_backward on CUDA.
+// Glue of multi_lora_linear / multi_lora_linear_backward on CUDA.
 //
 // Forward: the shrink kernel computes every row's scaling * x A_a^T into an
 // fp32 [rows, max_rank] buffer, the expand kernel adds hidden B_a^T to
@@ -18,44 +18,37 @@
 // LOWRANK_CUDA_CHECK_VALUES=1 asks for the CPU backend's value check (and its
 // RuntimeError) on every eager call, for debugging; it is still skipped while
 // the stream is being captured, where the copy is impossible.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
 
+#include "cuda/cuda_glue.h"
 #include "cuda/kernels.h"
 #include "glue_helpers.h"
 #include "multi_lora_checks.h"
+#include "op_calls.h"
 
 namespace lowrank {
 namespace cuda {
 namespace {
 
 // Reads the values only on request (see the file comment). Call after the
-// device guard: the capture status is that of the current device's stream.
-void check_values_on_request(const char* op, const MultiLoraShapes& shapes,
-                             const at::Tensor& ranks, const at::Tensor& adapter_indices) {
+// device guard: the capture status is that of the current stream.
+void check_values_on_request(const char* op, const MultiLoraShapes& shapes, const Tensor& ranks,
+                             const Tensor& adapter_indices) {
   const char* requested = std::getenv("LOWRANK_CUDA_CHECK_VALUES");
   if (requested == nullptr || std::strcmp(requested, "1") != 0) return;
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  check_launch(op, cudaStreamIsCapturing(current_stream(ranks), &capture));
+  if (capture == cudaStreamCaptureStatusNone) {
     check_multi_lora_values(op, shapes, ranks, adapter_indices);
   }
 }
 
-void check_launch(const char* op, cudaError_t status) {
-  TORCH_CHECK(status == cudaSuccess, op, ": CUDA kernel launch failed: ",
-              cudaGetErrorString(status));
-}
-
 // The kernels' view of the row -> adapter map; the tensors must stay alive
 // (and contiguous) while the kernels run.
-MultiLoraRows kernel_rows(const MultiLoraShapes& shapes, const at::Tensor& adapter_indices,
-                          const at::Tensor& ranks, const at::Tensor& scalings) {
+MultiLoraRows kernel_rows(const MultiLoraShapes& shapes, const Tensor& adapter_indices,
+                          const Tensor& ranks, const Tensor& scalings) {
   MultiLoraRows rows;
   rows.adapter_indices = adapter_indices.const_data_ptr<int64_t>();
   rows.rows_per_index = shapes.rows_per_index;
@@ -67,31 +60,31 @@ MultiLoraRows kernel_rows(const MultiLoraShapes& shapes, const at::Tensor& adapt
   return rows;
 }
 
-at::Tensor multi_lora_linear_cuda(const at::Tensor& input, const at::Tensor& base_output,
-                                  const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                  const at::Tensor& ranks, const at::Tensor& scalings,
-                                  const at::Tensor& adapter_indices) {
+Tensor multi_lora_linear_cuda(const Tensor& input, const Tensor& base_output,
+                              const Tensor& lora_A, const Tensor& lora_B, const Tensor& ranks,
+                              const Tensor& scalings, const Tensor& adapter_indices) {
   constexpr const char* op = "multi_lora_linear";
   const MultiLoraShapes shapes = check_multi_lora_args(
       op, input, base_output, "base_output", lora_A, lora_B, ranks, scalings, adapter_indices);
-  c10::cuda::CUDAGuard guard(input.device());
+  DeviceGuard guard(input);
   check_values_on_request(op, shapes, ranks, adapter_indices);
   if (shapes.rows == 0 || shapes.out_features == 0) {
-    return base_output.clone(at::MemoryFormat::Contiguous);
+    return make_contiguous(torch::stable::clone(base_output));
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = current_stream(input);
   const Dtype dtype = kernel_dtype<Dtype>(input.scalar_type());
-  at::Tensor input_c = input.contiguous();
-  at::Tensor base_c = base_output.contiguous();
-  at::Tensor lora_A_c = lora_A.contiguous();
-  at::Tensor lora_B_c = lora_B.contiguous();
-  at::Tensor ranks_c = ranks.contiguous();
-  at::Tensor scalings_c = scalings.contiguous();
-  at::Tensor indices_c = adapter_indices.contiguous();
+  Tensor input_c = make_contiguous(input);
+  Tensor base_c = make_contiguous(base_output);
+  Tensor lora_A_c = make_contiguous(lora_A);
+  Tensor lora_B_c = make_contiguous(lora_B);
+  Tensor ranks_c = make_contiguous(ranks);
+  Tensor scalings_c = make_contiguous(scalings);
+  Tensor indices_c = make_contiguous(adapter_indices);
   const MultiLoraRows rows = kernel_rows(shapes, indices_c, ranks_c, scalings_c);
 
-  at::Tensor hidden = at::empty({shapes.rows, shapes.max_rank}, input.options().dtype(at::kFloat));
-  at::Tensor out = at::empty(base_output.sizes(), base_output.options());
+  Tensor hidden = empty_tensor({shapes.rows, shapes.max_rank}, kFloat, input.device());
+  Tensor out = empty_tensor(sizes_vector(base_output), base_output.scalar_type(),
+                            base_output.device());
   check_launch(op, multi_lora_shrink(rows, input_c.const_data_ptr(), lora_A_c.const_data_ptr(),
                                      shapes.in_features, dtype, hidden.mutable_data_ptr<float>(),
                                      stream));
@@ -104,48 +97,59 @@ at::Tensor multi_lora_linear_cuda(const at::Tensor& input, const at::Tensor& bas
 
 // hidden [rows, max_rank] spread into [rows, num_adapters * max_rank]: row i
 // keeps its values in the columns of its adapter and zeros elsewhere (all
-// zeros for index -1), so (spread^T @ X) sums each adapter's rows only.
-at::Tensor spread_by_adapter(const at::Tensor& hidden, const at::Tensor& row_adapters,
-                             int64_t num_adapters) {
-  at::Tensor adapters = at::arange(num_adapters, row_adapters.options());
-  at::Tensor one_hot = row_adapters.unsqueeze(1).eq(adapters).to(at::kFloat);  // [rows, n]
-  return (one_hot.unsqueeze(2) * hidden.unsqueeze(1)).reshape({hidden.size(0), -1});
+// zeros for index -1), so (spread^T @ X) sums each adapter's rows only. The
+// one-hot rows compare (index + 1) with 1..num_adapters (a cumsum of ones):
+// no host copy, so CUDA graphs can capture it.
+Tensor spread_by_adapter(const Tensor& hidden, const Tensor& row_adapters, int64_t num_adapters) {
+  const std::vector<int64_t> size = {num_adapters};
+  Tensor ones = as_tensor(call_op("aten::ones", "", IntArray(size), std::optional<ScalarType>(kLong),
+                                  std::optional<torch::headeronly::Layout>(),
+                                  std::optional<torch::stable::Device>(row_adapters.device()),
+                                  std::optional<bool>())[0]);
+  Tensor positions = as_tensor(call_op("aten::cumsum", "", ones, int64_t{0},
+                                       std::optional<ScalarType>())[0]);  // 1..n
+  Tensor shifted = torch::stable::unsqueeze(aten_add(row_adapters, 1.0), 1);   // [rows, 1]
+  Tensor one_hot =
+      to_dtype(as_tensor(call_op("aten::eq", "Tensor", shifted, positions)[0]), kFloat);
+  Tensor product = as_tensor(call_op("aten::mul", "Tensor", torch::stable::unsqueeze(one_hot, 2),
+                                     torch::stable::unsqueeze(hidden, 1))[0]);
+  return reshape_to(product, {hidden.size(0), -1});
 }
 
 // See the file comment. Every product and sum is fp32; the results are
 // rounded once to input's dtype.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& ranks, const at::Tensor& scalings,
-    const at::Tensor& adapter_indices) {
+Tensors3 multi_lora_linear_backward_cuda(const Tensor& grad_output, const Tensor& input,
+                                         const Tensor& lora_A, const Tensor& lora_B,
+                                         const Tensor& ranks, const Tensor& scalings,
+                                         const Tensor& adapter_indices) {
   constexpr const char* op = "multi_lora_linear_backward";
   const MultiLoraShapes shapes = check_multi_lora_args(
       op, input, grad_output, "grad_output", lora_A, lora_B, ranks, scalings, adapter_indices);
-  c10::cuda::CUDAGuard guard(input.device());
+  DeviceGuard guard(input);
   check_values_on_request(op, shapes, ranks, adapter_indices);
-  const at::ScalarType dtype = input.scalar_type();
+  const ScalarType dtype = input.scalar_type();
   if (shapes.rows == 0) {
-    return {at::zeros(input.sizes(), input.options()), at::zeros(lora_A.sizes(), lora_A.options()),
-            at::zeros(lora_B.sizes(), lora_B.options())};
+    return {zeros_tensor(sizes_vector(input), dtype, input.device()),
+            zeros_tensor(sizes_vector(lora_A), lora_A.scalar_type(), lora_A.device()),
+            zeros_tensor(sizes_vector(lora_B), lora_B.scalar_type(), lora_B.device())};
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = current_stream(input);
   const Dtype kernel_type = kernel_dtype<Dtype>(dtype);
-  const at::TensorOptions fp32 = input.options().dtype(at::kFloat);
-  at::Tensor x = input.reshape({shapes.rows, shapes.in_features}).contiguous();
-  at::Tensor dy = grad_output.reshape({shapes.rows, shapes.out_features}).contiguous();
-  at::Tensor lora_A_c = lora_A.contiguous();
+  Tensor x = make_contiguous(reshape_to(input, {shapes.rows, shapes.in_features}));
+  Tensor dy = make_contiguous(reshape_to(grad_output, {shapes.rows, shapes.out_features}));
+  Tensor lora_A_c = make_contiguous(lora_A);
   // Shrink takes factors as [n, max_rank, features] and expand as
   // [n, features, max_rank]: B^T feeds the shrink of dY, A^T the expand.
-  at::Tensor lora_B_t = lora_B.transpose(1, 2).contiguous();
-  at::Tensor lora_A_t = lora_A.transpose(1, 2).contiguous();
-  at::Tensor ranks_c = ranks.contiguous();
-  at::Tensor scalings_c = scalings.contiguous();
-  at::Tensor indices_c = adapter_indices.contiguous();
+  Tensor lora_B_t = torch::stable::contiguous(torch::stable::transpose(lora_B, 1, 2));
+  Tensor lora_A_t = torch::stable::contiguous(torch::stable::transpose(lora_A, 1, 2));
+  Tensor ranks_c = make_contiguous(ranks);
+  Tensor scalings_c = make_contiguous(scalings);
+  Tensor indices_c = make_contiguous(adapter_indices);
   const MultiLoraRows rows = kernel_rows(shapes, indices_c, ranks_c, scalings_c);
 
-  at::Tensor hidden = at::empty({shapes.rows, shapes.max_rank}, fp32);
-  at::Tensor grad_hidden = at::empty({shapes.rows, shapes.max_rank}, fp32);
-  at::Tensor grad_input = at::empty({shapes.rows, shapes.in_features}, input.options());
+  Tensor hidden = empty_tensor({shapes.rows, shapes.max_rank}, kFloat, input.device());
+  Tensor grad_hidden = empty_tensor({shapes.rows, shapes.max_rank}, kFloat, input.device());
+  Tensor grad_input = empty_tensor({shapes.rows, shapes.in_features}, dtype, input.device());
   check_launch(op, multi_lora_shrink(rows, x.const_data_ptr(), lora_A_c.const_data_ptr(),
                                      shapes.in_features, kernel_type,
                                      hidden.mutable_data_ptr<float>(), stream));
@@ -157,26 +161,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_backward_cuda(
                                      lora_A_t.const_data_ptr(), shapes.in_features, nullptr,
                                      kernel_type, grad_input.mutable_data_ptr(), stream));
 
-  at::Tensor row_adapters = indices_c.reshape({-1, 1})
-                                .expand({-1, shapes.rows_per_index})
-                                .reshape({shapes.rows});
-  at::Tensor spread_grad_hidden = spread_by_adapter(grad_hidden, row_adapters, shapes.num_adapters);
-  at::Tensor spread_hidden = spread_by_adapter(hidden, row_adapters, shapes.num_adapters);
+  const std::vector<int64_t> expanded = {-1, shapes.rows_per_index};
+  Tensor row_adapters = reshape_to(
+      as_tensor(call_op("aten::expand", "", reshape_to(indices_c, {-1, 1}), IntArray(expanded),
+                        false)[0]),
+      {shapes.rows});
+  Tensor spread_grad_hidden = spread_by_adapter(grad_hidden, row_adapters, shapes.num_adapters);
+  Tensor spread_hidden = spread_by_adapter(hidden, row_adapters, shapes.num_adapters);
   // grad_A[a] = sum_i grad_hidden_i^T x_i; grad_B[a] = sum_i dy_i^T hidden_i.
-  at::Tensor grad_A = at::mm(spread_grad_hidden.t(), x.to(at::kFloat))
-                          .view({shapes.num_adapters, shapes.max_rank, shapes.in_features});
-  at::Tensor grad_B = at::mm(dy.to(at::kFloat).t(), spread_hidden)
-                          .view({shapes.out_features, shapes.num_adapters, shapes.max_rank})
-                          .permute({1, 0, 2});
-  return {grad_input.view(input.sizes()), grad_A.to(dtype).contiguous(),
-          grad_B.to(dtype).contiguous()};
+  Tensor grad_A = view_shape(aten_mm(transposed(spread_grad_hidden), to_dtype(x, kFloat)),
+                             {shapes.num_adapters, shapes.max_rank, shapes.in_features});
+  const std::vector<int64_t> order = {1, 0, 2};
+  Tensor grad_B = as_tensor(
+      call_op("aten::permute", "",
+              view_shape(aten_mm(transposed(to_dtype(dy, kFloat)), spread_hidden),
+                         {shapes.out_features, shapes.num_adapters, shapes.max_rank}),
+              IntArray(order))[0]);
+  return {view_shape(grad_input, sizes_vector(input)), make_contiguous(to_dtype(grad_A, dtype)),
+          make_contiguous(to_dtype(grad_B, dtype))};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowrank_ext, CUDA, m) {
-  m.impl("multi_lora_linear", &multi_lora_linear_cuda);
-  m.impl("multi_lora_linear_backward", &multi_lora_linear_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(lowrank_ext, CUDA, m) {
+  LOWRANK_IMPL(m, multi_lora_linear, multi_lora_linear_cuda);
+  LOWRANK_IMPL(m, multi_lora_linear_backward, multi_lora_linear_backward_cuda);
 }
 
 }  // namespace cuda

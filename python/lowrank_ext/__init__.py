@@ -1,8 +1,9 @@
 """lowrank_ext: LoRA, AdaLoRA and QLoRA on fast NF4 and fused low-rank kernels.
 
 Import order matters: torch first (it loads libtorch), then a check that it is
-the torch the compiled module was built for, then the compiled module (which
-registers the ops), then the Python layers built on them.
+a torch the compiled library can load into, then the library (which registers
+the ops; ``_library``, also known as ``_C``), then the Python layers built on
+them.
 """
 
 import torch
@@ -11,7 +12,8 @@ from ._torch_check import check_running_torch
 
 check_running_torch()
 
-from . import _C, ops  # noqa: E402  (only after the torch version check)
+from . import _library as _C  # noqa: E402  (only after the torch version check)
+from . import ops  # noqa: E402
 from .quant import NF4Weight, dynamic_map, nf4_codebook
 from .loftq import LoftQConfig, loftq_init
 from . import nn, tuners  # noqa: E402  (layers need the ops registered first)

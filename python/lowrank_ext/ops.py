@@ -2,12 +2,14 @@
 
 Every op here is a torch custom op (schema in ``csrc/registration.cpp``) with a
 fake kernel, so ``torch.compile(fullgraph=True)`` can trace it, and the
-differentiable ones have autograd (registered in C++, ``csrc/autograd.cpp``).
+differentiable ones have autograd (registered in Python, ``_autograd.py``).
 CPU and CUDA kernels register for the same names; the dispatcher picks the
 backend from the tensors' device. Under ``torch.autocast`` the linear ops cast
 their floating activation and weight arguments to the autocast dtype, as torch
-does for ``F.linear`` (``csrc/autocast.cpp``); given forward-mode tangents they
-compute the same math in differentiable ATen ops (``csrc/autograd.cpp``).
+does for ``F.linear`` (``_autocast.py``); given forward-mode tangents they
+compute the same math in differentiable ATen ops (``_autograd.py``). In eager
+mode the wrappers call an op below autograd when no argument needs a
+gradient, so inference never pays for the Python autograd kernel.
 
 NF4 weight arguments always come as one group (see :class:`lowrank_ext.NF4Weight`):
 ``packed`` (uint8, ``ceil(out*in/2)`` bytes, element 2i in the high nibble),
@@ -24,9 +26,25 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library that registers the ops)
+from . import _library  # noqa: F401  (loads the library that registers the ops)
+from . import _autocast  # noqa: F401  (registers the ops' autocast kernels)
+from . import _autograd  # registers the ops' autograd kernels
 
 _ops = torch.ops.lowrank_ext
+_needs_graph = _autograd.needs_graph
+_below_autograd = _autograd.below_autograd
+_is_compiling = torch.compiler.is_compiling
+
+
+def _call(op, differentiable, *args):
+    """op(*args), below autograd in eager mode when none of the
+    ``differentiable`` arguments needs a gradient (nor a tangent): the Python
+    autograd kernel would only redispatch, at several microseconds a call.
+    Traced code always calls the op itself (autograd decides in the graph)."""
+    if _is_compiling() or _needs_graph(*differentiable):
+        return op(*args)
+    with _below_autograd():
+        return op(*args)
 
 __all__ = [
     "nf4_quantize",
@@ -41,6 +59,10 @@ __all__ = [
     "stack_lora_factors",
     "dropout",
 ]
+
+
+# The start of nf4_quantize's message for a NaN or Inf input (cpu_ops.cpp, cuda_ops.cpp).
+_NON_FINITE_MESSAGE = "nf4_quantize: input contains NaN or Inf"
 
 
 def _num_blocks(numel, blocksize: int):
@@ -64,7 +86,14 @@ def nf4_quantize(input: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor
         ``absmax`` float32 ``[ceil(numel/blocksize)]``. Bit-identical to
         bitsandbytes' ``quantize_4bit(..., quant_type="nf4")``.
     """
-    return _ops.nf4_quantize(input, blocksize)
+    try:
+        return _ops.nf4_quantize(input, blocksize)
+    except RuntimeError as error:
+        # The stable ABI raises every kernel error as RuntimeError; a NaN or
+        # Inf weight is a bad value, as it was before (ValueError).
+        if _NON_FINITE_MESSAGE in str(error):
+            raise ValueError(str(error)) from None
+        raise
 
 
 def nf4_dequantize(
@@ -131,25 +160,26 @@ def nf4_linear(
         bias: ``[out_features]`` in input's dtype, or None.
 
     Returns ``[..., out_features]`` in input's dtype; products are summed in
-    fp32. On CPU, few rows (up to 16 for float32/float16, 6 for bfloat16)
-    take a fused GEMV that reads the 4-bit weight directly with the exact
+    fp32. On CPU, few rows (up to 16; 6 for bfloat16 on CPUs with
+    AVX512-BF16) take a fused GEMV that reads the 4-bit weight directly with the exact
     fp32 dequantized values, except on CPUs with AVX512-BF16 for bfloat16
     input with ``in_features % 64 == 0``: that GEMV multiplies the bfloat16
     activations by the NF4 codebook rounded to bfloat16 (relative error up
     to 2^-9 per weight, within the output's bfloat16 rounding; products
     below fp32's normal range count as zero), then applies the fp32 block
     scales. More rows dequantize panels of W into input's dtype (float32 for
-    float16 input) and multiply them with ATen's GEMM, so there the weight
-    is rounded to bfloat16 for bfloat16 input, as a dense bfloat16 layer
-    would hold it.
+    float16 input, and for bfloat16 input on CPUs without AVX512-BF16) and
+    multiply them with ATen's GEMM, so with AVX512-BF16 the weight is
+    rounded to bfloat16 for bfloat16 input, as a dense bfloat16 layer would
+    hold it.
 
     Differentiable with respect to ``input`` and ``bias`` (W is frozen).
     Raises ``RuntimeError`` naming the argument for wrong shapes, dtypes,
     devices or sizes of the weight group.
     """
-    return _ops.nf4_linear(
-        input, packed, absmax, nested_absmax, nested_code, float(offset),
-        out_features, in_features, blocksize, bias,
+    return _call(
+        _ops.nf4_linear.default, (input, bias), input, packed, absmax, nested_absmax,
+        nested_code, float(offset), out_features, in_features, blocksize, bias,
     )
 
 
@@ -204,7 +234,8 @@ def lora_linear(
     be float32: the low-rank term is then computed in float32 and rounded
     once into the output (gradients of the factors come back in float32).
     """
-    return _ops.lora_linear(input, lora_input, weight, bias, lora_A, lora_B, float(scaling))
+    return _call(_ops.lora_linear.default, (input, lora_input, weight, bias, lora_A, lora_B),
+                 input, lora_input, weight, bias, lora_A, lora_B, float(scaling))
 
 
 def qlora_linear(
@@ -230,9 +261,10 @@ def qlora_linear(
     then the low-rank term is added in place. Gradients flow to ``input``,
     ``lora_input``, ``bias``, ``lora_A`` and ``lora_B``; never to the weight.
     """
-    return _ops.qlora_linear(
-        input, lora_input, packed, absmax, nested_absmax, nested_code, float(offset),
-        out_features, in_features, blocksize, bias, lora_A, lora_B, float(scaling),
+    return _call(
+        _ops.qlora_linear.default, (input, lora_input, bias, lora_A, lora_B), input, lora_input,
+        packed, absmax, nested_absmax, nested_code, float(offset), out_features, in_features,
+        blocksize, bias, lora_A, lora_B, float(scaling),
     )
 
 
@@ -296,8 +328,8 @@ def multi_lora_linear(
         scalings = torch.as_tensor(scalings, dtype=torch.float32, device=device)
     if not isinstance(adapter_indices, torch.Tensor):
         adapter_indices = torch.as_tensor(adapter_indices, dtype=torch.int64, device=device)
-    return _ops.multi_lora_linear(input, base_output, lora_A, lora_B, ranks, scalings,
-                                  adapter_indices)
+    return _call(_ops.multi_lora_linear.default, (input, base_output, lora_A, lora_B),
+                 input, base_output, lora_A, lora_B, ranks, scalings, adapter_indices)
 
 
 def dropout(input: torch.Tensor, p: float, seed: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -318,7 +350,7 @@ def dropout(input: torch.Tensor, p: float, seed: Optional[torch.Tensor] = None) 
     """
     if seed is None:
         seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
-    return _ops.dropout(input, float(p), seed)
+    return _call(_ops.dropout.default, (input,), input, float(p), seed)
 
 
 def stack_lora_factors(
@@ -824,9 +856,6 @@ def _dropout_fake(input, p, seed):
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
-# The ops' autograd is registered in C++ (csrc/autograd.cpp): a Python autograd
-# kernel would add its interpreter overhead to every call, under no_grad too.
-#
 # nf4_quantize and quantize_blockwise_8bit are not differentiable: their
 # outputs are integer codes and the block scales that go with them, a step
 # function of the input. Without an Autograd kernel torch's fallback gives an
