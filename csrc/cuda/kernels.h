@@ -9,23 +9,15 @@
 
 #include <cstdint>
 
+#include "core/types.h"
+
 namespace lowrank {
 namespace cuda {
 
-// Element type of an activation, weight-compute or output buffer.
-enum class Dtype : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
-
-// Per-block NF4 scales, all device pointers. Plain: `absmax` holds one fp32
-// per block. Double-quantized: `nested_codes` holds one uint8 per block,
-// decoded as nested_code[c] * nested_absmax[block / 256] + offset (each step
-// rounded in fp32, as the CPU glue does).
-struct BlockScales {
-  const float* absmax = nullptr;
-  const std::uint8_t* nested_codes = nullptr;
-  const float* nested_absmax = nullptr;
-  const float* nested_code = nullptr;
-  float offset = 0.0f;
-};
+// Element type and per-block NF4 scales as the CPU kernels have them
+// (core/types.h); here every pointer in BlockScales is a device pointer.
+using ::lowrank::BlockScales;
+using ::lowrank::Dtype;
 
 // An NF4 weight W [out_features, in_features] (row-major before flattening):
 // `packed` holds ceil(out*in/2) bytes, element 2i in the high nibble.
