@@ -31,8 +31,23 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$deps" ]]; then
   echo "$deps" > "$stamp"
 fi
 
-echo "== building lowrank_ext"
-"$python" -m pip install --quiet --no-build-isolation --no-deps .
+# Rebuild only when a build input changed: a no-op `pip install .` still
+# configures CMake and repacks the wheel (~30 s on 2 cores), which would be
+# half of a short finetune run. The stamp is a digest of the sources, the
+# build files and the dependency list, written after a successful install.
+build_stamp="$venv/.lowrank-build"
+build_digest=$( { echo "$deps"; find CMakeLists.txt pyproject.toml build_support csrc python \
+  -type f ! -name '*.so' ! -name '_build_config.py' ! -path '*/__pycache__/*' -print0 \
+  | LC_ALL=C sort -z | xargs -0 sha256sum; } | sha256sum | cut -d' ' -f1)
+installed=$(compgen -G "$venv/lib/python*/site-packages/lowrank_ext/liblowrank_ext.so" || true)
+if [[ -n "$installed" && -f "$build_stamp" && "$(cat "$build_stamp")" == "$build_digest" ]]; then
+  echo "== lowrank_ext is up to date"
+else
+  echo "== building lowrank_ext"
+  rm -f "$build_stamp"
+  "$python" -m pip install --quiet --no-build-isolation --no-deps .
+  echo "$build_digest" > "$build_stamp"
+fi
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 command=${1:-finetune}

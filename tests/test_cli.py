@@ -139,9 +139,13 @@ def test_compare_on_a_file_runs_every_method_and_prints_one_table(tmp_path, smal
 def test_group_by_length_reaches_the_run_and_every_compare_child(tmp_path):
     from lowrank_ext import cli
 
-    grouped = cli.build_parser().parse_args(["finetune", "--group-by-length"])
-    assert cli._settings(grouped, "qlora", None).group_by_length
-    assert "--group-by-length" in cli._child_arguments(grouped, "lora", tmp_path)
-    plain = cli.build_parser().parse_args(["finetune"])
+    # On by default (it halves the padded tokens of the built-in task).
+    for grouped in (cli.build_parser().parse_args(["finetune"]),
+                    cli.build_parser().parse_args(["finetune", "--group-by-length"])):
+        assert cli._settings(grouped, "qlora", None).group_by_length
+        child = cli._child_arguments(grouped, "lora", tmp_path)
+        assert "--group-by-length" in child and "--no-group-by-length" not in child
+    plain = cli.build_parser().parse_args(["finetune", "--no-group-by-length"])
     assert not cli._settings(plain, "qlora", None).group_by_length
-    assert "--group-by-length" not in cli._child_arguments(plain, "lora", tmp_path)
+    child = cli._child_arguments(plain, "lora", tmp_path)
+    assert "--no-group-by-length" in child and "--group-by-length" not in child

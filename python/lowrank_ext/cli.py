@@ -121,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "(every label keeps its share; drawn with --seed)")
     finetune.add_argument("--max-length", type=_positive_int, default=64,
                           help="truncate texts to this many tokens (default: 64)")
-    finetune.add_argument("--group-by-length", action="store_true",
+    finetune.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
+                          default=True,
                           help="batch texts of similar length together (within random groups "
-                               "of 8 batches): less padding, faster steps")
+                               "of 8 batches): less padding, about twice the samples/s on "
+                               "the built-in task (default: on)")
     finetune.add_argument("--threads", type=_positive_int, default=None,
                           help="torch.set_num_threads (default: torch's choice)")
     finetune.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -196,8 +198,7 @@ def _child_arguments(arguments: argparse.Namespace, method: str, output_dir: Pat
             command += [flag, str(value)]
     if arguments.no_progress:
         command.append("--no-progress")
-    if arguments.group_by_length:
-        command.append("--group-by-length")
+    command.append("--group-by-length" if arguments.group_by_length else "--no-group-by-length")
     return command
 
 

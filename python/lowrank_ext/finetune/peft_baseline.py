@@ -68,7 +68,7 @@ def peft_bnb_qlora(num_labels: int, seed: int, rank: int = 8, alpha: float = 16.
 
 def train_reference(epochs: int = 2, batch_size: int = 32, max_length: int = 64,
                     max_train_samples=None, seed: int = 0, threads=None,
-                    group_by_length: bool = False) -> dict:
+                    group_by_length: bool = True) -> dict:
     """Train the PEFT + bitsandbytes reference on the job's task; its headline numbers."""
     if threads:
         torch.set_num_threads(threads)
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--group-by-length", action="store_true")
+    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--reference-only", action="store_true")
     arguments = parser.parse_args(argv)
     if arguments.reference_only:
@@ -168,8 +168,7 @@ def main(argv=None) -> int:
         return 0
     shared = ["--epochs", str(arguments.epochs), "--batch-size", str(arguments.batch_size),
               "--max-length", str(arguments.max_length), "--seed", str(arguments.seed)]
-    if arguments.group_by_length:
-        shared.append("--group-by-length")
+    shared.append("--group-by-length" if arguments.group_by_length else "--no-group-by-length")
     for flag, value in (("--max-train-samples", arguments.max_train_samples),
                         ("--threads", arguments.threads)):
         if value is not None:

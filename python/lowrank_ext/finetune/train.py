@@ -55,7 +55,7 @@ class FinetuneSettings:
     output_dir: Optional[str] = None
     resume: Optional[str] = None
     progress: bool = True
-    group_by_length: bool = False
+    group_by_length: bool = True
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
