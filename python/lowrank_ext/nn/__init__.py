@@ -2,6 +2,7 @@
 
 from .adalora import AdaLoRAConv2d, AdaLoRALayer, AdaLoRALinear, RankAllocator
 from .adapter_layer import AdapterLayer
+from .dropout import HashDropout, use_hash_dropout
 from .lora import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, is_transformers_conv1d
 from .nf4_linear import NF4Linear, is_bnb_linear4bit
 from .qlora import QLoRALinear
@@ -14,6 +15,7 @@ __all__ = [
     "AdaLoRALayer",
     "AdaLoRALinear",
     "AdapterLayer",
+    "HashDropout",
     "LoRAConv",
     "LoRAConv1d",
     "LoRAConv2d",
@@ -25,4 +27,5 @@ __all__ = [
     "RankAllocator",
     "is_bnb_linear4bit",
     "is_transformers_conv1d",
+    "use_hash_dropout",
 ]

@@ -17,11 +17,8 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .. import ops
 from .bases import DENSE, autocast_enabled  # noqa: F401 (autocast_enabled: for the layers)
-
-
-_FAST_DROPOUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .dropout import hashed_dropout
 
 
 def adapter_dropout(x: torch.Tensor, probability: float, training: bool) -> Optional[torch.Tensor]:
@@ -35,9 +32,8 @@ def adapter_dropout(x: torch.Tensor, probability: float, training: bool) -> Opti
     """
     if probability <= 0.0 or not training:
         return None
-    if x.device.type == "cpu" and x.dtype in _FAST_DROPOUT_DTYPES:
-        return ops.dropout(x, probability)
-    return nn.functional.dropout(x, p=probability, training=True)
+    out = hashed_dropout(x, probability)
+    return out if out is not None else nn.functional.dropout(x, p=probability, training=True)
 
 
 class AdapterLayer(nn.Module):
