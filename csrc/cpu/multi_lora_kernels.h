@@ -56,10 +56,35 @@ struct MultiLoraKernels {
   // [rows, out_features]; other rows (other adapters, no adapter, rank 0) are
   // not written, so calls on disjoint output or adapter ranges may run in
   // parallel.
+  //
+  // `scratch` is working memory of `scratch_floats` floats, at least
+  // multi_lora_expand_scratch_floats(batch, adapter_begin, adapter_end)
+  // (the kernels allocate nothing); concurrent calls need separate scratch.
   void (*expand)(const MultiLoraBatch& batch, const float* hidden, std::int64_t adapter_begin,
                  std::int64_t adapter_end, std::int64_t out_begin, std::int64_t out_end,
-                 void* out);
+                 void* out, float* scratch, std::int64_t scratch_floats);
 };
+
+// The widest vector of any table's expand, in floats (AVX-512's 16).
+static constexpr std::int64_t kMultiLoraMaxLanes = 16;
+
+// Scratch floats an expand needs for one adapter with `rows` rows and rank
+// `rank`: the rows' hidden values zero-padded to whole vectors, then one
+// vector of partial sums per row (used with ranks wider than a vector).
+static inline std::int64_t multi_lora_adapter_scratch_floats(std::int64_t rows,
+                                                             std::int64_t rank) {
+  if (rows == 0 || rank == 0) return 0;
+  const std::int64_t padded_rank =
+      (rank + kMultiLoraMaxLanes - 1) / kMultiLoraMaxLanes * kMultiLoraMaxLanes;
+  return rows * (padded_rank + kMultiLoraMaxLanes);
+}
+
+// Scratch floats one expand call over adapters [adapter_begin, adapter_end)
+// needs with any table: the most any one of them needs (the call reuses the
+// buffer adapter after adapter). Baseline code (multi_lora_scalar.cpp).
+std::int64_t multi_lora_expand_scratch_floats(const MultiLoraBatch& batch,
+                                              std::int64_t adapter_begin,
+                                              std::int64_t adapter_end);
 
 const MultiLoraKernels& multi_lora_scalar_kernels();
 const MultiLoraKernels& multi_lora_avx2_kernels();

@@ -28,7 +28,7 @@ void shrink_scalar(const MultiLoraBatch& batch, std::int64_t adapter, std::int64
 
 void expand_scalar(const MultiLoraBatch& batch, const float* hidden, std::int64_t adapter_begin,
                    std::int64_t adapter_end, std::int64_t out_begin, std::int64_t out_end,
-                   void* out) {
+                   void* out, float* /*scratch*/, std::int64_t /*scratch_floats*/) {
   const std::int64_t out_features = batch.out_features;
   const std::int64_t max_rank = batch.max_rank;
   for (std::int64_t adapter = adapter_begin; adapter < adapter_end; ++adapter) {
@@ -51,6 +51,18 @@ void expand_scalar(const MultiLoraBatch& batch, const float* hidden, std::int64_
 }
 
 }  // namespace
+
+std::int64_t multi_lora_expand_scratch_floats(const MultiLoraBatch& batch,
+                                              std::int64_t adapter_begin,
+                                              std::int64_t adapter_end) {
+  std::int64_t floats = 0;
+  for (std::int64_t adapter = adapter_begin; adapter < adapter_end; ++adapter) {
+    const std::int64_t rows = batch.group_offsets[adapter + 1] - batch.group_offsets[adapter];
+    const std::int64_t need = multi_lora_adapter_scratch_floats(rows, batch.ranks[adapter]);
+    floats = need > floats ? need : floats;
+  }
+  return floats;
+}
 
 const MultiLoraKernels& multi_lora_scalar_kernels() {
   static const MultiLoraKernels table{Isa::Scalar, &shrink_scalar, &expand_scalar};

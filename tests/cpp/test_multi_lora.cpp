@@ -82,12 +82,20 @@ void run(const MultiLoraKernels& kernels, MultiLoraBatch batch, std::vector<floa
   }
   const std::int64_t split = batch.out_features / 3;
   const std::int64_t middle = batch.num_adapters / 2;
-  kernels.expand(batch, hidden.data(), 0, middle / 2, 0, batch.out_features, out.bytes.data());
-  kernels.expand(batch, hidden.data(), middle / 2, middle, 0, batch.out_features,
-                 out.bytes.data());
-  kernels.expand(batch, hidden.data(), middle, batch.num_adapters, 0, split, out.bytes.data());
-  kernels.expand(batch, hidden.data(), middle, batch.num_adapters, split, batch.out_features,
-                 out.bytes.data());
+  // Scratch of exactly the documented size (no slack), so ASan catches any
+  // kernel that writes past it.
+  auto expand = [&](std::int64_t adapter_begin, std::int64_t adapter_end, std::int64_t out_begin,
+                    std::int64_t out_end) {
+    const std::int64_t floats =
+        lowrank::cpu::multi_lora_expand_scratch_floats(batch, adapter_begin, adapter_end);
+    std::vector<float> scratch(static_cast<std::size_t>(floats));
+    kernels.expand(batch, hidden.data(), adapter_begin, adapter_end, out_begin, out_end,
+                   out.bytes.data(), scratch.data(), floats);
+  };
+  expand(0, middle / 2, 0, batch.out_features);
+  expand(middle / 2, middle, 0, batch.out_features);
+  expand(middle, batch.num_adapters, 0, split);
+  expand(middle, batch.num_adapters, split, batch.out_features);
 }
 
 void test_case(const MultiLoraKernels& kernels, Dtype dtype, const Case& shape, std::mt19937& rng) {
