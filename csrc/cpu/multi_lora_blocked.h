@@ -228,9 +228,9 @@ void expand_blocked(const MultiLoraBatch& batch, const float* hidden, std::int64
   }
 }
 
-// The MultiLoraKernels table of an ISA, dispatching on the batch's dtype.
+// The MultiLoraKernels of an ISA, dispatching on the batch's dtype.
 template <class Simd>
-MultiLoraKernels blocked_kernels(Isa isa) {
+MultiLoraKernels blocked_kernels() {
   constexpr auto shrink = [](const MultiLoraBatch& batch, std::int64_t adapter,
                              std::int64_t rank_begin, std::int64_t rank_end, float* hidden) {
     switch (batch.dtype) {
@@ -261,7 +261,7 @@ MultiLoraKernels blocked_kernels(Isa isa) {
                                                     scratch_floats);
     }
   };
-  return MultiLoraKernels{isa, +shrink, +expand};
+  return MultiLoraKernels{+shrink, +expand};
 }
 
 }  // namespace

@@ -8,12 +8,12 @@
 //   shrink: hidden[p, k] = scaling[a] * sum_j input[row(p), j] * A[a, k, j]
 //   expand: out[row(p), o] += sum_k hidden[p, k] * B[a, o, k]     (k < ranks[a])
 // Each ISA translation unit (multi_lora_scalar.cpp, _avx2.cpp, _avx512.cpp)
-// fills one MultiLoraKernels table; multi_lora_kernels_for() picks one.
+// fills the MultiLoraKernels part of its ISA's CPU kernel table (kernels.h).
 #pragma once
 
 #include <cstdint>
 
-#include "cpu/kernels.h"
+#include "core/types.h"
 
 namespace lowrank {
 namespace cpu {
@@ -41,8 +41,6 @@ struct MultiLoraBatch {
 };
 
 struct MultiLoraKernels {
-  Isa isa;
-
   // Fills hidden[p * max_rank + k] (fp32, already multiplied by the adapter's
   // scaling) for the rows p of `adapter` and k in [rank_begin, rank_end),
   // rank_end <= ranks[adapter]. Other entries of `hidden` are not touched.
@@ -85,12 +83,6 @@ static inline std::int64_t multi_lora_adapter_scratch_floats(std::int64_t rows,
 std::int64_t multi_lora_expand_scratch_floats(const MultiLoraBatch& batch,
                                               std::int64_t adapter_begin,
                                               std::int64_t adapter_end);
-
-const MultiLoraKernels& multi_lora_scalar_kernels();
-const MultiLoraKernels& multi_lora_avx2_kernels();
-const MultiLoraKernels& multi_lora_avx512_kernels();
-// The table for `isa` (scalar off x86). Baseline code: safe on any CPU.
-const MultiLoraKernels& multi_lora_kernels_for(Isa isa);
 
 }  // namespace cpu
 }  // namespace lowrank

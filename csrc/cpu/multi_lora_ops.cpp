@@ -8,7 +8,6 @@
 #include <vector>
 
 #include "cpu/dispatch.h"
-#include "cpu/multi_lora_kernels.h"
 #include "glue_helpers.h"
 #include "multi_lora_checks.h"
 #include "op_calls.h"
@@ -154,7 +153,7 @@ Tensor multi_lora_linear_cpu(const Tensor& input, const Tensor& base_output, con
   // hidden [rows with an adapter (sorted order), max_rank] fp32; entries past
   // an adapter's rank are never written nor read.
   std::vector<float> hidden(groups.sorted_rows.size() * static_cast<size_t>(shapes.max_rank));
-  const MultiLoraKernels& kernels = multi_lora_kernels_for(active_isa());
+  const MultiLoraKernels& kernels = active_kernels().multi_lora;
   const std::vector<int64_t> parts = adapter_parts(groups, rank, shapes.num_adapters);
   if (!parts.empty()) {
     // One parallel region: each thread takes whole adapters, shrink then

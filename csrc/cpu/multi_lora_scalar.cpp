@@ -1,7 +1,6 @@
-// Reference (scalar) multi-adapter LoRA kernels and the table selector.
-// Baseline-compiled: the SIMD tables are only reached through
-// multi_lora_kernels_for() after the dispatcher's runtime CPU check.
-#include "cpu/multi_lora_kernels.h"
+// Reference (scalar) multi-adapter LoRA kernels, and the size of the scratch
+// every table's expand needs. Baseline-compiled.
+#include "cpu/isa_tables.h"
 #include "cpu/scalar_tail.h"
 
 namespace lowrank {
@@ -64,25 +63,8 @@ std::int64_t multi_lora_expand_scratch_floats(const MultiLoraBatch& batch,
   return floats;
 }
 
-const MultiLoraKernels& multi_lora_scalar_kernels() {
-  static const MultiLoraKernels table{Isa::Scalar, &shrink_scalar, &expand_scalar};
-  return table;
-}
-
-const MultiLoraKernels& multi_lora_kernels_for(Isa isa) {
-#if defined(__x86_64__) || defined(__i386__)
-  switch (isa) {
-    case Isa::Avx512:
-      return multi_lora_avx512_kernels();
-    case Isa::Avx2:
-      return multi_lora_avx2_kernels();
-    case Isa::Scalar:
-      break;
-  }
-#else
-  (void)isa;
-#endif
-  return multi_lora_scalar_kernels();
+MultiLoraKernels multi_lora_scalar_kernels() {
+  return MultiLoraKernels{&shrink_scalar, &expand_scalar};
 }
 
 }  // namespace cpu

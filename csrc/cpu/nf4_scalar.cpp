@@ -4,7 +4,7 @@
 
 #include "core/float_convert.h"
 #include "core/nf4.h"
-#include "cpu/kernels.h"
+#include "cpu/isa_tables.h"
 #include "cpu/nf4_dequantize.h"
 #include "cpu/nf4_gemv.h"
 #include "cpu/nf4_quantize.h"
@@ -74,15 +74,10 @@ struct GemvSimd {
 
 }  // namespace
 
-const CpuKernels& scalar_kernels() {
-  static const CpuKernels table{Isa::Scalar,
-                                nf4_quantize<QuantizeSimd>,
-                                nf4_dequantize<GemvSimd>,
-                                nf4_gemv<GemvSimd>,
-                                nf4_gemv_transposed<GemvSimd>,
-                                nf4_dequantize_range<GemvSimd>,
-                                nullptr};
-  return table;
+Nf4Kernels nf4_scalar_kernels() {
+  return Nf4Kernels{nf4_quantize<QuantizeSimd>,      nf4_dequantize<GemvSimd>,
+                    nf4_gemv<GemvSimd>,              nf4_gemv_transposed<GemvSimd>,
+                    nf4_dequantize_range<GemvSimd>,  nullptr};
 }
 
 void prepare_gemv_input(const void* input, Dtype dtype, std::int64_t rows,

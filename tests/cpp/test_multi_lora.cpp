@@ -15,7 +15,6 @@
 #include "core/float_convert.h"
 #include "check.h"
 #include "cpu/dispatch.h"
-#include "cpu/multi_lora_kernels.h"
 
 namespace {
 
@@ -98,7 +97,8 @@ void run(const MultiLoraKernels& kernels, MultiLoraBatch batch, std::vector<floa
   expand(middle, batch.num_adapters, split, batch.out_features);
 }
 
-void test_case(const MultiLoraKernels& kernels, Dtype dtype, const Case& shape, std::mt19937& rng) {
+void test_case(Isa isa, Dtype dtype, const Case& shape, std::mt19937& rng) {
+  const MultiLoraKernels& kernels = lowrank::cpu::kernels_for(isa).multi_lora;
   Buffer input = random_buffer(rng, dtype, shape.rows * shape.in_features);
   Buffer lora_A = random_buffer(rng, dtype, shape.num_adapters * shape.max_rank * shape.in_features);
   Buffer lora_B = random_buffer(rng, dtype, shape.num_adapters * shape.out_features * shape.max_rank);
@@ -148,12 +148,12 @@ void test_case(const MultiLoraKernels& kernels, Dtype dtype, const Case& shape, 
   const Buffer untouched = random_buffer(rng, dtype, shape.rows * shape.out_features);
   Buffer out = untouched, expected = base;
   run(kernels, batch, hidden, base, out);
-  run(lowrank::cpu::multi_lora_scalar_kernels(), batch, expected_hidden, expected, expected);
+  run(lowrank::cpu::kernels_for(Isa::Scalar).multi_lora, batch, expected_hidden, expected, expected);
 
   // fp32 sums of `in_features` products in another order (and with FMA):
   // relative error ~ in_features * 2^-24 of the sum of |products|, bounded here
   // by a multiple of sqrt(in_features) for unit normal data.
-  const std::string where = std::string(lowrank::cpu::isa_name(kernels.isa)) + " " +
+  const std::string where = std::string(lowrank::cpu::isa_name(isa)) + " " +
                             dtype_name(dtype) + " rows=" + std::to_string(shape.rows) +
                             " in=" + std::to_string(shape.in_features) +
                             " out=" + std::to_string(shape.out_features) +
@@ -215,10 +215,10 @@ int main() {
       std::printf("skipping %s (not supported by this CPU)\n", lowrank::cpu::isa_name(isa));
       continue;
     }
-    const MultiLoraKernels& kernels = lowrank::cpu::multi_lora_kernels_for(isa);
-    expect(kernels.isa == isa, std::string("table for ") + lowrank::cpu::isa_name(isa));
+    const lowrank::cpu::CpuKernels& table = lowrank::cpu::kernels_for(isa);
+    expect(table.isa == isa, std::string("table for ") + lowrank::cpu::isa_name(isa));
     for (Dtype dtype : {Dtype::Float32, Dtype::BFloat16, Dtype::Float16}) {
-      for (const Case& shape : cases) test_case(kernels, dtype, shape, rng);
+      for (const Case& shape : cases) test_case(isa, dtype, shape, rng);
     }
   }
   return lowrank_test::report();
