@@ -15,6 +15,7 @@
 #include "core/float_convert.h"
 #include "core/nf4.h"
 #include "check.h"
+#include "cpu/blockwise_8bit_kernels.h"
 #include "cpu/dispatch.h"
 #include "cpu/scalar_tail.h"
 
