@@ -1,12 +1,12 @@
 // Baseline-compiled on purpose: nothing here may use AVX instructions.
 #include "cpu/dispatch.h"
 
-#include "cpu/isa_tables.h"
-
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <stdexcept>
+
+#include "cpu/isa_tables.h"
 
 namespace lowrank {
 namespace cpu {

@@ -136,9 +136,8 @@ struct GemvSimd {
 }  // namespace
 
 Nf4Kernels nf4_avx2_kernels() {
-  return Nf4Kernels{nf4_quantize<QuantizeSimd>,      nf4_dequantize<GemvSimd>,
-                    nf4_gemv<GemvSimd>,              nf4_gemv_transposed<GemvSimd>,
-                    nf4_dequantize_range<GemvSimd>,  nullptr};
+  return Nf4Kernels{nf4_quantize<QuantizeSimd>, nf4_dequantize<GemvSimd>, nf4_gemv<GemvSimd>,
+                    nf4_gemv_transposed<GemvSimd>, nf4_dequantize_range<GemvSimd>, nullptr};
 }
 
 }  // namespace cpu
