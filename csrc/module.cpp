@@ -49,7 +49,7 @@ extern "C" {
 // Version, torch version built against, backends, CUDA archs, the CPU ISAs
 // this machine supports and whether it has AVX512-BF16 (without it the 4-bit
 // GEMM path multiplies bfloat16 activations in fp32; see gemm_dtype in
-// cpu/cpu_ops.cpp), as a JSON object.
+// cpu/nf4_ops.cpp), as a JSON object.
 LOWRANK_EXPORT const char* lowrank_build_info_json() {
   static const std::string info =
       std::string("{\"version\": \"") + LOWRANK_VERSION + "\", \"torch_version\": \"" +

@@ -1,7 +1,7 @@
 // The whole op surface of lowrank_ext, in one place (each op's C++ signature
 // is in op_calls.h). Backends register their kernels with
-// STABLE_TORCH_LIBRARY_IMPL beside the kernels (cpu/cpu_ops.cpp,
-// cuda/cuda_ops.cpp); autograd, autocast and the fake kernels are Python
+// STABLE_TORCH_LIBRARY_IMPL beside the kernels (cpu/*_ops.cpp,
+// cuda/*_ops.cpp); autograd, autocast and the fake kernels are Python
 // (python/lowrank_ext/_autograd.py, _autocast.py, ops.py).
 //
 // NF4 weight arguments always come as the same group:

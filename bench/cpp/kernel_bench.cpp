@@ -17,7 +17,6 @@
 
 #include "core/nf4.h"
 #include "cpu/dispatch.h"
-#include "cpu/kernels.h"
 
 namespace {
 
@@ -102,17 +101,17 @@ int main(int argc, char** argv) {
     if (!lowrank::cpu::isa_supported(isa)) continue;
     const CpuKernels& kernels = lowrank::cpu::kernels_for(isa);
     double quantize = median_seconds(repeats, [&] {
-      kernels.nf4_quantize(weight.data(), Dtype::Float32, numel, blocksize, 0, blocks,
+      kernels.nf4.quantize(weight.data(), Dtype::Float32, numel, blocksize, 0, blocks,
                            packed.data(), absmax.data());
     });
     double dequantize = median_seconds(repeats, [&] {
-      kernels.nf4_dequantize(packed.data(), absmax.data(), numel, blocksize, 0, blocks,
+      kernels.nf4.dequantize(packed.data(), absmax.data(), numel, blocksize, 0, blocks,
                              dense.data(), Dtype::Float32);
     });
     BlockScales scales;
     scales.absmax = absmax.data();
     double gemv = median_seconds(repeats, [&] {
-      kernels.nf4_gemv(input, packed.data(), scales, out_features, in_features, blocksize,
+      kernels.nf4.gemv(input, packed.data(), scales, out_features, in_features, blocksize,
                        nullptr, 0, out_features, out.data(), Dtype::Float32);
     });
     std::printf("%-8s %16.2f %18.2f %12.3f %18.2f\n", lowrank::cpu::isa_name(isa),

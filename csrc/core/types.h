@@ -1,4 +1,4 @@
-// Types shared by the torch-free kernel interfaces (cpu/kernels.h, and the
+// Types shared by the torch-free kernel interfaces (cpu/*_kernels.h, and the
 // CUDA one, whose BlockScales holds device pointers): the element type of a
 // buffer and an NF4 tensor's per-block scales.
 #pragma once

@@ -6,6 +6,8 @@
 #include <mutex>
 #include <stdexcept>
 
+#include "cpu/isa_tables.h"
+
 namespace lowrank {
 namespace cpu {
 namespace {
@@ -31,6 +33,55 @@ void initialize_from_environment() {
                              isa_name(best_supported_isa()) + ")");
   }
   g_active.store(static_cast<int>(isa));
+}
+
+void check_supported(Isa isa) {
+  if (!isa_supported(isa)) {
+    throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(isa) +
+                                " kernels (best available: " + isa_name(best_supported_isa()) + ")");
+  }
+}
+
+// The table of `isa`, every family's part from its <family>_<isa>.cpp. Call
+// only once isa_supported(isa): this runs code of the ISA's files.
+CpuKernels build_table(Isa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  switch (isa) {
+    case Isa::Avx512: {
+      CpuKernels table{Isa::Avx512, nf4_avx512_kernels(), dropout_avx512_kernels(),
+                       multi_lora_avx512_kernels()};
+      // The one entry that needs a feature beyond the table's ISA.
+      if (bf16_dot_product_supported()) table.nf4.gemv_bf16 = nf4_gemv_avx512bf16;
+      return table;
+    }
+    case Isa::Avx2:
+      return CpuKernels{Isa::Avx2, nf4_avx2_kernels(), dropout_avx2_kernels(),
+                        multi_lora_avx2_kernels()};
+    case Isa::Scalar:
+      break;
+  }
+#endif
+  return CpuKernels{Isa::Scalar, nf4_scalar_kernels(), dropout_scalar_kernels(),
+                    multi_lora_scalar_kernels()};
+}
+
+// kernels_for() without the check, for an ISA already checked (active_isa()
+// is). Each table is built once, on first use (thread-safe statics).
+const CpuKernels& table_for(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: {
+      static const CpuKernels table = build_table(Isa::Avx512);
+      return table;
+    }
+    case Isa::Avx2: {
+      static const CpuKernels table = build_table(Isa::Avx2);
+      return table;
+    }
+    case Isa::Scalar:
+      break;
+  }
+  static const CpuKernels table = build_table(Isa::Scalar);
+  return table;
 }
 
 }  // namespace
@@ -93,31 +144,17 @@ Isa active_isa() {
 }
 
 void set_active_isa(Isa isa) {
-  if (!isa_supported(isa)) {
-    throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(isa) +
-                                " kernels (best available: " + isa_name(best_supported_isa()) + ")");
-  }
+  check_supported(isa);
   std::call_once(g_init_flag, [] {});
   g_active.store(static_cast<int>(isa));
 }
 
 const CpuKernels& kernels_for(Isa isa) {
-#if defined(__x86_64__) || defined(__i386__)
-  switch (isa) {
-    case Isa::Avx512:
-      return avx512_kernels();
-    case Isa::Avx2:
-      return avx2_kernels();
-    case Isa::Scalar:
-      break;
-  }
-#else
-  (void)isa;
-#endif
-  return scalar_kernels();
+  check_supported(isa);
+  return table_for(isa);
 }
 
-const CpuKernels& active_kernels() { return kernels_for(active_isa()); }
+const CpuKernels& active_kernels() { return table_for(active_isa()); }
 
 }  // namespace cpu
 }  // namespace lowrank

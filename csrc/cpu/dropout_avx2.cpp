@@ -3,7 +3,7 @@
 #include <immintrin.h>
 
 #include "cpu/dropout_body.h"
-#include "cpu/dropout_kernels.h"
+#include "cpu/isa_tables.h"
 #include "cpu/simd_avx2.h"
 
 namespace lowrank {
@@ -41,10 +41,7 @@ struct DropoutSimd {
 
 }  // namespace
 
-const DropoutKernels& dropout_avx2_kernels() {
-  static const DropoutKernels table{dropout_apply<DropoutSimd>};
-  return table;
-}
+DropoutKernels dropout_avx2_kernels() { return DropoutKernels{dropout_apply<DropoutSimd>}; }
 
 }  // namespace cpu
 }  // namespace lowrank

@@ -2,7 +2,7 @@
 #include <immintrin.h>
 
 #include "cpu/dropout_body.h"
-#include "cpu/dropout_kernels.h"
+#include "cpu/isa_tables.h"
 #include "cpu/simd_avx512.h"
 
 namespace lowrank {
@@ -38,10 +38,7 @@ struct DropoutSimd {
 
 }  // namespace
 
-const DropoutKernels& dropout_avx512_kernels() {
-  static const DropoutKernels table{dropout_apply<DropoutSimd>};
-  return table;
-}
+DropoutKernels dropout_avx512_kernels() { return DropoutKernels{dropout_apply<DropoutSimd>}; }
 
 }  // namespace cpu
 }  // namespace lowrank

@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "cpu/kernels.h"
+#include "core/types.h"
 
 namespace lowrank {
 namespace cpu {
@@ -29,17 +29,14 @@ static inline std::uint32_t dropout_hash(std::uint32_t index_low, std::uint32_t 
   return x;
 }
 
+// The dropout part of the CPU kernel table (kernels.h), one per ISA, filled
+// by dropout_scalar.cpp, dropout_avx2.cpp and dropout_avx512.cpp.
 struct DropoutKernels {
   // out[i] = keep(i) ? input[i] * scale : 0 for i in [begin, end); the range
   // must not cross a multiple of 2^32 (the glue splits it).
   void (*apply)(const void* input, void* out, Dtype dtype, std::int64_t begin, std::int64_t end,
                 std::uint64_t seed, std::uint32_t threshold, float scale);
 };
-
-const DropoutKernels& dropout_scalar_kernels();
-const DropoutKernels& dropout_avx2_kernels();
-const DropoutKernels& dropout_avx512_kernels();
-const DropoutKernels& dropout_kernels_for(Isa isa);
 
 }  // namespace cpu
 }  // namespace lowrank

@@ -3,7 +3,6 @@
 #include <cmath>
 
 #include "cpu/dispatch.h"
-#include "cpu/dropout_kernels.h"
 #include "glue_helpers.h"
 #include "op_calls.h"
 #include "op_checks.h"
@@ -25,7 +24,7 @@ Tensor dropout_cpu(const Tensor& input, double p, const Tensor& seed) {
   const auto threshold =
       static_cast<std::uint32_t>(std::min(std::ldexp(p, 32), 4294967295.0));
   const auto scale = static_cast<float>(1.0 / (1.0 - p));
-  const DropoutKernels& kernels = dropout_kernels_for(active_isa());
+  const DropoutKernels& kernels = active_kernels().dropout;
   const Dtype dtype = kernel_dtype<Dtype>(input_c.scalar_type());
   constexpr int64_t kIndexWindow = int64_t{1} << 32;  // kernels keep index >> 32 fixed
   torch::stable::parallel_for(0, input_c.numel(), 32768, [&](int64_t begin, int64_t end) {

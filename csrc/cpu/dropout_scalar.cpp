@@ -1,8 +1,6 @@
-// Scalar dropout kernel (baseline flags): dropout_body.h on one lane; and the
-// table chooser.
-#include "cpu/dispatch.h"
+// Scalar dropout kernel (baseline flags): dropout_body.h on one lane.
 #include "cpu/dropout_body.h"
-#include "cpu/dropout_kernels.h"
+#include "cpu/isa_tables.h"
 #include "cpu/scalar_tail.h"
 
 namespace lowrank {
@@ -36,20 +34,7 @@ struct DropoutSimd {
 
 }  // namespace
 
-const DropoutKernels& dropout_scalar_kernels() {
-  static const DropoutKernels table{dropout_apply<DropoutSimd>};
-  return table;
-}
-
-const DropoutKernels& dropout_kernels_for(Isa isa) {
-#if defined(__x86_64__) || defined(__i386__)
-  if (isa == Isa::Avx512) return dropout_avx512_kernels();
-  if (isa == Isa::Avx2) return dropout_avx2_kernels();
-#else
-  (void)isa;
-#endif
-  return dropout_scalar_kernels();
-}
+DropoutKernels dropout_scalar_kernels() { return DropoutKernels{dropout_apply<DropoutSimd>}; }
 
 }  // namespace cpu
 }  // namespace lowrank

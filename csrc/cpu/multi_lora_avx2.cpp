@@ -1,12 +1,13 @@
 // AVX2 + FMA + F16C multi-adapter LoRA kernels: the loops of
 // multi_lora_blocked.h over 8-lane vectors. Compiled with those flags for
-// this file only and reached only through multi_lora_kernels_for() after the
-// dispatcher's runtime CPU check. AVX2 has no masked 16-bit loads, so partial
-// vectors go through a zero-padded stack buffer and the shared scalar helpers.
+// this file only and reached only through kernels_for() / active_kernels()
+// (dispatch.cpp) after the runtime CPU check. AVX2 has no masked 16-bit
+// loads, so partial vectors go through a zero-padded stack buffer and the
+// shared scalar helpers.
 #include <immintrin.h>
 
 #include "cpu/multi_lora_blocked.h"
-#include "cpu/multi_lora_kernels.h"
+#include "cpu/isa_tables.h"
 #include "cpu/scalar_tail.h"
 #include "cpu/simd_avx2.h"
 
@@ -123,10 +124,7 @@ struct Avx2 {
 
 }  // namespace
 
-const MultiLoraKernels& multi_lora_avx2_kernels() {
-  static const MultiLoraKernels table = blocked_kernels<Avx2>(Isa::Avx2);
-  return table;
-}
+MultiLoraKernels multi_lora_avx2_kernels() { return blocked_kernels<Avx2>(); }
 
 }  // namespace cpu
 }  // namespace lowrank

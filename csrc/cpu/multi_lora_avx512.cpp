@@ -1,12 +1,12 @@
 // AVX-512 (F/BW/VL/DQ) multi-adapter LoRA kernels: the loops of
 // multi_lora_blocked.h over 16-lane vectors. Compiled with those flags for
-// this file only and reached only through multi_lora_kernels_for() after the
-// dispatcher's runtime CPU check. Tails use masked loads and stores, so no
-// element outside a row is ever read or written.
+// this file only and reached only through kernels_for() / active_kernels()
+// (dispatch.cpp) after the runtime CPU check. Tails use masked loads and
+// stores, so no element outside a row is ever read or written.
 #include <immintrin.h>
 
 #include "cpu/multi_lora_blocked.h"
-#include "cpu/multi_lora_kernels.h"
+#include "cpu/isa_tables.h"
 #include "cpu/simd_avx512.h"
 
 namespace lowrank {
@@ -115,10 +115,7 @@ struct Avx512 {
 
 }  // namespace
 
-const MultiLoraKernels& multi_lora_avx512_kernels() {
-  static const MultiLoraKernels table = blocked_kernels<Avx512>(Isa::Avx512);
-  return table;
-}
+MultiLoraKernels multi_lora_avx512_kernels() { return blocked_kernels<Avx512>(); }
 
 }  // namespace cpu
 }  // namespace lowrank

@@ -3,7 +3,7 @@
 // and multi_lora_avx512.cpp. Include only from those files: everything here
 // is in an anonymous namespace, so each ISA's translation unit compiles its
 // own copy with its own flags and no vector code is shared across ISAs (see
-// kernels.h).
+// kernels.h). Nothing here allocates: the glue hands expand its scratch.
 //
 // Both steps are written for the few-rows-per-adapter case (64 rows over 32
 // adapters is two rows each), where the work is one pass over the adapter's
@@ -34,7 +34,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
+#include <cstdlib>
 
 #include "cpu/multi_lora_kernels.h"
 
@@ -160,34 +160,38 @@ inline typename Simd::Vec combine(const typename Simd::Vec columns[], const floa
 
 // MultiLoraKernels::expand for one dtype. B is [out, max_rank]: a rank's
 // values for consecutive outputs are strided. Per adapter, its rows' hidden
-// values are first copied into a zero-padded buffer (so a tile can always use
-// all lanes); then each tile of B is loaded once, transposed in registers,
-// and every row of the adapter costs kLanes FMAs per tile. With more ranks
-// than lanes the partial sums of each row wait in `partial` between rank
-// tiles. Adapters are the outer loop: each adapter's slice of B is one
-// sequential stream (rows of different adapters are disjoint, so no output is
-// revisited).
+// values are first copied into a zero-padded buffer at the start of
+// `scratch` (so a tile can always use all lanes); then each tile of B is
+// loaded once, transposed in registers, and every row of the adapter costs
+// kLanes FMAs per tile. With more ranks than lanes the partial sums of each
+// row wait in `partial`, the rest of `scratch`, between rank tiles. Adapters
+// are the outer loop: each adapter's slice of B is one sequential stream
+// (rows of different adapters are disjoint, so no output is revisited).
 template <class Simd, Dtype D>
 void expand_blocked(const MultiLoraBatch& batch, const float* hidden, std::int64_t adapter_begin,
                     std::int64_t adapter_end, std::int64_t out_begin, std::int64_t out_end,
-                    void* out) {
+                    void* out, float* scratch, std::int64_t scratch_floats) {
   using Vec = typename Simd::Vec;
   constexpr std::int64_t lanes = Simd::kLanes;
+  // What multi_lora_adapter_scratch_floats counts on: rank padded to whole
+  // vectors of this ISA is at most rank padded to kMultiLoraMaxLanes.
+  static_assert(kMultiLoraMaxLanes % lanes == 0, "kMultiLoraMaxLanes must hold whole vectors");
   const std::int64_t max_rank = batch.max_rank;
   const std::int64_t b_size = batch.num_adapters * batch.out_features * max_rank;
-  std::vector<float> padded;
-  std::vector<float> partial;
   for (std::int64_t adapter = adapter_begin; adapter < adapter_end; ++adapter) {
     const std::int64_t rank = batch.ranks[adapter];
     const std::int64_t group_begin = batch.group_offsets[adapter];
     const std::int64_t rows = batch.group_offsets[adapter + 1] - group_begin;
     if (rank == 0 || rows == 0) continue;
     const std::int64_t tiles = (rank + lanes - 1) / lanes;
-    padded.assign(static_cast<std::size_t>(rows * tiles * lanes), 0.0f);
+    // A caller's bug, not a data condition: never write past the scratch.
+    if (rows * (tiles + 1) * lanes > scratch_floats) std::abort();
+    float* const padded = scratch;
+    float* const partial = scratch + rows * tiles * lanes;
+    std::fill_n(padded, rows * tiles * lanes, 0.0f);
     for (std::int64_t i = 0; i < rows; ++i) {
-      std::copy_n(hidden + (group_begin + i) * max_rank, rank, &padded[i * tiles * lanes]);
+      std::copy_n(hidden + (group_begin + i) * max_rank, rank, padded + i * tiles * lanes);
     }
-    if (tiles > 1) partial.resize(static_cast<std::size_t>(rows * lanes));
     for (std::int64_t o = out_begin; o < out_end; o += lanes) {
       const typename Simd::Lanes out_lanes = Simd::first(out_end - o);
       const std::int64_t width = std::min(lanes, out_end - o);
@@ -207,10 +211,10 @@ void expand_blocked(const MultiLoraBatch& batch, const float* hidden, std::int64
         }
         Simd::transpose(columns);
         for (std::int64_t i = 0; i < rows; ++i) {
-          Vec sum = combine<Simd>(columns, &padded[(i * tiles + t) * lanes]);
-          if (t > 0) sum = Simd::add(sum, Simd::loadu(&partial[i * lanes]));
+          Vec sum = combine<Simd>(columns, padded + (i * tiles + t) * lanes);
+          if (t > 0) sum = Simd::add(sum, Simd::loadu(partial + i * lanes));
           if (t + 1 < tiles) {
-            Simd::storeu(&partial[i * lanes], sum);
+            Simd::storeu(partial + i * lanes, sum);
             continue;
           }
           const std::int64_t y_offset = batch.sorted_rows[group_begin + i] * batch.out_features + o;
@@ -224,9 +228,9 @@ void expand_blocked(const MultiLoraBatch& batch, const float* hidden, std::int64
   }
 }
 
-// The MultiLoraKernels table of an ISA, dispatching on the batch's dtype.
+// The MultiLoraKernels of an ISA, dispatching on the batch's dtype.
 template <class Simd>
-MultiLoraKernels blocked_kernels(Isa isa) {
+MultiLoraKernels blocked_kernels() {
   constexpr auto shrink = [](const MultiLoraBatch& batch, std::int64_t adapter,
                              std::int64_t rank_begin, std::int64_t rank_end, float* hidden) {
     switch (batch.dtype) {
@@ -240,20 +244,24 @@ MultiLoraKernels blocked_kernels(Isa isa) {
   };
   constexpr auto expand = [](const MultiLoraBatch& batch, const float* hidden,
                              std::int64_t adapter_begin, std::int64_t adapter_end,
-                             std::int64_t out_begin, std::int64_t out_end, void* out) {
+                             std::int64_t out_begin, std::int64_t out_end, void* out,
+                             float* scratch, std::int64_t scratch_floats) {
     switch (batch.dtype) {
       case Dtype::Float32:
         return expand_blocked<Simd, Dtype::Float32>(batch, hidden, adapter_begin, adapter_end,
-                                                    out_begin, out_end, out);
+                                                    out_begin, out_end, out, scratch,
+                                                    scratch_floats);
       case Dtype::BFloat16:
         return expand_blocked<Simd, Dtype::BFloat16>(batch, hidden, adapter_begin, adapter_end,
-                                                     out_begin, out_end, out);
+                                                     out_begin, out_end, out, scratch,
+                                                     scratch_floats);
       case Dtype::Float16:
         return expand_blocked<Simd, Dtype::Float16>(batch, hidden, adapter_begin, adapter_end,
-                                                    out_begin, out_end, out);
+                                                    out_begin, out_end, out, scratch,
+                                                    scratch_floats);
     }
   };
-  return MultiLoraKernels{isa, +shrink, +expand};
+  return MultiLoraKernels{+shrink, +expand};
 }
 
 }  // namespace

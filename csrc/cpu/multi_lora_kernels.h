@@ -8,12 +8,12 @@
 //   shrink: hidden[p, k] = scaling[a] * sum_j input[row(p), j] * A[a, k, j]
 //   expand: out[row(p), o] += sum_k hidden[p, k] * B[a, o, k]     (k < ranks[a])
 // Each ISA translation unit (multi_lora_scalar.cpp, _avx2.cpp, _avx512.cpp)
-// fills one MultiLoraKernels table; multi_lora_kernels_for() picks one.
+// fills the MultiLoraKernels part of its ISA's CPU kernel table (kernels.h).
 #pragma once
 
 #include <cstdint>
 
-#include "cpu/kernels.h"
+#include "core/types.h"
 
 namespace lowrank {
 namespace cpu {
@@ -41,8 +41,6 @@ struct MultiLoraBatch {
 };
 
 struct MultiLoraKernels {
-  Isa isa;
-
   // Fills hidden[p * max_rank + k] (fp32, already multiplied by the adapter's
   // scaling) for the rows p of `adapter` and k in [rank_begin, rank_end),
   // rank_end <= ranks[adapter]. Other entries of `hidden` are not touched.
@@ -56,16 +54,35 @@ struct MultiLoraKernels {
   // [rows, out_features]; other rows (other adapters, no adapter, rank 0) are
   // not written, so calls on disjoint output or adapter ranges may run in
   // parallel.
+  //
+  // `scratch` is working memory of `scratch_floats` floats, at least
+  // multi_lora_expand_scratch_floats(batch, adapter_begin, adapter_end)
+  // (the kernels allocate nothing); concurrent calls need separate scratch.
   void (*expand)(const MultiLoraBatch& batch, const float* hidden, std::int64_t adapter_begin,
                  std::int64_t adapter_end, std::int64_t out_begin, std::int64_t out_end,
-                 void* out);
+                 void* out, float* scratch, std::int64_t scratch_floats);
 };
 
-const MultiLoraKernels& multi_lora_scalar_kernels();
-const MultiLoraKernels& multi_lora_avx2_kernels();
-const MultiLoraKernels& multi_lora_avx512_kernels();
-// The table for `isa` (scalar off x86). Baseline code: safe on any CPU.
-const MultiLoraKernels& multi_lora_kernels_for(Isa isa);
+// The widest vector of any table's expand, in floats (AVX-512's 16).
+static constexpr std::int64_t kMultiLoraMaxLanes = 16;
+
+// Scratch floats an expand needs for one adapter with `rows` rows and rank
+// `rank`: the rows' hidden values zero-padded to whole vectors, then one
+// vector of partial sums per row (used with ranks wider than a vector).
+static inline std::int64_t multi_lora_adapter_scratch_floats(std::int64_t rows,
+                                                             std::int64_t rank) {
+  if (rows == 0 || rank == 0) return 0;
+  const std::int64_t padded_rank =
+      (rank + kMultiLoraMaxLanes - 1) / kMultiLoraMaxLanes * kMultiLoraMaxLanes;
+  return rows * (padded_rank + kMultiLoraMaxLanes);
+}
+
+// Scratch floats one expand call over adapters [adapter_begin, adapter_end)
+// needs with any table: the most any one of them needs (the call reuses the
+// buffer adapter after adapter). Baseline code (multi_lora_scalar.cpp).
+std::int64_t multi_lora_expand_scratch_floats(const MultiLoraBatch& batch,
+                                              std::int64_t adapter_begin,
+                                              std::int64_t adapter_end);
 
 }  // namespace cpu
 }  // namespace lowrank

@@ -8,7 +8,6 @@
 #include <vector>
 
 #include "cpu/dispatch.h"
-#include "cpu/multi_lora_kernels.h"
 #include "glue_helpers.h"
 #include "multi_lora_checks.h"
 #include "op_calls.h"
@@ -154,18 +153,24 @@ Tensor multi_lora_linear_cpu(const Tensor& input, const Tensor& base_output, con
   // hidden [rows with an adapter (sorted order), max_rank] fp32; entries past
   // an adapter's rank are never written nor read.
   std::vector<float> hidden(groups.sorted_rows.size() * static_cast<size_t>(shapes.max_rank));
-  const MultiLoraKernels& kernels = multi_lora_kernels_for(active_isa());
+  const MultiLoraKernels& kernels = active_kernels().multi_lora;
   const std::vector<int64_t> parts = adapter_parts(groups, rank, shapes.num_adapters);
   if (!parts.empty()) {
     // One parallel region: each thread takes whole adapters, shrink then
     // expand over every output (their rows are its own), one adapter at a
     // time, so `hidden` stays in cache and the factors are one stream.
     torch::stable::parallel_for(0, static_cast<int64_t>(parts.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+      // The kernels allocate nothing: the expand's working memory, for the
+      // largest adapter of these parts, reused adapter after adapter.
+      std::vector<float> scratch(static_cast<size_t>(
+          multi_lora_expand_scratch_floats(batch, parts[begin], parts[end])));
+      const int64_t scratch_floats = static_cast<int64_t>(scratch.size());
       for (int64_t part = begin; part < end; ++part) {
         for (int64_t a = parts[part]; a < parts[part + 1]; ++a) {
           if (rank[a] == 0 || groups.group_offsets[a] == groups.group_offsets[a + 1]) continue;
           kernels.shrink(batch, a, 0, rank[a], hidden.data());
-          kernels.expand(batch, hidden.data(), a, a + 1, 0, shapes.out_features, out_bytes);
+          kernels.expand(batch, hidden.data(), a, a + 1, 0, shapes.out_features, out_bytes,
+                         scratch.data(), scratch_floats);
         }
       }
     });
@@ -189,8 +194,11 @@ Tensor multi_lora_linear_cpu(const Tensor& input, const Tensor& base_output, con
                      hidden.data());
     }
   });
+  const int64_t scratch_floats = multi_lora_expand_scratch_floats(batch, 0, shapes.num_adapters);
   torch::stable::parallel_for(0, shapes.out_features, kExpandGrain, [&](int64_t begin, int64_t end) {
-    kernels.expand(batch, hidden.data(), 0, shapes.num_adapters, begin, end, out_bytes);
+    std::vector<float> scratch(static_cast<size_t>(scratch_floats));
+    kernels.expand(batch, hidden.data(), 0, shapes.num_adapters, begin, end, out_bytes,
+                   scratch.data(), scratch_floats);
   });
   return out;
 }

@@ -1,7 +1,6 @@
-// Reference (scalar) multi-adapter LoRA kernels and the table selector.
-// Baseline-compiled: the SIMD tables are only reached through
-// multi_lora_kernels_for() after the dispatcher's runtime CPU check.
-#include "cpu/multi_lora_kernels.h"
+// Reference (scalar) multi-adapter LoRA kernels, and the size of the scratch
+// every table's expand needs. Baseline-compiled.
+#include "cpu/isa_tables.h"
 #include "cpu/scalar_tail.h"
 
 namespace lowrank {
@@ -28,7 +27,7 @@ void shrink_scalar(const MultiLoraBatch& batch, std::int64_t adapter, std::int64
 
 void expand_scalar(const MultiLoraBatch& batch, const float* hidden, std::int64_t adapter_begin,
                    std::int64_t adapter_end, std::int64_t out_begin, std::int64_t out_end,
-                   void* out) {
+                   void* out, float* /*scratch*/, std::int64_t /*scratch_floats*/) {
   const std::int64_t out_features = batch.out_features;
   const std::int64_t max_rank = batch.max_rank;
   for (std::int64_t adapter = adapter_begin; adapter < adapter_end; ++adapter) {
@@ -52,25 +51,20 @@ void expand_scalar(const MultiLoraBatch& batch, const float* hidden, std::int64_
 
 }  // namespace
 
-const MultiLoraKernels& multi_lora_scalar_kernels() {
-  static const MultiLoraKernels table{Isa::Scalar, &shrink_scalar, &expand_scalar};
-  return table;
+std::int64_t multi_lora_expand_scratch_floats(const MultiLoraBatch& batch,
+                                              std::int64_t adapter_begin,
+                                              std::int64_t adapter_end) {
+  std::int64_t floats = 0;
+  for (std::int64_t adapter = adapter_begin; adapter < adapter_end; ++adapter) {
+    const std::int64_t rows = batch.group_offsets[adapter + 1] - batch.group_offsets[adapter];
+    const std::int64_t need = multi_lora_adapter_scratch_floats(rows, batch.ranks[adapter]);
+    floats = need > floats ? need : floats;
+  }
+  return floats;
 }
 
-const MultiLoraKernels& multi_lora_kernels_for(Isa isa) {
-#if defined(__x86_64__) || defined(__i386__)
-  switch (isa) {
-    case Isa::Avx512:
-      return multi_lora_avx512_kernels();
-    case Isa::Avx2:
-      return multi_lora_avx2_kernels();
-    case Isa::Scalar:
-      break;
-  }
-#else
-  (void)isa;
-#endif
-  return multi_lora_scalar_kernels();
+MultiLoraKernels multi_lora_scalar_kernels() {
+  return MultiLoraKernels{&shrink_scalar, &expand_scalar};
 }
 
 }  // namespace cpu

@@ -3,7 +3,7 @@
 #include <immintrin.h>
 
 #include "core/nf4.h"
-#include "cpu/kernels.h"
+#include "cpu/isa_tables.h"
 #include "cpu/scalar_tail.h"
 #include "cpu/nf4_dequantize.h"
 #include "cpu/nf4_gemv.h"
@@ -135,15 +135,9 @@ struct GemvSimd {
 
 }  // namespace
 
-const CpuKernels& avx2_kernels() {
-  static const CpuKernels table{Isa::Avx2,
-                                nf4_quantize<QuantizeSimd>,
-                                nf4_dequantize<GemvSimd>,
-                                nf4_gemv<GemvSimd>,
-                                nf4_gemv_transposed<GemvSimd>,
-                                nf4_dequantize_range<GemvSimd>,
-                                nullptr};
-  return table;
+Nf4Kernels nf4_avx2_kernels() {
+  return Nf4Kernels{nf4_quantize<QuantizeSimd>, nf4_dequantize<GemvSimd>, nf4_gemv<GemvSimd>,
+                    nf4_gemv_transposed<GemvSimd>, nf4_dequantize_range<GemvSimd>, nullptr};
 }
 
 }  // namespace cpu

@@ -4,7 +4,7 @@
 #include <immintrin.h>
 
 #include "core/nf4.h"
-#include "cpu/kernels.h"
+#include "cpu/isa_tables.h"
 #include "cpu/scalar_tail.h"
 #include "cpu/nf4_dequantize.h"
 #include "cpu/nf4_gemv.h"
@@ -113,15 +113,9 @@ struct GemvSimd {
 
 }  // namespace
 
-const CpuKernels& avx512_kernels() {
-  static const CpuKernels table{Isa::Avx512,
-                                nf4_quantize<QuantizeSimd>,
-                                nf4_dequantize<GemvSimd>,
-                                nf4_gemv<GemvSimd>,
-                                nf4_gemv_transposed<GemvSimd>,
-                                nf4_dequantize_range<GemvSimd>,
-                                bf16_dot_product_supported() ? nf4_gemv_avx512bf16 : nullptr};
-  return table;
+Nf4Kernels nf4_avx512_kernels() {
+  return Nf4Kernels{nf4_quantize<QuantizeSimd>, nf4_dequantize<GemvSimd>, nf4_gemv<GemvSimd>,
+                    nf4_gemv_transposed<GemvSimd>, nf4_dequantize_range<GemvSimd>, nullptr};
 }
 
 }  // namespace cpu

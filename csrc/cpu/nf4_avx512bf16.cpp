@@ -1,6 +1,7 @@
 // AVX512-BF16 NF4 GEMV for bf16 activations. Compiled with AVX-512 plus
 // AVX512-BF16 flags for this file only and reached only through the AVX-512
-// table's nf4_gemv_bf16, which is set after a runtime CPU check.
+// table's Nf4Kernels::gemv_bf16, which dispatch.cpp sets after a runtime
+// CPU check.
 //
 // Per 64 weights (32 packed bytes) the decode is one broadcast load, a
 // masked shift, an AND, two byte shuffles (the low and the high bytes of the
@@ -12,7 +13,7 @@
 
 #include "core/float_convert.h"
 #include "core/nf4.h"
-#include "cpu/kernels.h"
+#include "cpu/isa_tables.h"
 #include "cpu/scalar_tail.h"
 #include "cpu/simd_avx512.h"
 

@@ -17,7 +17,7 @@
 #include <cstdint>
 
 #include "core/nf4.h"
-#include "cpu/kernels.h"
+#include "cpu/nf4_kernels.h"
 #include "cpu/scalar_tail.h"
 
 namespace lowrank {

@@ -18,7 +18,7 @@
 
 #include "core/float_convert.h"
 #include "core/nf4.h"
-#include "cpu/kernels.h"
+#include "cpu/nf4_kernels.h"
 #include "cpu/scalar_tail.h"
 
 namespace lowrank {

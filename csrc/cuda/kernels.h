@@ -1,7 +1,7 @@
 // Torch-free CUDA kernel interface: every host launcher of csrc/cuda/*.cu is
 // declared here. Launchers take raw device pointers and a cudaStream_t, launch
 // on that stream, and return the launch status (cudaGetLastError); they never
-// synchronize. Numerics follow csrc/core/nf4.h and csrc/cpu/kernels.h exactly:
+// synchronize. Numerics follow csrc/core/nf4.h and csrc/cpu/nf4_kernels.h exactly:
 // quantize and dequantize are bit-identical to the CPU kernels.
 #pragma once
 

@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 
-# The start of nf4_quantize's message for a NaN or Inf input (cpu_ops.cpp, cuda_ops.cpp).
+# The start of nf4_quantize's message for a NaN or Inf input (nf4_ops.cpp, cuda_ops.cpp).
 _NON_FINITE_MESSAGE = "nf4_quantize: input contains NaN or Inf"
 
 

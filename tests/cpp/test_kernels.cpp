@@ -8,15 +8,15 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "core/float_convert.h"
 #include "core/nf4.h"
 #include "check.h"
+#include "cpu/blockwise_8bit_kernels.h"
 #include "cpu/dispatch.h"
-#include "cpu/dropout_kernels.h"
-#include "cpu/kernels.h"
 #include "cpu/scalar_tail.h"
 
 namespace {
@@ -48,7 +48,7 @@ std::vector<std::uint8_t> random_values(std::mt19937& rng, Dtype dtype, std::int
 }
 
 void test_nf4_against_scalar(const CpuKernels& kernels, std::mt19937& rng) {
-  const CpuKernels& reference = lowrank::cpu::scalar_kernels();
+  const CpuKernels& reference = lowrank::cpu::kernels_for(Isa::Scalar);
   const std::int64_t sizes[] = {1, 2, 15, 31, 33, 64, 100, 257, 1000, 4097, 12345};
   const std::int64_t blocksizes[] = {32, 64, 128, 4096};
   const float scales[] = {1.0f, 1e-30f, 1e4f, 1e-40f};  // 1e-40: subnormal inputs
@@ -62,7 +62,7 @@ void test_nf4_against_scalar(const CpuKernels& kernels, std::mt19937& rng) {
           std::int64_t bytes = lowrank::nf4::packed_bytes(numel);
           std::vector<std::uint8_t> packed(bytes), expected_packed(bytes);
           std::vector<float> absmax(blocks), expected_absmax(blocks);
-          bool finite = kernels.nf4_quantize(input.data(), dtype, numel, blocksize, 0, blocks,
+          bool finite = kernels.nf4.quantize(input.data(), dtype, numel, blocksize, 0, blocks,
                                              packed.data(), absmax.data());
           // Expected: the element-by-element block quantizer of scalar_tail.h,
           // independent of the loop every table (the scalar one too) shares.
@@ -84,9 +84,9 @@ void test_nf4_against_scalar(const CpuKernels& kernels, std::mt19937& rng) {
           for (Dtype out_dtype : {Dtype::Float32, Dtype::BFloat16, Dtype::Float16}) {
             std::size_t width = out_dtype == Dtype::Float32 ? 4 : 2;
             std::vector<std::uint8_t> out(numel * width), expected_out(numel * width);
-            kernels.nf4_dequantize(packed.data(), absmax.data(), numel, blocksize, 0, blocks,
+            kernels.nf4.dequantize(packed.data(), absmax.data(), numel, blocksize, 0, blocks,
                                    out.data(), out_dtype);
-            reference.nf4_dequantize(packed.data(), absmax.data(), numel, blocksize, 0, blocks,
+            reference.nf4.dequantize(packed.data(), absmax.data(), numel, blocksize, 0, blocks,
                                      expected_out.data(), out_dtype);
             expect(out == expected_out,
                    std::string("dequantize to ") + dtype_name(out_dtype) + " " + where);
@@ -103,7 +103,7 @@ void test_non_finite_is_reported(const CpuKernels& kernels) {
     input[131] = bad;
     std::vector<std::uint8_t> packed(100);
     std::vector<float> absmax(4);
-    bool finite = kernels.nf4_quantize(input.data(), Dtype::Float32, 200, 64, 0, 4, packed.data(),
+    bool finite = kernels.nf4.quantize(input.data(), Dtype::Float32, 200, 64, 0, 4, packed.data(),
                                        absmax.data());
     expect(!finite, std::string("non-finite reported on ") + lowrank::cpu::isa_name(kernels.isa));
   }
@@ -166,7 +166,7 @@ void test_blockwise_8bit() {
 // relative), the sums by fp32 reordering, so per output
 // |y - expected| <= (2^-8 + in_features 2^-23) * sum |x| |w|.
 void test_gemv_bf16(const CpuKernels& kernels, std::mt19937& rng) {
-  const CpuKernels& reference = lowrank::cpu::scalar_kernels();
+  const CpuKernels& reference = lowrank::cpu::kernels_for(Isa::Scalar);
   struct Shape { std::int64_t rows, out_features, in_features, blocksize; bool double_quant; };
   const Shape shapes[] = {{1, 37, 320, 64, true}, {2, 19, 128, 32, false}, {3, 33, 192, 4096, true},
                           {4, 21, 192, 128, false}, {6, 70, 640, 32, true}};
@@ -176,7 +176,7 @@ void test_gemv_bf16(const CpuKernels& kernels, std::mt19937& rng) {
     const std::int64_t blocks = lowrank::nf4::num_blocks(numel, shape.blocksize);
     std::vector<std::uint8_t> packed(lowrank::nf4::packed_bytes(numel));
     std::vector<float> absmax(blocks);
-    reference.nf4_quantize(weight.data(), Dtype::Float32, numel, shape.blocksize, 0, blocks,
+    reference.nf4.quantize(weight.data(), Dtype::Float32, numel, shape.blocksize, 0, blocks,
                            packed.data(), absmax.data());
     // Double quantization: one 8-bit code per block on a linear code map.
     std::vector<float> nested_code(256);
@@ -212,10 +212,10 @@ void test_gemv_bf16(const CpuKernels& kernels, std::mt19937& rng) {
     plain_input.in_features = shape.in_features;
     std::vector<float> result(shape.rows * shape.out_features);
     std::vector<float> expected(result.size());
-    kernels.nf4_gemv_bf16(fast_input, packed.data(), scales, shape.out_features,
+    kernels.nf4.gemv_bf16(fast_input, packed.data(), scales, shape.out_features,
                           shape.in_features, shape.blocksize, nullptr, 0, shape.out_features,
                           result.data(), Dtype::Float32);
-    reference.nf4_gemv(plain_input, packed.data(), scales, shape.out_features, shape.in_features,
+    reference.nf4.gemv(plain_input, packed.data(), scales, shape.out_features, shape.in_features,
                        shape.blocksize, nullptr, 0, shape.out_features, expected.data(),
                        Dtype::Float32);
     bool within = true;
@@ -261,8 +261,9 @@ TestWeight make_weight(std::mt19937& rng, std::int64_t numel, std::int64_t block
   const std::int64_t blocks = lowrank::nf4::num_blocks(numel, blocksize);
   weight.packed.resize(lowrank::nf4::packed_bytes(numel));
   weight.absmax.resize(blocks);
-  lowrank::cpu::scalar_kernels().nf4_quantize(dense.data(), Dtype::Float32, numel, blocksize, 0,
-                                              blocks, weight.packed.data(), weight.absmax.data());
+  lowrank::cpu::kernels_for(Isa::Scalar)
+      .nf4.quantize(dense.data(), Dtype::Float32, numel, blocksize, 0, blocks,
+                    weight.packed.data(), weight.absmax.data());
   if (double_quant) {
     weight.nested_code.resize(256);
     for (int i = 0; i < 256; ++i) weight.nested_code[i] = static_cast<float>(i) / 255.0f;
@@ -305,7 +306,7 @@ void test_gemv(const CpuKernels& kernels, std::mt19937& rng) {
       layout.data = buffer.data();
       const std::int64_t out_begin = shape.out_features / 3;
       std::vector<float> result(rows * shape.out_features, -1.0f);
-      kernels.nf4_gemv(layout, weight.packed.data(), weight.scales, shape.out_features,
+      kernels.nf4.gemv(layout, weight.packed.data(), weight.scales, shape.out_features,
                        shape.in_features, shape.blocksize, b, out_begin, shape.out_features,
                        result.data(), Dtype::Float32);
       bool within = true, untouched = true;
@@ -343,7 +344,7 @@ void test_gemv(const CpuKernels& kernels, std::mt19937& rng) {
 // float64 reference, and dequantize_range on arbitrary bounds against the
 // scalar table, bit for bit.
 void test_gemv_transposed_and_range(const CpuKernels& kernels, std::mt19937& rng) {
-  const CpuKernels& reference = lowrank::cpu::scalar_kernels();
+  const CpuKernels& reference = lowrank::cpu::kernels_for(Isa::Scalar);
   struct Shape { std::int64_t out_features, in_features, blocksize; bool double_quant; };
   const Shape shapes[] = {{37, 301, 64, true}, {19, 33, 32, false}, {6, 2100, 128, true}};
   for (const Shape& shape : shapes) {
@@ -360,7 +361,7 @@ void test_gemv_transposed_and_range(const CpuKernels& kernels, std::mt19937& rng
            begin += lowrank::cpu::kGemvTransposedMaxColumns) {
         const std::int64_t end =
             std::min(begin + lowrank::cpu::kGemvTransposedMaxColumns, shape.in_features);
-        kernels.nf4_gemv_transposed(grad, rows, weight.packed.data(), weight.scales,
+        kernels.nf4.gemv_transposed(grad, rows, weight.packed.data(), weight.scales,
                                     shape.out_features, shape.in_features, shape.blocksize, begin,
                                     end, result.data() + begin, shape.in_features);
       }
@@ -389,9 +390,9 @@ void test_gemv_transposed_and_range(const CpuKernels& kernels, std::mt19937& rng
         for (std::int64_t end : {numel, numel - 1, begin + 33}) {
           if (end <= begin || end > numel) continue;
           std::vector<std::uint8_t> out((end - begin) * width), expected(out.size());
-          kernels.nf4_dequantize_range(weight.packed.data(), weight.scales, shape.blocksize,
+          kernels.nf4.dequantize_range(weight.packed.data(), weight.scales, shape.blocksize,
                                        begin, end, out.data(), dtype);
-          reference.nf4_dequantize_range(weight.packed.data(), weight.scales, shape.blocksize,
+          reference.nf4.dequantize_range(weight.packed.data(), weight.scales, shape.blocksize,
                                          begin, end, expected.data(), dtype);
           same &= out == expected;
         }
@@ -406,7 +407,7 @@ void test_gemv_transposed_and_range(const CpuKernels& kernels, std::mt19937& rng
 // off the vector width; kept elements are x * scale, the others zero; the
 // kept fraction is within 5 standard deviations of 1 - p.
 void test_dropout(Isa isa, std::mt19937& rng) {
-  const auto& kernels = lowrank::cpu::dropout_kernels_for(isa);
+  const auto& kernels = lowrank::cpu::kernels_for(isa).dropout;
   const std::int64_t numel = 10007;
   for (Dtype dtype : {Dtype::Float32, Dtype::BFloat16, Dtype::Float16}) {
     const std::size_t width = dtype == Dtype::Float32 ? 4 : 2;
@@ -461,15 +462,24 @@ int main() {
   for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512}) {
     if (!lowrank::cpu::isa_supported(isa)) {
       std::printf("note: %s not supported on this CPU, not tested\n", lowrank::cpu::isa_name(isa));
+      // The chooser refuses it rather than hand out code this CPU cannot run.
+      bool refused = false;
+      try {
+        lowrank::cpu::kernels_for(isa);
+      } catch (const std::invalid_argument&) {
+        refused = true;
+      }
+      expect(refused, std::string("kernels_for refuses unsupported ") + lowrank::cpu::isa_name(isa));
       continue;
     }
     const CpuKernels& kernels = lowrank::cpu::kernels_for(isa);
+    expect(kernels.isa == isa, std::string("table for ") + lowrank::cpu::isa_name(isa));
     test_nf4_against_scalar(kernels, rng);
     test_non_finite_is_reported(kernels);
     test_gemv(kernels, rng);
     test_dropout(isa, rng);
     test_gemv_transposed_and_range(kernels, rng);
-    if (kernels.nf4_gemv_bf16 != nullptr) test_gemv_bf16(kernels, rng);
+    if (kernels.nf4.gemv_bf16 != nullptr) test_gemv_bf16(kernels, rng);
   }
   return lowrank_test::report();
 }

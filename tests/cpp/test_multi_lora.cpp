@@ -15,7 +15,6 @@
 #include "core/float_convert.h"
 #include "check.h"
 #include "cpu/dispatch.h"
-#include "cpu/multi_lora_kernels.h"
 
 namespace {
 
@@ -82,15 +81,24 @@ void run(const MultiLoraKernels& kernels, MultiLoraBatch batch, std::vector<floa
   }
   const std::int64_t split = batch.out_features / 3;
   const std::int64_t middle = batch.num_adapters / 2;
-  kernels.expand(batch, hidden.data(), 0, middle / 2, 0, batch.out_features, out.bytes.data());
-  kernels.expand(batch, hidden.data(), middle / 2, middle, 0, batch.out_features,
-                 out.bytes.data());
-  kernels.expand(batch, hidden.data(), middle, batch.num_adapters, 0, split, out.bytes.data());
-  kernels.expand(batch, hidden.data(), middle, batch.num_adapters, split, batch.out_features,
-                 out.bytes.data());
+  // Scratch of exactly the documented size (no slack), so ASan catches any
+  // kernel that writes past it.
+  auto expand = [&](std::int64_t adapter_begin, std::int64_t adapter_end, std::int64_t out_begin,
+                    std::int64_t out_end) {
+    const std::int64_t floats =
+        lowrank::cpu::multi_lora_expand_scratch_floats(batch, adapter_begin, adapter_end);
+    std::vector<float> scratch(static_cast<std::size_t>(floats));
+    kernels.expand(batch, hidden.data(), adapter_begin, adapter_end, out_begin, out_end,
+                   out.bytes.data(), scratch.data(), floats);
+  };
+  expand(0, middle / 2, 0, batch.out_features);
+  expand(middle / 2, middle, 0, batch.out_features);
+  expand(middle, batch.num_adapters, 0, split);
+  expand(middle, batch.num_adapters, split, batch.out_features);
 }
 
-void test_case(const MultiLoraKernels& kernels, Dtype dtype, const Case& shape, std::mt19937& rng) {
+void test_case(Isa isa, Dtype dtype, const Case& shape, std::mt19937& rng) {
+  const MultiLoraKernels& kernels = lowrank::cpu::kernels_for(isa).multi_lora;
   Buffer input = random_buffer(rng, dtype, shape.rows * shape.in_features);
   Buffer lora_A = random_buffer(rng, dtype, shape.num_adapters * shape.max_rank * shape.in_features);
   Buffer lora_B = random_buffer(rng, dtype, shape.num_adapters * shape.out_features * shape.max_rank);
@@ -140,12 +148,12 @@ void test_case(const MultiLoraKernels& kernels, Dtype dtype, const Case& shape, 
   const Buffer untouched = random_buffer(rng, dtype, shape.rows * shape.out_features);
   Buffer out = untouched, expected = base;
   run(kernels, batch, hidden, base, out);
-  run(lowrank::cpu::multi_lora_scalar_kernels(), batch, expected_hidden, expected, expected);
+  run(lowrank::cpu::kernels_for(Isa::Scalar).multi_lora, batch, expected_hidden, expected, expected);
 
   // fp32 sums of `in_features` products in another order (and with FMA):
   // relative error ~ in_features * 2^-24 of the sum of |products|, bounded here
   // by a multiple of sqrt(in_features) for unit normal data.
-  const std::string where = std::string(lowrank::cpu::isa_name(kernels.isa)) + " " +
+  const std::string where = std::string(lowrank::cpu::isa_name(isa)) + " " +
                             dtype_name(dtype) + " rows=" + std::to_string(shape.rows) +
                             " in=" + std::to_string(shape.in_features) +
                             " out=" + std::to_string(shape.out_features) +
@@ -207,10 +215,10 @@ int main() {
       std::printf("skipping %s (not supported by this CPU)\n", lowrank::cpu::isa_name(isa));
       continue;
     }
-    const MultiLoraKernels& kernels = lowrank::cpu::multi_lora_kernels_for(isa);
-    expect(kernels.isa == isa, std::string("table for ") + lowrank::cpu::isa_name(isa));
+    const lowrank::cpu::CpuKernels& table = lowrank::cpu::kernels_for(isa);
+    expect(table.isa == isa, std::string("table for ") + lowrank::cpu::isa_name(isa));
     for (Dtype dtype : {Dtype::Float32, Dtype::BFloat16, Dtype::Float16}) {
-      for (const Case& shape : cases) test_case(kernels, dtype, shape, rng);
+      for (const Case& shape : cases) test_case(isa, dtype, shape, rng);
     }
   }
   return lowrank_test::report();

@@ -1,6 +1,6 @@
-// Glue of the CPU backend on torch's stable ABI: validates arguments, splits
-// work with torch's parallel_for and calls the torch-free kernels of the
-// active ISA.
+// Glue of the NF4 ops on the CPU (quantize, dequantize, nf4_linear and its
+// input gradient) on torch's stable ABI: validates arguments, splits work
+// with torch's parallel_for and calls the NF4 kernels of the active ISA.
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -10,7 +10,6 @@
 
 #include "core/nf4.h"
 #include "cpu/dispatch.h"
-#include "cpu/kernels.h"
 #include "glue_helpers.h"
 #include "op_calls.h"
 #include "op_checks.h"
@@ -59,12 +58,12 @@ Tensors2 nf4_quantize_cpu(const Tensor& input, int64_t blocksize) {
   const Dtype dtype = kernel_dtype<Dtype>(input_c.scalar_type());
   std::atomic<bool> finite{true};
   torch::stable::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
-    bool ok = kernels.nf4_quantize(input_c.const_data_ptr(), dtype, numel, blocksize, begin,
+    bool ok = kernels.nf4.quantize(input_c.const_data_ptr(), dtype, numel, blocksize, begin,
                                    end, packed.mutable_data_ptr<uint8_t>(),
                                    absmax.mutable_data_ptr<float>());
     if (!ok) finite.store(false);
   });
-  // A ValueError in Python: ops.nf4_quantize re-raises this message as one
+  // A ValueError in Python: ops.nf4.quantize re-raises this message as one
   // (the stable ABI raises every error as RuntimeError).
   LOWRANK_CHECK(finite.load(), op,
                 ": input contains NaN or Inf; NF4 cannot represent non-finite weights "
@@ -83,49 +82,8 @@ Tensor nf4_dequantize_cpu(const Tensor& packed, const Tensor& absmax, IntArray s
   const CpuKernels& kernels = active_kernels();
   const Dtype out_dtype = kernel_dtype<Dtype>(dtype);
   torch::stable::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
-    kernels.nf4_dequantize(packed_c.const_data_ptr<uint8_t>(), absmax_c.const_data_ptr<float>(),
+    kernels.nf4.dequantize(packed_c.const_data_ptr<uint8_t>(), absmax_c.const_data_ptr<float>(),
                            numel, blocksize, begin, end, out.mutable_data_ptr(), out_dtype);
-  });
-  return out;
-}
-
-Tensors2 quantize_blockwise_8bit_cpu(const Tensor& input, const Tensor& code,
-                                     int64_t blocksize) {
-  constexpr const char* op = "quantize_blockwise_8bit";
-  check_quantize_8bit_args(op, input, code, blocksize);
-  Tensor input_c = make_contiguous(input);
-  Tensor code_c = make_contiguous(code);
-  const int64_t numel = input_c.numel();
-  const float* values = input_c.const_data_ptr<float>();
-  LOWRANK_CHECK(std::all_of(values, values + numel, [](float v) { return std::isfinite(v); }), op,
-                ": input contains NaN or Inf");
-  const float* code_values = code_c.const_data_ptr<float>();
-  LOWRANK_CHECK(std::is_sorted(code_values, code_values + 256), op,
-                ": code must be sorted ascending");
-  const int64_t blocks = nf4::num_blocks(numel, blocksize);
-  Tensor codes = empty_tensor(sizes_vector(input), kByte, input.device());
-  Tensor absmax = empty_tensor({blocks}, kFloat, input.device());
-  std::vector<uint8_t> lookup(k8bitLookupSize);
-  build_8bit_lookup(code_c.const_data_ptr<float>(), lookup.data());
-  torch::stable::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / blocksize), [&](int64_t b, int64_t e) {
-    quantize_blockwise_8bit(input_c.const_data_ptr<float>(), lookup.data(), numel,
-                            blocksize, b, e, codes.mutable_data_ptr<uint8_t>(),
-                            absmax.mutable_data_ptr<float>());
-  });
-  return {codes, absmax};
-}
-
-Tensor dequantize_blockwise_8bit_cpu(const Tensor& codes, const Tensor& absmax,
-                                     const Tensor& code, int64_t blocksize) {
-  check_dequantize_8bit_args("dequantize_blockwise_8bit", codes, absmax, code, blocksize);
-  Tensor codes_c = make_contiguous(codes);
-  Tensor absmax_c = make_contiguous(absmax);
-  Tensor code_c = make_contiguous(code);
-  Tensor out = empty_tensor(sizes_vector(codes), kFloat, codes.device());
-  torch::stable::parallel_for(0, codes.numel(), 65536, [&](int64_t begin, int64_t end) {
-    dequantize_blockwise_8bit(codes_c.const_data_ptr<uint8_t>(), absmax_c.const_data_ptr<float>(),
-                              code_c.const_data_ptr<float>(), codes.numel(), blocksize, begin, end,
-                              out.mutable_data_ptr<float>());
   });
   return out;
 }
@@ -279,7 +237,7 @@ Tensor nf4_gemv_bf16_rows(const CpuKernels& kernels, const KernelWeight& weight,
   parallel_dynamic(tasks, [&](auto next) {
     for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t begin = task * kGemvGrain;
-      kernels.nf4_gemv_bf16(layout, weight.data(), weight.scales, weight.out_features,
+      kernels.nf4.gemv_bf16(layout, weight.data(), weight.scales, weight.out_features,
                             weight.in_features, weight.blocksize, bias_data, begin,
                             std::min(begin + kGemvGrain, weight.out_features),
                             out.mutable_data_ptr(), Dtype::BFloat16);
@@ -298,7 +256,7 @@ Tensor nf4_gemv_rows(const KernelWeight& weight, const void* rows_data, ScalarTy
   Tensor bias_fp32;
   if (bias.has_value()) bias_fp32 = make_contiguous(to_dtype(*bias, kFloat));
   const float* bias_data = bias.has_value() ? bias_fp32.const_data_ptr<float>() : nullptr;
-  if (rows_dtype == kBFloat16 && kernels.nf4_gemv_bf16 != nullptr &&
+  if (rows_dtype == kBFloat16 && kernels.nf4.gemv_bf16 != nullptr &&
       weight.in_features % kGemvBf16Group == 0) {
     return nf4_gemv_bf16_rows(kernels, weight, rows_data, count, bias_data, shape, device);
   }
@@ -316,7 +274,7 @@ Tensor nf4_gemv_rows(const KernelWeight& weight, const void* rows_data, ScalarTy
   parallel_dynamic(tasks, [&](auto next) {
     for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t begin = task * kGemvGrain;
-      kernels.nf4_gemv(layout, weight.data(), weight.scales, weight.out_features,
+      kernels.nf4.gemv(layout, weight.data(), weight.scales, weight.out_features,
                        weight.in_features, weight.blocksize, bias_data, begin,
                        std::min(begin + kGemvGrain, weight.out_features), out_data, out_dtype);
     }
@@ -340,7 +298,7 @@ Tensor nf4_gemv_transposed_rows(const KernelWeight& weight, const Tensor& grad_r
     for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t begin = task * kGemvTransposedMaxColumns;
       const int64_t end = std::min(begin + kGemvTransposedMaxColumns, weight.in_features);
-      kernels.nf4_gemv_transposed(grad_data, count, weight.data(), weight.scales,
+      kernels.nf4.gemv_transposed(grad_data, count, weight.data(), weight.scales,
                                   weight.out_features, weight.in_features, weight.blocksize,
                                   begin, end, result_data + begin, weight.in_features);
     }
@@ -370,7 +328,7 @@ Tensor nf4_gemm_rows(const KernelWeight& weight, const Tensor& rows, const Optio
     const int64_t flat = first * in_features;
     torch::stable::parallel_for(0, count * in_features, kDequantizeGrain,
                                 [&](int64_t begin, int64_t end) {
-                                  kernels.nf4_dequantize_range(
+                                  kernels.nf4.dequantize_range(
                                       weight.data(), weight.scales, weight.blocksize,
                                       flat + begin, flat + end, panel_data + begin * item, dtype);
                                 });
@@ -409,7 +367,7 @@ Tensor nf4_gemm_grad_rows(const KernelWeight& weight, const Tensor& grad_rows) {
         [&](int64_t begin, int64_t end) {
           for (int64_t row = begin; row < end; ++row) {
             const int64_t flat = row * in_features + first;
-            kernels.nf4_dequantize_range(weight.data(), weight.scales, weight.blocksize, flat,
+            kernels.nf4.dequantize_range(weight.data(), weight.scales, weight.blocksize, flat,
                                          flat + count, slab_data + row * count * item, dtype);
           }
         });
@@ -494,8 +452,6 @@ Tensor nf4_linear_grad_input(const Tensor& grad_output, const Tensor& packed,
 STABLE_TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
   LOWRANK_IMPL(m, nf4_quantize, nf4_quantize_cpu);
   LOWRANK_IMPL(m, nf4_dequantize, nf4_dequantize_cpu);
-  LOWRANK_IMPL(m, quantize_blockwise_8bit, quantize_blockwise_8bit_cpu);
-  LOWRANK_IMPL(m, dequantize_blockwise_8bit, dequantize_blockwise_8bit_cpu);
   LOWRANK_IMPL(m, nf4_linear, nf4_linear);
   LOWRANK_IMPL(m, nf4_linear_grad_input, nf4_linear_grad_input);
 }
