@@ -299,6 +299,9 @@ def test_finetune_report_adapter_plot_and_resume(tmp_path, tiny_splits):
                                 learning_rate=2e-3)
     report = run_finetune(settings, tiny_splits)
     assert report["steps"] == 3
+    # The model's nn.Dropout layers run the hashed-mask kernel (MiniLM: the
+    # embeddings' + 3 per layer).
+    assert report["hash_dropout_layers"] == 1 + 3 * 6
     assert len(report["history"]["train_loss"]) == 3
     assert all(torch.isfinite(torch.tensor(report["history"]["train_loss"])))
     assert report["history"]["validation_steps"] == [0, 3]

@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="run every method on the same data and seed, print one table")
     finetune.add_argument("--data", metavar="FILE",
                           help="CSV or JSONL file with columns text,label (default: built-in task)")
-    finetune.add_argument("--epochs", type=_positive_int, default=2)
+    finetune.add_argument("--epochs", type=_positive_int, default=1,
+                          help="passes over the training set (default: 1; the built-in task "
+                               "reaches ~87%% test accuracy with --epochs 2 --max-length 64)")
     finetune.add_argument("--batch-size", type=_positive_int, default=32)
     finetune.add_argument("--lr", type=_positive_float, default=None,
                           help="learning rate of the adapted weights and the head (default: 2e-3; "
@@ -119,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--max-train-samples", type=_positive_int, default=None,
                           help="train on a stratified random sample of N training examples "
                                "(every label keeps its share; drawn with --seed)")
-    finetune.add_argument("--max-length", type=_positive_int, default=64,
-                          help="truncate texts to this many tokens (default: 64)")
+    finetune.add_argument("--max-length", type=_positive_int, default=32,
+                          help="truncate texts to this many tokens (default: 32)")
     finetune.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
                           default=True,
                           help="batch texts of similar length together (within random groups "

@@ -66,7 +66,7 @@ def peft_bnb_qlora(num_labels: int, seed: int, rank: int = 8, alpha: float = 16.
     return peft.get_peft_model(model, config)
 
 
-def train_reference(epochs: int = 2, batch_size: int = 32, max_length: int = 64,
+def train_reference(epochs: int = 1, batch_size: int = 32, max_length: int = 32,
                     max_train_samples=None, seed: int = 0, threads=None,
                     group_by_length: bool = True) -> dict:
     """Train the PEFT + bitsandbytes reference on the job's task; its headline numbers."""
@@ -151,9 +151,9 @@ def compare(pairs: int, shared: list[str]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
