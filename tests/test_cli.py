@@ -149,3 +149,18 @@ def test_group_by_length_reaches_the_run_and_every_compare_child(tmp_path):
     assert not cli._settings(plain, "qlora", None).group_by_length
     child = cli._child_arguments(plain, "lora", tmp_path)
     assert "--no-group-by-length" in child and "--group-by-length" not in child
+
+
+def test_cli_defaults_are_the_job_defaults():
+    # cli.py keeps its own argparse defaults (it imports no torch for --help):
+    # they must stay those of FinetuneSettings, which run_finetune and the
+    # PEFT baseline use.
+    from lowrank_ext import cli
+    from lowrank_ext.finetune.train import FinetuneSettings
+
+    arguments = cli.build_parser().parse_args(["finetune"])
+    settings = cli._settings(arguments, arguments.method, None)
+    job = FinetuneSettings()
+    for name in ("method", "epochs", "batch_size", "max_length", "seed", "group_by_length",
+                 "learning_rate", "rank", "alpha", "dropout", "target_modules"):
+        assert getattr(settings, name) == getattr(job, name), name

@@ -35,8 +35,8 @@ import torch.nn.functional as functional
 
 from . import methods
 from .model import HEAD_NAME, Tokenized, build_classifier, load_tokenizer
-from .train import (DEFAULT_LEARNING_RATES, HEAD_LEARNING_RATE, _linear_schedule,
-                    epoch_batches, evaluate, load_splits)
+from .train import (DEFAULT_LEARNING_RATES, HEAD_LEARNING_RATE, FinetuneSettings,
+                    _linear_schedule, epoch_batches, evaluate, load_splits)
 
 
 def peft_bnb_qlora(num_labels: int, seed: int, rank: int = 8, alpha: float = 16.0,
@@ -66,9 +66,13 @@ def peft_bnb_qlora(num_labels: int, seed: int, rank: int = 8, alpha: float = 16.
     return peft.get_peft_model(model, config)
 
 
-def train_reference(epochs: int = 1, batch_size: int = 32, max_length: int = 32,
-                    max_train_samples=None, seed: int = 0, threads=None,
-                    group_by_length: bool = True) -> dict:
+_JOB = FinetuneSettings()  # the job's defaults, which the reference trains by default too
+
+
+def train_reference(epochs: int = _JOB.epochs, batch_size: int = _JOB.batch_size,
+                    max_length: int = _JOB.max_length, max_train_samples=None,
+                    seed: int = _JOB.seed, threads=None,
+                    group_by_length: bool = _JOB.group_by_length) -> dict:
     """Train the PEFT + bitsandbytes reference on the job's task; its headline numbers."""
     if threads:
         torch.set_num_threads(threads)
@@ -151,13 +155,14 @@ def compare(pairs: int, shared: list[str]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=_JOB.epochs)
+    parser.add_argument("--batch-size", type=int, default=_JOB.batch_size)
+    parser.add_argument("--max-length", type=int, default=_JOB.max_length)
     parser.add_argument("--max-train-samples", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=_JOB.seed)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
+                        default=_JOB.group_by_length)
     parser.add_argument("--reference-only", action="store_true")
     arguments = parser.parse_args(argv)
     if arguments.reference_only:
