@@ -221,6 +221,19 @@ void parallel_dynamic(int64_t count, Worker&& worker) {
   });
 }
 
+// body(begin, end) for every kGemvGrain-row range of [0, out_features),
+// ranges handed out dynamically (parallel_dynamic).
+template <typename Body>
+void parallel_gemv_tasks(int64_t out_features, Body&& body) {
+  const int64_t tasks = (out_features + kGemvGrain - 1) / kGemvGrain;
+  parallel_dynamic(tasks, [&](auto next) {
+    for (int64_t task = next(); task >= 0; task = next()) {
+      const int64_t begin = task * kGemvGrain;
+      body(begin, std::min(begin + kGemvGrain, out_features));
+    }
+  });
+}
+
 // rows [M, in] (contiguous bf16) -> [M, out] by the AVX512-BF16 GEMV.
 Tensor nf4_gemv_bf16_rows(const CpuKernels& kernels, const KernelWeight& weight,
                           const void* rows_data, int64_t count, const float* bias_data,
@@ -233,15 +246,11 @@ Tensor nf4_gemv_bf16_rows(const CpuKernels& kernels, const KernelWeight& weight,
   layout.rows = count;
   layout.in_features = weight.in_features;
   Tensor out = empty_tensor(shape, kBFloat16, device);
-  const int64_t tasks = (weight.out_features + kGemvGrain - 1) / kGemvGrain;
-  parallel_dynamic(tasks, [&](auto next) {
-    for (int64_t task = next(); task >= 0; task = next()) {
-      const int64_t begin = task * kGemvGrain;
-      kernels.nf4.gemv_bf16(layout, weight.data(), weight.scales, weight.out_features,
-                            weight.in_features, weight.blocksize, bias_data, begin,
-                            std::min(begin + kGemvGrain, weight.out_features),
-                            out.mutable_data_ptr(), Dtype::BFloat16);
-    }
+  void* out_data = out.mutable_data_ptr();
+  parallel_gemv_tasks(weight.out_features, [&](int64_t begin, int64_t end) {
+    kernels.nf4.gemv_bf16(layout, weight.data(), weight.scales, weight.out_features,
+                          weight.in_features, weight.blocksize, bias_data, begin, end, out_data,
+                          Dtype::BFloat16);
   });
   return out;
 }
@@ -270,14 +279,10 @@ Tensor nf4_gemv_rows(const KernelWeight& weight, const void* rows_data, ScalarTy
   Tensor out = empty_tensor(shape, rows_dtype, device);
   const Dtype out_dtype = kernel_dtype<Dtype>(rows_dtype);
   void* out_data = out.mutable_data_ptr();
-  const int64_t tasks = (weight.out_features + kGemvGrain - 1) / kGemvGrain;
-  parallel_dynamic(tasks, [&](auto next) {
-    for (int64_t task = next(); task >= 0; task = next()) {
-      const int64_t begin = task * kGemvGrain;
-      kernels.nf4.gemv(layout, weight.data(), weight.scales, weight.out_features,
-                       weight.in_features, weight.blocksize, bias_data, begin,
-                       std::min(begin + kGemvGrain, weight.out_features), out_data, out_dtype);
-    }
+  parallel_gemv_tasks(weight.out_features, [&](int64_t begin, int64_t end) {
+    kernels.nf4.gemv(layout, weight.data(), weight.scales, weight.out_features,
+                     weight.in_features, weight.blocksize, bias_data, begin, end, out_data,
+                     out_dtype);
   });
   return out;
 }
